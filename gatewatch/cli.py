@@ -1,0 +1,67 @@
+"""The ``gatewatch`` command: ``report`` (and the other subcommands registered in COMMANDS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .findings import Thresholds
+from .report import build_report, render_text
+from .runs import RunReadError, load_run
+
+EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _thresholds(pairs: Sequence[str]) -> Thresholds:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--threshold takes NAME=VALUE, got {pair!r}.")
+        values[key.strip()] = float(value)
+    return Thresholds.from_dict(values)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the health of a run; exit 0 healthy, 1 an error-level finding, 2 unreadable."""
+    try:
+        thresholds = _thresholds(args.threshold)
+        run = load_run(args.run_dir)
+    except (RunReadError, ValueError) as err:
+        print(f"gatewatch report: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = build_report(run, thresholds)
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    return EXIT_FINDINGS if any(f["severity"] == "error" for f in report["findings"]) else EXIT_OK
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="print the health of a run (exit 1 on an error finding)")
+    p.add_argument("run_dir", help="a run directory written by GateWatch(log_dir=...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"change a finding threshold (repeatable); names: {', '.join(Thresholds().to_dict())}")
+    p.set_defaults(func=cmd_report)
+
+
+# Each entry adds one subcommand to the parser; its handler returns the exit status.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatewatch", description="See what the gates of MoE models are doing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Gate specs, automatic discovery, and the forward hooks that read gate outputs.
+
+A gate is any module whose output gives, per sample (or token), a distribution over E experts:
+
+* ``output="probs"``: the module emits probabilities (an ``nn.Softmax``, or any module ending in one);
+* ``output="logits"``: the module emits logits and the model applies softmax itself (functionally);
+* ``extract=fn``: ``fn(module_output)`` picks the tensor out of a richer output (e.g. a router's tuple);
+  it returns probabilities, or logits when ``output="logits"``.
+
+Discovery (``gates=None``) uses, in this order:
+
+1. the model's own ``gatewatch_gates()`` method, when it has one;
+2. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
+
+   * as many candidates as tasks: the i-th softmax belongs to the i-th task;
+   * otherwise by name: a candidate whose dotted path contains a task name as a component
+     (``gates.ctr``, ``gate_ctr.1``) belongs to that task, and candidates naming no task are shared
+     gates (no task); each task needs at least one gate. A task's gates get levels 0, 1, ... in
+     module order, and so do the shared gates.
+
+Anything else raises :class:`GateDiscoveryError` listing the candidates and the ``gates=`` to pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Output = Literal["probs", "logits"]
+
+
+class GateDiscoveryError(ValueError):
+    """Gates could not be found or matched to tasks; the message says what to pass instead."""
+
+
+class GateOutputError(ValueError):
+    """A gate produced something that is not a distribution over experts."""
+
+
+@dataclass
+class Gate:
+    """How to read one gate. ``module`` is an ``nn.Module`` or its dotted path in the model."""
+
+    module: nn.Module | str
+    output: Output = "probs"
+    extract: Callable[[Any], torch.Tensor] | None = None
+    task: str | None = None
+    level: int | None = None
+    experts: Sequence[str] | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.output not in ("probs", "logits"):
+            raise ValueError(f"Gate output must be 'probs' or 'logits', got {self.output!r}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"Gate top_k must be a positive integer, got {self.top_k}.")
+
+
+@dataclass
+class ResolvedGate:
+    """A gate bound to a module of the model, with its final name, task and level."""
+
+    name: str
+    module: nn.Module
+    path: str
+    output: Output = "probs"
+    extract: Callable[[Any], torch.Tensor] | None = None
+    task: str | None = None
+    level: int = 0
+    experts: list[str] | None = None
+    top_k: int | None = None
+    n_experts: int | None = field(default=None, init=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-safe description stored in ``run.json``."""
+        return {
+            "name": self.name, "task": self.task, "level": self.level, "path": self.path,
+            "output": self.output, "experts": self.n_experts, "expert_names": self.expert_names(),
+            "top_k": self.top_k, "module_class": type(self.module).__name__,
+        }
+
+    def expert_names(self) -> list[str] | None:
+        if self.experts is not None:
+            return list(self.experts)
+        return None if self.n_experts is None else [str(i) for i in range(self.n_experts)]
+
+    def to_probs(self, out: Any) -> torch.Tensor:
+        """Module output -> probabilities ``[N, E]`` (leading dimensions flattened), float32 or wider."""
+        t = self.extract(out) if self.extract is not None else out
+        if not isinstance(t, torch.Tensor):
+            raise GateOutputError(
+                f"Gate {self.name!r} ({self.path}) returned {type(t).__name__}, not a tensor. "
+                "Pass gw.Gate(..., extract=lambda out: out[0]) to pick the probabilities or logits."
+            )
+        if t.dim() < 2:
+            raise GateOutputError(
+                f"Gate {self.name!r} ({self.path}) output has shape {tuple(t.shape)}; expected [N, E] "
+                "(samples x experts). Point gates= at the module producing the gate weights."
+            )
+        t = t.detach().reshape(-1, t.shape[-1])
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        return torch.softmax(t, dim=-1) if self.output == "logits" else t
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / FSDP / compiled wrappers."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule"
+        ):
+            return unwrap(inner)
+    return model
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    for path, m in model.named_modules():
+        if m is module:
+            return path
+    raise GateDiscoveryError(
+        f"The gate module {type(module).__name__} is not part of the model. Pass a module of this model, "
+        "or its dotted path (see model.named_modules())."
+    )
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if path in modules:
+        return modules[path]
+    near = [p for p in modules if p and (path.split(".")[-1] in p or p in path)][:8]
+    hint = f" Paths that look close: {near}." if near else ""
+    raise GateDiscoveryError(f"No module at path {path!r} in {type(model).__name__}.{hint}")
+
+
+def _output_size(model: nn.Module, path: str) -> int | None:
+    """Best guess of a candidate's number of experts: the last Linear before it in its Sequential."""
+    modules = dict(model.named_modules())
+    module = modules[path]
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    parent_path, _, _ = path.rpartition(".")
+    parent = modules.get(parent_path)
+    if isinstance(parent, nn.Sequential):
+        size = None
+        for child in parent:
+            if child is module:
+                return size
+            if isinstance(child, nn.Linear):
+                size = child.out_features
+    return None
+
+
+def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``nn.Softmax`` modules of the model, in module order."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Softmax)]
+
+
+def _near_misses(model: nn.Module) -> list[str]:
+    """Linear layers whose name suggests a gate or router (for functional-softmax models)."""
+    pattern = re.compile(r"gate|gating|router|routing", re.IGNORECASE)
+    return [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(p)]
+
+
+def _discovery_error(model: nn.Module, tasks: Sequence[str] | None, why: str) -> GateDiscoveryError:
+    cands = [p for p, _ in candidates(model)]
+    lines = [f"gatewatch could not decide which modules are the gates of {type(model).__name__}: {why}"]
+    if cands:
+        lines.append("Softmax modules found (path, experts):")
+        lines += [f"  {p!r}  E={_output_size(model, p) or '?'}" for p in cands]
+    misses = _near_misses(model)
+    if misses:
+        lines.append("Linear layers that look like gate logits (softmax applied functionally?):")
+        lines += [f"  {p!r}  E={_output_size(model, p)}" for p in misses]
+    example_paths = cands or misses
+    names = list(tasks) if tasks else [f"gate{i}" for i in range(len(example_paths))]
+    if example_paths:
+        output = "" if cands else ', output="logits"'
+        pairs = [
+            f'"{name}": gw.Gate("{path}"{output}, task="{name}")' if tasks else f'"{name}": "{path}"'
+            for name, path in zip(names, example_paths, strict=False)
+        ]
+        lines.append("Pass the gates explicitly, e.g.:")
+        lines.append("  gw.GateWatch(model, tasks=..., gates={" + ", ".join(pairs) + "}, log_dir=...)")
+    else:
+        lines.append(
+            "No nn.Softmax module and no Linear named like a gate. If the gate is a router returning a "
+            'tuple, pass gates={"router": gw.Gate("path.to.router", output="logits", '
+            "extract=lambda out: out[0])}."
+        )
+    return GateDiscoveryError("\n".join(lines))
+
+
+def _match_by_name(paths: list[str], tasks: Sequence[str]) -> list[str | None] | None:
+    """Task of each path by name component, or None when a task gets no gate or a path names two."""
+    owners: list[str | None] = []
+    for path in paths:
+        parts = set(re.split(r"[._]", path))
+        hits = [t for t in tasks if t in parts]
+        if len(hits) > 1:
+            return None
+        owners.append(hits[0] if hits else None)
+    if any(t not in owners for t in tasks):
+        return None
+    return owners
+
+
+def _with_levels(gates: list[ResolvedGate]) -> list[ResolvedGate]:
+    """Number each task's gates (and the shared gates) 0, 1, ... and name them."""
+    counts: dict[str | None, int] = {}
+    for gate in gates:
+        counts[gate.task] = counts.get(gate.task, 0) + 1
+    seen: dict[str | None, int] = {}
+    for gate in gates:
+        level = seen.get(gate.task, 0)
+        seen[gate.task] = level + 1
+        gate.level = level
+        if gate.task is None:
+            gate.name = "shared" if counts[None] == 1 else f"shared.l{level}"
+        else:
+            gate.name = gate.task if counts[gate.task] == 1 else f"{gate.task}.l{level}"
+    return gates
+
+
+def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate]:
+    """Find the gates of ``model`` (see the module docstring for the rules)."""
+    own = getattr(model, "gatewatch_gates", None)
+    if callable(own):
+        return resolve(model, tasks, own())
+    found = candidates(model)
+    if not found:
+        raise _discovery_error(model, tasks, "it has no nn.Softmax module.")
+    paths = [p for p, _ in found]
+    if not tasks:
+        gates = [ResolvedGate(name=p, module=m, path=p) for p, m in found]
+        return _with_levels(gates)
+    if len(found) == len(tasks):
+        owners: list[str | None] = list(tasks)
+    else:
+        matched = _match_by_name(paths, tasks)
+        if matched is None:
+            raise _discovery_error(
+                model, tasks, f"{len(found)} softmax modules for {len(tasks)} tasks {list(tasks)}, and their "
+                "names do not say which task each belongs to."
+            )
+        owners = matched
+    gates = [ResolvedGate(name="", module=m, path=p, task=t) for (p, m), t in zip(found, owners, strict=True)]
+    return _with_levels(gates)
+
+
+def _as_gate(spec: Any) -> Gate:
+    if isinstance(spec, Gate):
+        return spec
+    if isinstance(spec, (str, nn.Module)):
+        return Gate(spec)
+    if isinstance(spec, Mapping) and "module" in spec:
+        return Gate(**spec)
+    raise TypeError(
+        f"A gate spec must be a dotted module path, an nn.Module, a gw.Gate or a dict with 'module'; got "
+        f"{type(spec).__name__}."
+    )
+
+
+def resolve(
+    model: nn.Module, tasks: Sequence[str] | None, gates: Mapping[str, Any] | Sequence[Any] | None
+) -> list[ResolvedGate]:
+    """Turn the ``gates=`` argument of :class:`~gatewatch.GateWatch` into resolved gates."""
+    model = unwrap(model)
+    if gates is None:
+        return discover(model, tasks)
+    items: list[tuple[str | None, Any]]
+    if isinstance(gates, Mapping):
+        items = list(gates.items())
+    elif isinstance(gates, Sequence) and not isinstance(gates, str):
+        items = [(None, g) for g in gates]
+    else:
+        raise TypeError("gates= must be None, a dict {name: spec} or a list of specs.")
+    if not items:
+        raise GateDiscoveryError("gates= is empty: pass at least one gate, or None to discover them.")
+    resolved: list[ResolvedGate] = []
+    for name, raw in items:
+        spec = _as_gate(raw)
+        if isinstance(spec.module, str):
+            module, path = _module_at(model, spec.module), spec.module
+        else:
+            module, path = spec.module, _path_of(model, spec.module)
+        task = spec.task
+        if task is None and tasks and name in tasks:
+            task = name
+        if task is not None and tasks and task not in tasks:
+            raise GateDiscoveryError(f"Gate {name or path!r} names task {task!r}, which is not in tasks={tasks}.")
+        resolved.append(ResolvedGate(
+            name=name or "", module=module, path=path, output=spec.output, extract=spec.extract, task=task,
+            level=spec.level if spec.level is not None else 0,
+            experts=list(spec.experts) if spec.experts is not None else None, top_k=spec.top_k,
+        ))
+    _name_unnamed(resolved, explicit_levels=[_as_gate(g).level is not None for _, g in items])
+    names = [g.name for g in resolved]
+    if len(set(names)) != len(names):
+        raise GateDiscoveryError(f"Gate names must be unique; got {names}.")
+    return resolved
+
+
+def _name_unnamed(gates: list[ResolvedGate], explicit_levels: list[bool]) -> None:
+    """Number a task's gates 0, 1, ... in order (unless levels were given) and name unnamed gates.
+
+    An unnamed gate is called after its task (``ctr``, or ``ctr.l1`` when the task has several gates);
+    an unnamed gate with no task keeps its module path as its name.
+    """
+    seen: dict[str | None, int] = {}
+    for gate, explicit in zip(gates, explicit_levels, strict=True):
+        if not explicit:
+            gate.level = seen.get(gate.task, 0)
+            seen[gate.task] = gate.level + 1
+    for gate in gates:
+        if gate.name:
+            continue
+        several = sum(g.task == gate.task for g in gates) > 1
+        if gate.task is None:
+            gate.name = gate.path
+        else:
+            gate.name = f"{gate.task}.l{gate.level}" if several else gate.task
