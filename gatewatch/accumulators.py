@@ -5,6 +5,8 @@ float64; gate outputs of one step with the same shape are stacked and reduced in
 per-step cost depends on the number of distinct gate shapes, not on the number of gates. A window
 ends with :meth:`GateAccumulator.snapshot`, which copies the state into one flat device tensor (no
 transfer) and zeroes it; :func:`to_host` moves any number of snapshots to the host in one transfer.
+Under torch.distributed, :func:`relayout` and :func:`reduce_windows` add the windows of all ranks up
+at a flush (see the section at the end of this module).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .functional import NO_STEP, Layout, window_sums
 
@@ -103,8 +106,11 @@ class GateAccumulator:
         return rows
 
     def snapshot(self, step: int, extra: torch.Tensor | None = None) -> Snapshot | None:
-        """Close the window: copy the state (and ``extra``, e.g. loss sums) into one flat tensor, reset."""
-        if not self.groups:
+        """Close the window: copy the state (and ``extra``, e.g. loss sums) into one flat tensor, reset.
+
+        None when no gate has produced an output yet and there is no ``extra``.
+        """
+        if not self.groups and extra is None:
             return None
         layout: list[tuple[int, Layout]] = []
         parts: list[torch.Tensor] = []
@@ -114,7 +120,7 @@ class GateAccumulator:
             parts.append(group.sums.flatten())
             bads.append(group.first_bad)
         if extra is not None:
-            bads.append(extra.to(device=parts[0].device, dtype=torch.float64))
+            bads.append(extra.to(device=parts[0].device if parts else extra.device, dtype=torch.float64))
         flat = torch.cat(parts + bads)
         for group in self.groups.values():
             group.sums.zero_()
@@ -145,3 +151,87 @@ def decode(
         first_bad[gate_id] = None if value >= NO_STEP else int(value)
         start += 1
     return sums, first_bad, flat[start : start + n_extra]
+
+
+# ---------------------------------------------------------------- several processes (DDP / FSDP)
+# Each rank keeps its own window sums. At a flush every rank re-indexes its closed windows to one
+# layout that all ranks share (every gate any rank has seen, in gate order), the sums of all windows
+# are added up across ranks in ONE all_reduce, and the first non-finite step of each gate (a minimum,
+# not a sum) is min-reduced in a second, tiny collective only when some rank saw a NaN/Inf.
+
+
+def relayout(snapshot: Snapshot, layout: list[tuple[int, Layout]], n_extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window's state re-indexed to ``layout``: (sums of each gate then the extra values, first_bad of each gate).
+
+    Gates the window lacks get zero sums and no non-finite step; a window without extra values gets zeros.
+    """
+    flat = snapshot.flat
+    offsets: dict[int, tuple[int, Layout]] = {}
+    start = 0
+    for gate_id, local in snapshot.layout:
+        offsets[gate_id] = (start, local)
+        start += local.size
+    bad_start = start
+    bad_at = {gate_id: bad_start + i for i, (gate_id, _) in enumerate(snapshot.layout)}
+    extra_start = bad_start + len(snapshot.layout)
+    n_local_extra = flat.numel() - extra_start
+    if n_local_extra not in (0, n_extra):
+        raise ValueError(f"This rank logged {n_local_extra} loss values in a window, other ranks {n_extra}: every "
+                         "rank must log the same tasks (watch.log_losses / watch.backward).")
+    zero, none = flat.numel(), flat.numel() + 1  # two slots appended below
+    sums: list[int] = []
+    bads: list[int] = []
+    for gate_id, wanted in layout:
+        if gate_id not in offsets:
+            sums += [zero] * wanted.size
+            bads.append(none)
+            continue
+        at, local = offsets[gate_id]
+        if local != wanted:
+            raise ValueError(f"Gate {gate_id} has {local.experts} experts on this rank but {wanted.experts} on "
+                             "another: every rank must run the same model.")
+        sums += range(at, at + local.size)
+        bads.append(bad_at[gate_id])
+    sums += range(extra_start, extra_start + n_extra) if n_local_extra else [zero] * n_extra
+    padded = torch.cat([flat, flat.new_tensor([0.0, float(NO_STEP)])])
+    index = torch.tensor(sums + bads, device=flat.device)
+    picked = padded.index_select(0, index)
+    return picked[: len(sums)], picked[len(sums) :]
+
+
+def collective_device(like: torch.device) -> torch.device:
+    """Where a collective's tensors must live: the (CUDA) data device under NCCL, the CPU otherwise."""
+    if dist.get_backend() == "nccl":
+        return like if like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_counts(counts: list[int]) -> tuple[list[int], list[int]]:
+    """Largest and smallest positive value of each count over all ranks (0 = unknown), in one collective."""
+    big = 2**62
+    local = torch.tensor([*counts] + [-(c if c > 0 else big) for c in counts], dtype=torch.int64,
+                         device=collective_device(torch.device("cpu")))
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    values = local.cpu().tolist()
+    n = len(counts)
+    return values[:n], [0 if -v == big else -v for v in values[n:]]
+
+
+def reduce_windows(
+    summed: torch.Tensor, first_bad: torch.Tensor, bad_columns: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``summed [W, S]`` over ranks and min-reduce ``first_bad [W, G]``; both come back on the host.
+
+    ``bad_columns`` are the columns of ``summed`` that count non-finite samples: when they are all zero
+    after the sum (the same answer on every rank), no rank saw a NaN/Inf, ``first_bad`` holds no step
+    anywhere and its collective is skipped, so a clean flush costs one collective and one transfer.
+    """
+    device = collective_device(summed.device)
+    summed = summed.to(device).contiguous()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    host = summed.cpu()
+    if not bad_columns or not bool((host[:, bad_columns] > 0).any()):
+        return host, torch.full(first_bad.shape, float(NO_STEP), dtype=torch.float64)
+    first_bad = first_bad.to(device).contiguous()
+    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    return host, first_bad.cpu()

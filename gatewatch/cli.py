@@ -7,9 +7,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from .ablation import add_ablate
+from .app.launch import add_dashboard
 from .findings import Thresholds
 from .report import build_report, render_text
 from .runs import RunReadError, load_run
+from .training.demo import add_demo
 
 EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -47,7 +50,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand to the parser; its handler returns the exit status.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_demo, add_ablate, add_dashboard]
 
 
 def build_parser() -> argparse.ArgumentParser:

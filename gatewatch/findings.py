@@ -53,6 +53,12 @@ REMEDIES = {
         "NaN/Inf reached the gate. Check the gate logits: clip gradients, lower the learning rate, add LayerNorm "
         "inside the gate, or keep the gate in float32 under mixed precision."
     ),
+    "conflict": (
+        "The tasks pull these shared parameters in opposite directions (negative transfer). Give the tasks their "
+        "own experts where they fight (CGC/PLE task-specific experts, or make the hot-spot layers task-specific "
+        "as Recon does), project the conflicting gradients (PCGrad) or align them (GradVac), or re-weight the "
+        "losses (gw.remedies.UncertaintyWeighting)."
+    ),
 }
 
 
@@ -68,6 +74,8 @@ class Thresholds:
     independent_mi: float = 0.01  # ... and input-expert mutual information (normalised)
     unstable_drift: float = 0.05  # unstable: Jensen-Shannon drift between windows (bits)
     unstable_windows: float = 0.3  # ... in at least this share of the second half's windows
+    conflict_share: float = 0.6  # conflict: gradient cosine < 0 (and < 0 on average) in at least this share of
+    conflict_steps: float = 10  # ... the last this many measured conflict steps (a count)
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Thresholds:
@@ -109,6 +117,20 @@ def streak_start(steps: pd.Series, condition: pd.Series) -> int:
     return start
 
 
+def gate_unit(run: Run) -> str:
+    """What the gates of a run stand for: ``"task"`` (multi-task models), or ``"layer"`` when there are several
+    gates and none belongs to a task (sparse MoE routers, one gate per layer; each owns its experts)."""
+    described = [g for g in run.meta.get("gates") or [] if isinstance(g, dict)]
+    tasks = [g.get("task") for g in described] or run.gates.drop_duplicates("gate")["task"].tolist()
+    return "layer" if len(tasks) > 1 and all(t is None or pd.isna(t) for t in tasks) else "task"
+
+
+def _who(run: Run, name: str, task: str | None) -> str:
+    if task:
+        return f"task {task!r} (gate {name!r})"
+    return f"layer {name!r}" if gate_unit(run) == "layer" else f"gate {name!r}"
+
+
 def _gate_findings(run: Run, th: Thresholds) -> list[Finding]:
     out: list[Finding] = []
     gates = run.gates.dropna(subset=["samples"])
@@ -118,16 +140,17 @@ def _gate_findings(run: Run, th: Thresholds) -> list[Finding]:
         g = g.sort_values("step")
         last = g.iloc[-1]
         task = None if pd.isna(last["task"]) else str(last["task"])
-        who = f"task {task!r} (gate {name!r})" if task else f"gate {name!r}"
+        who = _who(run, str(name), task)
         polarized = g["top_share"] >= th.collapse_share
         if bool(polarized.iloc[-1]) and int(last["experts"]) > 1:
             top = shares[(shares["gate"] == name) & (shares["step"] == last["step"])].sort_values("share")
             expert = str(top["expert_name"].iloc[-1]) if len(top) else "?"
+            meaning = ("the task uses one expert, so MMoE has degenerated into a single tower for it" if task else
+                       "one expert does the work of all, and the others hardly get any gradient")
             out.append(_finding(
                 "polarization", "error", name, task, streak_start(g["step"], polarized),
                 f"{who} is polarized: its mean gate puts {last['top_share']:.0%} of the weight on expert {expert} "
-                f"(effective experts {last['effective_experts']:.2f} of {int(last['experts'])}); the task uses one "
-                "expert, so MMoE has degenerated into a single tower for it.", "gates",
+                f"(effective experts {last['effective_experts']:.2f} of {int(last['experts'])}); {meaning}.", "gates",
             ))
         elif last["polarization"] >= th.sharp_samples and int(last["experts"]) > 1:
             sharp = g["polarization"] >= th.sharp_samples
@@ -201,9 +224,75 @@ def _expert_findings(run: Run, th: Thresholds) -> list[Finding]:
             out.append(_finding(
                 "collapse", "error", None, None, int(last_step),
                 f"experts have collapsed: {holding} of {n} experts ({names}) take 90% of all gate weight across "
-                "tasks; the others are idle.", "experts",
+                f"{gate_unit(run)}s; the others are idle.", "experts",
             ))
     return out
+
+
+def _conflict_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """One finding per task pair whose gradients point apart on shared modules in most recent measurements."""
+    table = run.table("conflict")
+    table = table[table["scope"].isin(["module", "all"])]
+    out: list[Finding] = []
+    for (a, b), rows in table.groupby(["task_a", "task_b"], sort=False):
+        steps = sorted(rows["step"].unique())[-max(1, int(th.conflict_steps)):]
+        if len(steps) < min(3, int(th.conflict_steps)):
+            continue
+        recent = rows[rows["step"].isin(steps)]
+        by_name = recent.assign(against=(recent["cosine"] < 0) & ~recent["zero_grad"]).groupby(
+            ["scope", "name"], sort=False, as_index=False).agg(
+            share=("against", "mean"), cosine=("cosine", "mean"), sign=("sign_conflict", "mean"))
+        hot = by_name[(by_name["share"] >= th.conflict_share) & (by_name["cosine"] < 0)].sort_values("cosine")
+        if not len(hot):
+            continue
+        modules = hot[hot["scope"] == "module"]
+        worst = modules.iloc[0] if len(modules) else hot.iloc[0]
+        history = rows[(rows["scope"] == worst["scope"]) & (rows["name"] == worst["name"])].sort_values("step")
+        names = ", ".join(map(str, modules["name"].iloc[:3])) + (", ..." if len(modules) > 3 else "")
+        where = (f"{len(modules)} of {int((by_name['scope'] == 'module').sum())} shared modules ({names})"
+                 if len(modules) else "the shared parameters as a whole")
+        overall = by_name.loc[by_name["scope"] == "all", "cosine"]
+        tail = f"; over all shared parameters the mean cosine is {overall.iloc[0]:.2f}" if len(overall) else ""
+        out.append(_finding(
+            "conflict", "warning", None, None, streak_start(history["step"], history["cosine"] < 0),
+            f"tasks {a!r} and {b!r} pull against each other on {where}: on {worst['name']} the gradient cosine was "
+            f"below 0 in {worst['share']:.0%} of the last {len(steps)} measured steps (mean {worst['cosine']:.2f}, "
+            f"{worst['sign']:.0%} of the elements with opposite signs){tail}.", "conflict",
+        ))
+    return out
+
+
+NONFINITE_VALUE_REMEDY = (
+    "Find what overflowed at that step: lower the learning rate, clip gradients, check the inputs and the loss "
+    "for log(0) or division by zero, and keep the loss in float32 under mixed precision (a GradScaler skips "
+    "such steps on its own)."
+)
+
+
+def _nonfinite_value_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """NaN/Inf in a task's loss (``nonfinite_loss`` events, else NaN window means in ``losses``) or in its
+    gradient on the shared parameters (non-finite norms in ``conflict``): one finding per task and kind."""
+    first: dict[tuple[str, str], int] = {}
+    events = run.events[run.events["kind"] == "nonfinite_loss"]
+    losses = run.losses[~run.losses["loss"].astype("float64").abs().lt(math.inf)]
+    for task, step in [*zip(events["source"], events["step"], strict=True),
+                       *zip(losses["task"], losses["step"], strict=True)]:
+        key = ("loss", str(task))
+        first[key] = min(first.get(key, int(step)), int(step))
+    conflict = run.table("conflict")
+    conflict = conflict[conflict["scope"] == "all"]
+    for side in ("a", "b"):
+        bad = conflict[~conflict[f"norm_{side}"].astype("float64").abs().lt(math.inf)]
+        for task, step in zip(bad[f"task_{side}"], bad["step"], strict=True):
+            key = ("gradient", str(task))
+            first[key] = min(first.get(key, int(step)), int(step))
+    return [
+        Finding("nonfinite", "error", None, task, step,
+                f"the {what} of task {task!r} became NaN/Inf at step {step}"
+                + (" (a measured conflict step; it may have started earlier)." if what == "gradient" else "."),
+                NONFINITE_VALUE_REMEDY, "conflict" if what == "gradient" else "overview")
+        for (what, task), step in sorted(first.items(), key=lambda kv: kv[1])
+    ]
 
 
 def _finding(code: str, severity: str, gate: str | None, task: str | None, step: int, message: str,
@@ -211,7 +300,9 @@ def _finding(code: str, severity: str, gate: str | None, task: str | None, step:
     return Finding(code, severity, gate, task, int(step), message, REMEDIES[code], chart, expert)
 
 
-RULES: list[Callable[[Run, Thresholds], list[Finding]]] = [_gate_findings, _expert_findings]
+RULES: list[Callable[[Run, Thresholds], list[Finding]]] = [
+    _gate_findings, _expert_findings, _conflict_findings, _nonfinite_value_findings,
+]
 
 
 def find(run: Run, thresholds: Thresholds | None = None) -> list[Finding]:

@@ -6,23 +6,29 @@ A gate is any module whose output gives, per sample (or token), a distribution o
 * ``output="logits"``: the module emits logits and the model applies softmax itself (functionally);
 * ``extract=fn``: ``fn(module_output)`` picks the tensor out of a richer output (e.g. a router's tuple);
   it returns probabilities, or logits when ``output="logits"``.
+* ``inject=fn``: ``fn(module_output, new_tensor) -> new_output``, the inverse of ``extract``, used only by
+  :mod:`gatewatch.masking` to put a masked tensor back (e.g. recompute a router's top-k from masked
+  logits). Without it, the tensor ``extract`` returned is replaced where it sits in a tuple/list/dict.
 
 Discovery (``gates=None``) uses, in this order:
 
 1. the model's own ``gatewatch_gates()`` method, when it has one;
 2. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
 
-   * as many candidates as tasks: the i-th softmax belongs to the i-th task;
-   * otherwise by name: a candidate whose dotted path contains a task name as a component
+   * by name: a candidate whose dotted path contains a task name as a component
      (``gates.ctr``, ``gate_ctr.1``) belongs to that task, and candidates naming no task are shared
-     gates (no task); each task needs at least one gate. A task's gates get levels 0, 1, ... in
-     module order, and so do the shared gates.
+     gates (no task); each task needs at least one gate;
+   * otherwise, when there are as many candidates as tasks, by position: the i-th softmax belongs
+     to the i-th task.
+
+   A task's gates get levels 0, 1, ... in module order, and so do the shared gates.
 
 Anything else raises :class:`GateDiscoveryError` listing the candidates and the ``gates=`` to pass.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +48,10 @@ class GateOutputError(ValueError):
     """A gate produced something that is not a distribution over experts."""
 
 
+class NonFiniteGateError(RuntimeError):
+    """NaN/Inf reached a gate output or a task loss, and ``GateWatch(on_nonfinite="raise")`` asked to stop."""
+
+
 @dataclass
 class Gate:
     """How to read one gate. ``module`` is an ``nn.Module`` or its dotted path in the model."""
@@ -53,6 +63,7 @@ class Gate:
     level: int | None = None
     experts: Sequence[str] | None = None
     top_k: int | None = None
+    inject: Callable[[Any, torch.Tensor], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.output not in ("probs", "logits"):
@@ -74,6 +85,7 @@ class ResolvedGate:
     level: int = 0
     experts: list[str] | None = None
     top_k: int | None = None
+    inject: Callable[[Any, torch.Tensor], Any] | None = None
     n_experts: int | None = field(default=None, init=False)
 
     def describe(self) -> dict[str, Any]:
@@ -133,8 +145,10 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
     modules = dict(model.named_modules())
     if path in modules:
         return modules[path]
-    near = [p for p in modules if p and (path.split(".")[-1] in p or p in path)][:8]
-    hint = f" Paths that look close: {near}." if near else ""
+    similar = difflib.get_close_matches(path, [p for p in modules if p], n=8, cutoff=0.6)
+    related = [p for p in modules if p and (path.split(".")[-1] in p.split(".") or p in path)]
+    near = list(dict.fromkeys(similar + related))[:8]
+    hint = f" Paths that look close: {near}." if near else " See model.named_modules() for the paths."
     raise GateDiscoveryError(f"No module at path {path!r} in {type(model).__name__}.{hint}")
 
 
@@ -239,16 +253,14 @@ def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate
     if not tasks:
         gates = [ResolvedGate(name=p, module=m, path=p) for p, m in found]
         return _with_levels(gates)
-    if len(found) == len(tasks):
-        owners: list[str | None] = list(tasks)
-    else:
-        matched = _match_by_name(paths, tasks)
-        if matched is None:
-            raise _discovery_error(
-                model, tasks, f"{len(found)} softmax modules for {len(tasks)} tasks {list(tasks)}, and their "
-                "names do not say which task each belongs to."
-            )
-        owners = matched
+    owners = _match_by_name(paths, tasks)
+    if owners is None and len(found) == len(tasks):
+        owners = list(tasks)
+    if owners is None:
+        raise _discovery_error(
+            model, tasks, f"{len(found)} softmax modules for {len(tasks)} tasks {list(tasks)}, and their "
+            "names do not say which task each belongs to."
+        )
     gates = [ResolvedGate(name="", module=m, path=p, task=t) for (p, m), t in zip(found, owners, strict=True)]
     return _with_levels(gates)
 
@@ -298,6 +310,7 @@ def resolve(
             name=name or "", module=module, path=path, output=spec.output, extract=spec.extract, task=task,
             level=spec.level if spec.level is not None else 0,
             experts=list(spec.experts) if spec.experts is not None else None, top_k=spec.top_k,
+            inject=spec.inject,
         ))
     _name_unnamed(resolved, explicit_levels=[_as_gate(g).level is not None for _, g in items])
     names = [g.name for g in resolved]

@@ -1,7 +1,9 @@
 """Read run directories into pandas: ``load_run(path) -> Run``.
 
 Reading is tolerant: a run that is still being written, or was cut off by a crash, reads up to its
-last complete flush; a corrupt, truncated or foreign file is skipped and named in ``Run.problems``.
+last complete flush; a corrupt, truncated or foreign file is skipped and named in ``Run.problems``,
+and so is a ``run.json`` field of the wrong type. Reading never leaves the run directory: a file
+that is a symbolic link to somewhere outside it is skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .schema import RUN_FORMAT, TABLES, conform, frame
-from .sinks.run_dir import table_files
+from .sinks.run_dir import PART, committed, table_files
 
 STALE_AFTER_S = 15 * 60  # a run on another host with no flush for this long is taken as cut off
 
@@ -89,47 +91,124 @@ class Run:
         return self.meta.get("error")
 
 
+# The run.json fields readers rely on, and their JSON types; a field of another type is dropped.
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,), "name": (str,), "status": (str,), "created": (str,), "updated": (str,), "ended": (str,),
+    "error": (str,), "steps": (int,), "tasks": (list,), "gates": (list,), "model_class": (str,),
+    "versions": (dict,), "config": (dict,), "user_config": (dict,), "host": (str,), "pid": (int,),
+    "world_size": (int,),
+}
+MAX_META_BYTES = 16 * 2**20
+
+
+def inside(file: Path, root: Path) -> bool:
+    """True when ``file`` (after following symbolic links) lies in ``root``."""
+    try:
+        return file.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def read_meta(path: Path) -> tuple[dict[str, Any], list[str]]:
     """``run.json`` as a dict, or a minimal stand-in and a problem when it is missing or corrupt."""
     file = path / "run.json"
     try:
-        meta = json.loads(file.read_text())
+        if not inside(file, path):
+            raise ValueError("it links outside the run directory")
+        if file.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"larger than {MAX_META_BYTES} bytes")
+        meta = json.loads(file.read_bytes())
         if not isinstance(meta, dict):
             raise ValueError("top level is not a JSON object")
     except FileNotFoundError:
         return {"name": path.name}, [f"{file}: missing; the run's metadata is unknown"]
-    except (OSError, ValueError) as err:
-        return {"name": path.name}, [f"{file}: unreadable ({err}); skipped"]
+    except (OSError, ValueError, RecursionError) as err:
+        return {"name": path.name}, [f"{file}: unreadable ({type(err).__name__}: {err}); skipped"]
     problems = []
     if meta.get("format") != RUN_FORMAT:
-        problems.append(f"{file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}; read as far as possible")
-    for key, kind in (("tasks", list), ("gates", list), ("config", dict)):
-        if key in meta and meta[key] is not None and not isinstance(meta[key], kind):
-            problems.append(f"{file}: {key!r} is not a {kind.__name__}; ignored")
-            meta[key] = None
+        problems.append(f"{file}: format {meta.get('format')!r:.40}, expected {RUN_FORMAT!r}; read as far as possible")
+    for key, kinds in META_TYPES.items():
+        value = meta.get(key)
+        if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+            continue
+        problems.append(f"{file}: {key!r} is a {type(value).__name__}, not a {kinds[0].__name__}; ignored")
+        meta[key] = None
+    if isinstance(meta.get("pid"), int) and not 0 < meta["pid"] < 2**31:
+        problems.append(f"{file}: 'pid' {meta['pid']} is not a process id; ignored")
+        meta["pid"] = None
+    if meta.get("tasks") is not None:
+        meta["tasks"] = [str(t) for t in meta["tasks"] if isinstance(t, (str, int, float)) and not isinstance(t, bool)]
+    if meta.get("gates") is not None:
+        meta["gates"] = [g for g in meta["gates"] if isinstance(g, dict) and isinstance(g.get("name"), str)]
     return meta, problems
 
 
-def read_table(folder: Path, name: str, problems: list[str]) -> pd.DataFrame:
-    """All complete files of one table, conformed to its schema; bad files are skipped and reported."""
-    for _ in range(3):  # a concurrent compaction may remove parts between listing and reading
-        frames, missing = [], False
-        for f in table_files(folder):
+class _Unusable(Exception):
+    """A file of a table that cannot be used; the message says why."""
+
+
+def _read_file(f: Path, name: str, root: Path, problems: list[str]) -> pd.DataFrame:
+    """One data file of table ``name``, conformed to its schema; raises :class:`_Unusable` (or FileNotFoundError)."""
+    if not inside(f, root):
+        raise _Unusable("it links outside the run directory")
+    try:
+        df = pq.read_table(f).to_pandas()
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # corrupt, truncated, foreign
+        raise _Unusable(f"not a readable Parquet file ({type(err).__name__}: {err})") from err
+    if "step" not in df.columns or not set(df.columns) & set(TABLES[name]) - {"step"}:
+        raise _Unusable(f"not a gatewatch {name!r} table (columns {[str(c) for c in df.columns][:6]})")
+    try:
+        df = conform(name, df)
+    except Exception as err:  # columns of the wrong type
+        raise _Unusable(f"columns of the wrong type for a {name!r} table ({type(err).__name__}: {err})") from err
+    required = [c for c, kind in TABLES[name].items() if kind == "int64"]
+    incomplete = df[required].isna().any(axis=1)
+    if incomplete.all():
+        raise _Unusable(f"no row has all of {required}")
+    if incomplete.any():
+        problems.append(f"{f}: {int(incomplete.sum())} rows lack one of {required}; those rows skipped")
+        df = df[~incomplete].astype({c: "int64" for c in required}).reset_index(drop=True)
+    return df
+
+
+def _uncommitted(folder: Path, name: str, done: set[int] | None) -> list[str]:
+    """Problems naming the parts of flushes that have no commit record (cut short, or being written now)."""
+    if done is None or not folder.is_dir():
+        return []
+    out = []
+    for f in sorted(folder.iterdir()):
+        if (m := PART.match(f.name)) and int(m[1]) not in done:
             try:
-                df = pq.read_table(f).to_pandas()
+                _read_file(f, name, folder.parent.parent, [])
+                why = "its flush has no commit record (cut short by a crash, or still being written)"
+            except (_Unusable, OSError) as err:
+                why = f"{err}, and its flush has no commit record"
+            out.append(f"{f}: {why}; skipped")
+    return out
+
+
+def read_table(folder: Path, name: str, problems: list[str], done: set[int] | None = None) -> pd.DataFrame:
+    """All complete files of one table, conformed to its schema; bad files are skipped and reported.
+
+    ``done``: the committed flushes (see :func:`gatewatch.sinks.run_dir.committed`); parts of other
+    flushes were cut short by a crash and are left out.
+    """
+    root = folder.parent.parent
+    for _ in range(3):  # a concurrent compaction may remove parts between listing and reading
+        frames, found, missing = [], [], False
+        for f in table_files(folder, done):
+            try:
+                frames.append(_read_file(f, name, root, found))
             except FileNotFoundError:
                 missing = True
                 break
-            except Exception as err:  # corrupt, truncated, foreign
-                problems.append(f"{f}: not a readable Parquet file ({type(err).__name__}: {err}); skipped")
-                continue
-            absent = [c for c in ("step",) if c not in df.columns]
-            if absent or not set(df.columns) & set(TABLES[name]) - {"step"}:
-                problems.append(f"{f}: not a gatewatch {name!r} table (columns {list(df.columns)[:6]}); skipped")
-                continue
-            frames.append(conform(name, df))
+            except _Unusable as err:
+                found.append(f"{f}: {err}; skipped")
         if not missing:
             break
+    problems += found + _uncommitted(folder, name, done)
     if not frames:
         return frame(name)
     return pd.concat(frames, ignore_index=True).sort_values("step", kind="stable").reset_index(drop=True)
@@ -176,7 +255,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             "to GateWatch(log_dir=...), or a folder of runs to the dashboard."
         )
     meta, problems = read_meta(path)
-    tables = {name: read_table(path / "tables" / name, name, problems) for name in TABLES}
+    done = committed(path / "tables", problems)
+    tables = {name: read_table(path / "tables" / name, name, problems, done) for name in TABLES}
     return Run(path=path, meta=meta, tables=tables, status=run_status(meta, path), problems=problems)
 
 

@@ -37,6 +37,21 @@ TABLES: dict[str, dict[str, str]] = {
     "losses": {"step": "int64", "task": "string", "loss": "float64"},
     # things that happened: non-finite gates, logging failures, evaluations
     "events": {"step": "int64", "kind": "string", "source": "string", "message": "string"},
+    # gradient conflict (GateWatch(conflict_every=...)): one row per conflict step x scope x name x task pair;
+    # scope "param" (one shared tensor), "module" (a group of them), "all" (every shared parameter, name "all").
+    # zero_grad: a task has no gradient there (cosine and magnitude_sim are then 0); below: measured steps so
+    # far whose cosine fell below conflict_threshold (Recon); elements: the number of parameter elements
+    "conflict": {
+        "step": "int64", "scope": "string", "name": "string", "task_a": "string", "task_b": "string",
+        "cosine": "float64", "sign_conflict": "float64", "norm_a": "float64", "norm_b": "float64",
+        "magnitude_sim": "float64", "below": "int64", "zero_grad": "bool", "elements": "int64",
+    },
+    # GradDrop sign purity P = (1 + sum_k g_k / sum_k |g_k|) / 2 over all tasks: element counts per bin of [0, 1]
+    # per conflict step x scope ("module" | "all") x name; elements no task touches are left out
+    "purity": {"step": "int64", "scope": "string", "name": "string", "bin": "int64", "lo": "float64",
+               "hi": "float64", "count": "float64"},
+    # held-out evaluations (gatewatch.training): one row per split per task per metric
+    "eval": {"step": "int64", "split": "string", "task": "string", "metric": "string", "value": "float64"},
 }
 
 
@@ -50,10 +65,10 @@ def frame(table: str, rows: Iterable[Mapping[str, Any]] | None = None) -> pd.Dat
 def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
     """Cast ``df`` to ``table``'s schema: add missing columns as nulls, drop unknown ones, fix types."""
     columns = TABLES[table]
-    out = pd.DataFrame(index=df.index)
+    data = {}
     for col, dtype in columns.items():
         values = df[col] if col in df.columns else pd.Series([None] * len(df), index=df.index, dtype="object")
         if dtype == "int64" and values.isna().any():
             dtype = "Int64"
-        out[col] = values.astype(dtype)
-    return out.reset_index(drop=True)
+        data[col] = values.astype(dtype)
+    return pd.DataFrame(data, index=df.index).reset_index(drop=True)  # built at once: column inserts are slow

@@ -14,7 +14,9 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,40 @@ import torch
 from torch import nn
 
 from . import __version__
-from .accumulators import GateAccumulator, Snapshot, decode, to_host
-from .functional import Layout, js_divergence, window_metrics
-from .gates import GateOutputError, ResolvedGate, resolve, unwrap
+from .accumulators import GateAccumulator, Snapshot, agree_counts, decode, reduce_windows, relayout, to_host
+from .conflict import PARAM_ROW_LIMIT, ConflictError, ConflictMonitor, GroupSpec, SharedSpec
+from .functional import NO_STEP, Layout, js_divergence, window_metrics
+from .gates import GateOutputError, NonFiniteGateError, ResolvedGate, resolve, unwrap
+from .schedules import Schedule, as_schedule
 from .schema import RUN_FORMAT, frame
 from .sinks.run_dir import RunDirWriter
 from .sinks.tensorboard import TensorBoardSink
 
 Losses = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+ON_NONFINITE = ("warn", "ignore", "raise")
+NONFINITE_EVENTS = ("nonfinite", "nonfinite_loss")
+
+# The open watches of this process by run directory: two open watches must not write one folder.
+_OPEN_WATCHES: weakref.WeakValueDictionary[str, GateWatch] = weakref.WeakValueDictionary()
+
+
+def _dir_key(log_dir: Path) -> str:
+    return str(log_dir.expanduser().resolve())
+
+
+def _claim_log_dir(log_dir: Path) -> None:
+    """Refuse a folder another open watch of this process writes; warn when it already holds a run."""
+    other = _OPEN_WATCHES.get(_dir_key(log_dir))
+    if other is not None and not other.closed:
+        raise ValueError(
+            f"Another GateWatch that is still open writes to {log_dir}. Close it first (watch.close()), or give "
+            "this one its own log_dir."
+        )
+    if (log_dir / "run.json").is_file() and _rank() == 0:
+        warnings.warn(
+            f"{log_dir} already holds a run; the new rows are added to it and their steps count from 1 again. "
+            "Give each run (and each resumed run) its own log_dir to keep them apart.", UserWarning, stacklevel=3,
+        )
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -55,6 +83,20 @@ class GateWatch:
         margin: top-k routers: a token's routing is "close" when its k-th and (k+1)-th weights differ
             by less than this.
         config: any JSON-safe metadata to store in ``run.json`` (hyper-parameters, data set ...).
+        conflict_every: measure gradient conflict between tasks every this many steps (0: off), or a
+            callable ``step -> bool`` (steps count from 1). See ``docs/conflict.md``.
+        shared: the parameters to compare tasks on: names, name prefixes or modules. None: those that
+            receive gradient from two or more tasks, found on the first conflict step.
+        conflict_threshold: Recon's S in (-1, 0]: the ``below`` count adds a step when the cosine is below it.
+        conflict_group: how shared tensors roll up into modules: None (the owning module, an
+            ``nn.Sequential`` counting as one: an expert, a layer), a module-path depth, or a callable
+            ``name -> group``.
+        conflict_param_limit: log one row per shared tensor only up to this many tensors (modules and
+            "all" are always logged).
+        on_nonfinite: what to do when NaN/Inf first reaches a gate output or a task loss: ``"warn"`` (a
+            RuntimeWarning), ``"ignore"``, or ``"raise"`` (:class:`~gatewatch.NonFiniteGateError`, a hard
+            stop). It is always recorded in the ``events`` table. Detection happens at a flush (no host
+            sync per step), so the hard stop fires at the first flush after the bad step.
     """
 
     def __init__(
@@ -71,9 +113,18 @@ class GateWatch:
         bins: int = 20,
         margin: float = 0.05,
         config: Mapping[str, Any] | None = None,
+        conflict_every: int | Schedule = 0,
+        shared: SharedSpec = None,
+        conflict_threshold: float = 0.0,
+        conflict_group: GroupSpec = None,
+        conflict_param_limit: int = PARAM_ROW_LIMIT,
+        on_nonfinite: str = "warn",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GateWatch needs an nn.Module, got {type(model).__name__}.")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}.")
+        self.on_nonfinite = on_nonfinite
         self.every = _positive_int("every", every)
         self.flush_every = _positive_int("flush_every", flush_every)
         if not 0 < threshold <= 1:
@@ -88,23 +139,29 @@ class GateWatch:
         self.threshold, self.margin = threshold, margin
         self.gates: list[ResolvedGate] = resolve(model, tasks, gates)
         self.log_dir = Path(log_dir)
+        _claim_log_dir(self.log_dir)
         self.step_count = 0
         self.closed = False
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._windows: list[tuple[Snapshot, int]] = []
         self._loss_sum: torch.Tensor | None = None
         self._loss_calls = 0
+        self._loss_first_bad: torch.Tensor | None = None  # first step with a non-finite loss, per task
         self._loss_tasks: list[str] | None = list(tasks) if tasks else None
         self._prev_share: dict[str, torch.Tensor] = {}
         self._nonfinite_seen: set[str] = set()
         self._window_start = 0
+        self._layout_agreed = False  # under torch.distributed: see _shared_layout
         self.acc = GateAccumulator([g.top_k for g in self.gates], threshold=threshold, bins=bins, margin=margin)
         self.rank = _rank()
         self.writer = RunDirWriter(self.log_dir) if self.rank == 0 else None
         self.tb = TensorBoardSink(self.log_dir / "tensorboard") if tensorboard and self.rank == 0 else None
         self._handles = [g.module.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        self.conflict = _conflict_monitor(model, tasks, conflict_every, shared, conflict_threshold, conflict_group,
+                                          conflict_param_limit)
         self.meta = self._initial_meta(config)
         self._write_meta()
+        _OPEN_WATCHES[_dir_key(self.log_dir)] = self
 
     # ------------------------------------------------------------------ capture
     def _hook(self, index: int) -> Callable[..., None]:
@@ -124,20 +181,24 @@ class GateWatch:
 
     def _first_output(self, gate: ResolvedGate, p: torch.Tensor) -> None:
         """Check a gate's first output once (one host sync) and record its expert count."""
-        e = p.shape[-1]
-        if gate.experts is not None and len(gate.experts) != e:
-            raise GateOutputError(
-                f"Gate {gate.name!r} has {e} outputs but {len(gate.experts)} expert names were given."
-            )
         if gate.output == "probs":
             rows = p.sum(-1)
             rows = rows[torch.isfinite(rows)]
-            if rows.numel() and ((rows - 1).abs().max() > 1e-3 or (p[torch.isfinite(p)] < 0).any()):
+            # 1e-2: a bfloat16 softmax (CPU autocast) sums to 1 only within ~4e-3; logits are far further off
+            if rows.numel() and ((rows - 1).abs().max() > 1e-2 or (p[torch.isfinite(p)] < 0).any()):
                 raise GateOutputError(
                     f"Gate {gate.name!r} ({gate.path}) output rows sum to {float(rows.min()):.4g}.."
                     f"{float(rows.max()):.4g}, not 1: it does not look like probabilities. If the module emits "
                     f'logits (softmax applied later), pass gw.Gate("{gate.path}", output="logits").'
                 )
+        self._set_experts(gate, p.shape[-1])
+
+    def _set_experts(self, gate: ResolvedGate, e: int) -> None:
+        """Record a gate's expert count (from its output, or from another rank) and label its experts."""
+        if gate.experts is not None and len(gate.experts) != e:
+            raise GateOutputError(
+                f"Gate {gate.name!r} has {e} outputs but {len(gate.experts)} expert names were given."
+            )
         if gate.experts is None and gate.task is None and sum(g.task is None for g in self.gates) > 1:
             gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
         gate.n_experts = e
@@ -177,23 +238,70 @@ class GateWatch:
         """Record the task losses of this step and return their sum (still attached to the graph).
 
         Use it instead of :meth:`backward` when you run the backward pass yourself, e.g. with AMP:
-        ``scaler.scale(watch.log_losses(losses)).backward()``.
+        ``scaler.scale(watch.log_losses(losses)).backward()``. With ``conflict_every``, use
+        :meth:`task_gradients` instead, so that conflict steps are measured.
         """
+        return self._record_losses(losses)[1]
+
+    def _record_losses(self, losses: Losses) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+        """Check and record the task losses; return them in task order and their sum."""
         self._check_open()
         items = self._loss_items(losses)
         values = torch.stack([loss.detach().float().reshape(()) for _, loss in items])
         self._loss_sum = values if self._loss_sum is None else self._loss_sum + values.to(self._loss_sum)
+        at = torch.where(torch.isfinite(values), NO_STEP, self.step_count + 1)  # no host sync
+        self._loss_first_bad = at if self._loss_first_bad is None else torch.minimum(self._loss_first_bad, at)
         self._loss_calls += 1
         total = items[0][1]
         for _, loss in items[1:]:
             total = total + loss
-        return total
+        return items, total
 
     def backward(self, losses: Losses, **backward_kwargs: Any) -> torch.Tensor:
-        """Backpropagate the sum of the task losses, exactly as ``sum(losses).backward()`` would."""
+        """Backpropagate the sum of the task losses, exactly as ``sum(losses).backward()`` would.
+
+        On a conflict step (``conflict_every``) it also measures each task's gradient on the shared
+        parameters; the model's ``.grad`` is the same either way.
+        """
+        if self.conflict_due:
+            with self.task_gradients(losses) as total:
+                total.backward(**backward_kwargs)
+            return total.detach()
         total = self.log_losses(losses)
         total.backward(**backward_kwargs)
         return total.detach()
+
+    @property
+    def conflict_due(self) -> bool:
+        """True when the coming backward is on a conflict step (see ``conflict_every``)."""
+        return self.conflict is not None and self.conflict.due(self.step_count + 1)
+
+    @contextmanager
+    def task_gradients(self, losses: Losses) -> Iterator[torch.Tensor]:
+        """Record the task losses and yield their sum for a backward you run yourself inside the block.
+
+        On a conflict step it first computes the task gradients that your backward cannot give, and
+        after the block it takes the last task's from ``.grad``; on other steps it only records the
+        losses. A ``.grad`` already there (gradient accumulation) is allowed for, and the gradients of
+        the micro-batches of one step add up. A factor your backward applies to ``total`` (AMP's loss
+        scale, 1 / accumulation steps) is read from the gradient reaching ``total``: the figures are
+        those of the task losses as passed. ::
+
+            with watch.task_gradients(losses) as total:
+                scaler.scale(total).backward()
+        """
+        items, total = self._record_losses(losses)
+        conflict = self.conflict
+        measuring = conflict is not None and self.conflict_due and conflict.before_backward(
+            items, total, self.step_count + 1)
+        try:
+            yield total
+        except BaseException:
+            if measuring and conflict is not None:
+                conflict.abort()
+            raise
+        if measuring and conflict is not None:
+            conflict.after_backward()
 
     # ------------------------------------------------------------------ schedule
     def step(self) -> None:
@@ -201,6 +309,8 @@ class GateWatch:
         self._check_open()
         self._fold()
         self.step_count += 1
+        if self.conflict is not None:
+            self.conflict.end_step()
         if self.step_count % self.every == 0:
             self._close_window()
         if self.step_count % self.flush_every == 0:
@@ -209,21 +319,89 @@ class GateWatch:
     def _close_window(self) -> None:
         extra = self._loss_sum
         snap = self.acc.snapshot(self.step_count, extra=extra)
+        if snap is None and _world_size() > 1:  # every rank keeps every window, so their flushes line up
+            snap = Snapshot(self.step_count, [], torch.zeros(0, dtype=torch.float64))
         if snap is not None:
             self._windows.append((snap, self._loss_calls if extra is not None else 0))
         self._loss_sum, self._loss_calls = None, 0
         self._window_start = self.step_count
 
     def flush(self) -> None:
-        """Move the closed windows to the host (one transfer) and write them out."""
+        """Move the closed windows to the host (one transfer) and write them out.
+
+        Under torch.distributed every rank must call it at the same steps (``step()`` does): the windows
+        of all ranks are added up (see :meth:`_reduce`) and rank 0 writes them.
+        """
         windows, self._windows = self._windows, []
-        hosts = to_host([snap for snap, _ in windows])
+        if _world_size() > 1 and windows:
+            windows, hosts = self._reduce(windows)
+        else:
+            hosts = to_host([snap for snap, _ in windows])
         tables = self._tables(windows, hosts)
+        if self.conflict is not None:
+            tables.update(self.conflict.tables())
         if self.writer is not None:
             self.writer.write(tables)
             self._write_meta()
         if self.tb is not None:
             self.tb.write(tables)
+        self._report_nonfinite(tables["events"])
+
+    def _report_nonfinite(self, events: Any) -> None:
+        """Warn about (or stop on, see ``on_nonfinite``) the NaN/Inf first seen in this flush."""
+        bad = events[events["kind"].isin(NONFINITE_EVENTS)] if len(events) else events
+        if not len(bad) or self.on_nonfinite == "ignore":
+            return
+        text = "; ".join(m.rstrip(".") for m in bad["message"].astype(str)) + "."
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGateError(f"gatewatch stops training (on_nonfinite='raise'): {text}")
+        warnings.warn(f"gatewatch: {text}", RuntimeWarning, stacklevel=3)
+
+    def _reduce(self, windows: list[tuple[Snapshot, int]]) -> tuple[list[tuple[Snapshot, int]], list[torch.Tensor]]:
+        """Add the windows up across ranks, with one all_reduce for all of them.
+
+        A second, tiny min-reduce of the first non-finite steps runs only when some rank saw NaN/Inf.
+        Returns the windows one process that saw every rank's batches would have closed: sample sums
+        added, loss sums and loss calls added (so the mean loss is over ranks and steps).
+        """
+        layout = self._shared_layout()
+        n_loss = len(self._loss_tasks or [])
+        device = next((snap.flat.device for snap, _ in windows if snap.flat.numel()), torch.device("cpu"))
+        parts = [relayout(snap, layout, n_loss) for snap, _ in windows]
+        calls = torch.tensor([[float(c)] for _, c in windows], dtype=torch.float64, device=device)
+        summed = torch.cat([torch.stack([s.to(device) for s, _ in parts]), calls], dim=1)
+        n_bad, at = [], 0
+        for _, lay in layout:
+            n_bad.append(at + lay.slices()["n_bad"].start)
+            at += lay.size
+        host, first_bad = reduce_windows(summed, torch.stack([b.to(device) for _, b in parts]), n_bad)
+        reduced: list[tuple[Snapshot, int]] = []
+        for (snap, _), row, bad in zip(windows, host, first_bad, strict=True):
+            flat = torch.cat([row[:at], bad, row[at : at + n_loss]])  # the layout decode() reads
+            reduced.append((Snapshot(snap.step, layout, flat), int(row[-1])))
+        return reduced, [snap.flat for snap, _ in reduced]
+
+    def _shared_layout(self) -> list[tuple[int, Layout]]:
+        """Every gate that some rank has seen, in gate order: the same list on every rank.
+
+        Until every gate's expert count and the loss tasks are known everywhere, each flush agrees on
+        them first (one tiny collective); ranks that never saw a gate learn its expert count here.
+        """
+        if not self._layout_agreed:
+            counts = [g.n_experts or 0 for g in self.gates] + [len(self._loss_tasks or [])]
+            high, low = agree_counts(counts)
+            names = [g.name for g in self.gates] + ["(number of task losses)"]
+            differ = [f"{n}: {lo} vs {hi}" for n, hi, lo in zip(names, high, low, strict=True) if hi and hi != lo]
+            if differ:
+                raise GateOutputError(f"Ranks disagree on expert counts / loss tasks ({', '.join(differ)}): "
+                                      "every rank must run the same model and log the same task losses.")
+            for gate, e in zip(self.gates, high, strict=False):
+                if e and gate.n_experts is None:
+                    self._set_experts(gate, e)
+            if high[-1] and self._loss_tasks is None:
+                self._loss_tasks = [f"task{i}" for i in range(high[-1])]
+            self._layout_agreed = all(high)
+        return [(i, Layout(g.n_experts, self.bins)) for i, g in enumerate(self.gates) if g.n_experts]
 
     # ------------------------------------------------------------------ rows
     def _tables(self, windows: list[tuple[Snapshot, int]], hosts: list[torch.Tensor]) -> dict[str, Any]:
@@ -238,7 +416,29 @@ class GateWatch:
             if loss_calls:
                 rows["losses"] += [{"step": snap.step, "task": t, "loss": float(v) / loss_calls}
                                    for t, v in zip(self._loss_tasks or [], loss_sums, strict=True)]
+                rows["events"] += self._loss_events(snap.step, rows["losses"][-len(loss_sums):])
         return {name: frame(name, r) for name, r in rows.items()}
+
+    def _loss_events(self, step: int, losses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An event for each task whose loss turns non-finite for the first time (in the window ending at ``step``).
+
+        The window's mean loss stays NaN/Inf in the ``losses`` table (it is the honest mean); the event
+        names the exact first step, read from the device only now that a bad window was seen.
+        """
+        events = []
+        for i, row in enumerate(losses):
+            key = f"loss:{row['task']}"
+            if math.isfinite(row["loss"]) or key in self._nonfinite_seen:
+                continue
+            self._nonfinite_seen.add(key)
+            first = int(self._loss_first_bad[i]) if self._loss_first_bad is not None else NO_STEP
+            at = first if first <= step else step  # under DDP the bad loss may be another rank's
+            events.append({
+                "step": at, "kind": "nonfinite_loss", "source": row["task"],
+                "message": f"the loss of task {row['task']!r} was NaN/Inf first at step {at}; the mean loss of each "
+                           "window holding it is NaN/Inf too (the gate statistics are not affected).",
+            })
+        return events
 
     def _gate_rows(
         self, step: int, gate: ResolvedGate, layout: Layout, sums: torch.Tensor, first_bad: int | None,
@@ -261,16 +461,16 @@ class GateWatch:
             "nonfinite": m["nonfinite"], "first_nonfinite_step": first_bad,
         })
         selected = m["selected"] if gate.top_k else torch.full_like(share, math.nan)
-        rows["shares"] += [
-            {"step": step, "gate": gate.name, "expert": i, "expert_name": names[i], "share": float(share[i]),
-             "std": float(m["std"][i]), "top1": float(m["top1"][i]), "selected": float(selected[i])}
-            for i in range(layout.experts)
+        columns = zip(names, share.tolist(), m["std"].tolist(), m["top1"].tolist(), selected.tolist(), strict=True)
+        rows["shares"] += [  # lists, not tensor indexing: one conversion per vector
+            {"step": step, "gate": gate.name, "expert": i, "expert_name": name, "share": sh, "std": sd, "top1": t1,
+             "selected": sel}
+            for i, (name, sh, sd, t1, sel) in enumerate(columns)
         ]
-        edges = torch.linspace(0, 1, layout.bins + 1)
+        edges = torch.linspace(0, 1, layout.bins + 1).tolist()
         rows["hist"] += [
-            {"step": step, "gate": gate.name, "bin": b, "lo": float(edges[b]), "hi": float(edges[b + 1]),
-             "count": float(c)}
-            for b, c in enumerate(m["hist"])
+            {"step": step, "gate": gate.name, "bin": b, "lo": edges[b], "hi": edges[b + 1], "count": c}
+            for b, c in enumerate(m["hist"].tolist())
         ]
         if first_bad is not None and gate.name not in self._nonfinite_seen:
             self._nonfinite_seen.add(gate.name)
@@ -301,6 +501,8 @@ class GateWatch:
         self.meta.update(fields, steps=self.step_count, gates=[g.describe() for g in self.gates],
                          tasks=self.tasks or self._loss_tasks,
                          updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if getattr(self, "conflict", None) is not None:
+            self.meta["conflict"] = self.conflict.describe()
         if self.writer is not None:
             self.writer.write_meta(self.meta)
 
@@ -310,6 +512,8 @@ class GateWatch:
             return
         try:
             self._fold()
+            if self.conflict is not None:
+                self.conflict.end_step()
             if self.step_count > self._window_start or self._loss_calls:
                 self._close_window()
             self.flush()
@@ -363,6 +567,18 @@ def _expert_rows(step: int, gates: list[tuple[ResolvedGate, dict[str, Any]]]) ->
          "gates": len(v["share"])}
         for name, v in acc.items()
     ]
+
+
+def _conflict_monitor(model: nn.Module, tasks: Sequence[str] | None, every: Any, shared: SharedSpec,
+                      threshold: float, group: GroupSpec, param_limit: int) -> ConflictMonitor | None:
+    """The conflict monitor for GateWatch's conflict arguments (None when ``conflict_every`` is off)."""
+    schedule = as_schedule("conflict_every", every)
+    if schedule is None:
+        return None
+    if tasks is not None and len(tasks) < 2:
+        raise ConflictError(f"conflict_every compares tasks, but tasks={list(tasks)} has one; set conflict_every=0.")
+    return ConflictMonitor(model, schedule=schedule, shared=shared, threshold=threshold, group=group,
+                           param_limit=param_limit, distributed=_world_size() > 1)
 
 
 def _rank() -> int:

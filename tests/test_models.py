@@ -94,7 +94,7 @@ def ple_by_hand(model: PLE, x: torch.Tensor) -> list[np.ndarray]:
             named_gates["shared"] = level.shared_gate
         outputs = {}
         for name, gate in named_gates.items():
-            labels = gates[f"{name}.l{index}"]["experts"]
+            labels = [lab.split(".", 1)[-1] for lab in gates[f"{name}.l{index}"]["experts"]]  # drop "l1."
             experts = [expert_by_label(level, lab)(inputs[lab.rsplit("-", 1)[0]]) for lab in labels]
             outputs[name] = mix_np(gate_probs_np(gate, inputs[name]), experts)
         task_in = {t: outputs[t] for t in model.tasks}
@@ -116,17 +116,20 @@ def test_ple_gate_descriptions_and_structure():
     model = PLE(in_dim=5, tasks=TASKS, n_levels=2, n_specific=2, n_shared=1, **SMALL)
     gates = model.gatewatch_gates()
     assert list(gates) == ["ctr.l0", "like.l0", "shared.l0", "ctr.l1", "like.l1"]
-    assert gates["ctr.l0"]["experts"] == ["ctr-0", "ctr-1", "shared-0"]
-    assert gates["like.l1"]["experts"] == ["like-0", "like-1", "shared-0"]
-    assert gates["shared.l0"]["experts"] == ["ctr-0", "ctr-1", "like-0", "like-1", "shared-0"]
+    assert gates["ctr.l0"]["experts"] == ["l0.ctr-0", "l0.ctr-1", "l0.shared-0"]
+    assert gates["like.l1"]["experts"] == ["l1.like-0", "l1.like-1", "l1.shared-0"]
+    assert gates["shared.l0"]["experts"] == ["l0.ctr-0", "l0.ctr-1", "l0.like-0", "l0.like-1", "l0.shared-0"]
     assert [(g["task"], g["level"]) for g in gates.values()] == [
         ("ctr", 0), ("like", 0), (None, 0), ("ctr", 1), ("like", 1),
     ]  # fmt: skip
     assert hasattr(model.levels[0], "shared_gate") and not hasattr(model.levels[1], "shared_gate")
     shared_first = PLE(in_dim=5, tasks=TASKS, n_levels=2, n_specific=2, expert_order="shared_first", **SMALL)
     described = shared_first.gatewatch_gates()
-    assert described["ctr.l0"]["experts"] == ["shared-0", "ctr-0", "ctr-1"]
-    assert described["shared.l0"]["experts"] == ["shared-0", "ctr-0", "ctr-1", "like-0", "like-1"]
+    assert described["ctr.l0"]["experts"] == ["l0.shared-0", "l0.ctr-0", "l0.ctr-1"]
+    assert described["shared.l0"]["experts"] == ["l0.shared-0", "l0.ctr-0", "l0.ctr-1", "l0.like-0", "l0.like-1"]
+    assert CGC(in_dim=5, tasks=TASKS, n_specific=1, **SMALL).gatewatch_gates()["ctr.l0"]["experts"] == [
+        "ctr-0", "shared-0"
+    ]
 
 
 def test_cgc_is_one_level_without_shared_gate(x):

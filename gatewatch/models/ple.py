@@ -161,14 +161,20 @@ class PLE(MultiTaskModel):
         return self.tower_outputs(task_inputs)
 
     def gatewatch_gates(self) -> dict[str, dict[str, Any]]:
-        """Every gate keyed ``"<task>.l<level>"`` / ``"shared.l<level>"`` with its softmax and experts."""
+        """Every gate keyed ``"<task>.l<level>"`` / ``"shared.l<level>"`` with its softmax and experts.
+
+        Expert labels name the level when there are several (``l1.shared-0``): each level has its own experts.
+        """
         gates: dict[str, dict[str, Any]] = {}
         for index, level in enumerate(self.levels):
+            def labels(names: list[str], index: int = index) -> list[str]:
+                return [f"l{index}.{n}" for n in names] if len(self.levels) > 1 else names
+
             for t in self.tasks:
-                gates[f"{t}.l{index}"] = gate_record(level.gates[t], t, index, level.task_expert_labels(t))
+                gates[f"{t}.l{index}"] = gate_record(level.gates[t], t, index, labels(level.task_expert_labels(t)))
             if hasattr(level, "shared_gate"):
                 gates[f"{SHARED}.l{index}"] = gate_record(
-                    level.shared_gate, None, index, level.shared_expert_labels()
+                    level.shared_gate, None, index, labels(level.shared_expert_labels())
                 )
         return gates
 

@@ -5,22 +5,38 @@ Layout::
     RUN/run.json                              metadata, rewritten (atomically) at every flush
     RUN/tables/<table>/part-000012.parquet    the rows of one flush
     RUN/tables/<table>/chunk-000001-000064.parquet   parts 1..64 merged (written, then parts removed)
+    RUN/tables/_flushes/part-000012.parquet   the commit record of flush 12, written after its parts
     RUN/tensorboard/                          TensorBoard event files
 
 Every file is written under a temporary name starting with ``.`` and renamed into place, so a file
-is complete or absent; readers ignore dot-files. A part covered by a chunk is ignored by readers,
-so a crash between writing a chunk and deleting its parts loses and duplicates nothing.
+is complete or absent; readers ignore dot-files. A flush counts only once its commit record (one
+row: ``seq``, last ``step``, ``time``) is written after all its parts: readers skip the parts of a
+flush a crash cut short, so a run reads up to its last complete flush. A file whose span of flushes lies inside a wider
+file's span (a part inside a chunk, a chunk inside a bigger chunk) is ignored by readers, so a crash
+between writing a merged file and deleting its inputs loses and duplicates nothing.
+
+Merges are levelled, so the number of files stays logarithmic in the number of flushes and every
+row is rewritten only a few times: after flush ``k * C`` (``C = compact_every``) the loose parts
+become one chunk; after flush ``k * C**2`` the files of the last ``C**2`` flushes become one chunk,
+and so on. Merges stream one row group at a time, so their memory does not grow with the run.
+``close()`` merges each table into one file.
 
 A failure to write (disk full, permission denied, folder removed) is reported once as a warning,
-keeps the pending rows in memory and retries at the next flush; it never raises into training.
+keeps the pending rows in memory (at most ``max_pending_rows``; the oldest flushes are dropped
+beyond that, and the drop is recorded in the ``events`` table) and retries at the next flush; it
+never raises into training. A run directory removed while the run goes on is created again at the
+next flush (with an event saying so); the rows that were in it are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +44,28 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..schema import frame
+
 PART = re.compile(r"^part-(\d{6,})\.parquet$")
 CHUNK = re.compile(r"^chunk-(\d{6,})-(\d{6,})\.parquet$")
+FLUSHES = "_flushes"  # the folder of commit records under tables/
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a dot-named temporary file, then rename it to ``path``; no leftover on failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that the file is either complete or absent."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -45,115 +73,235 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp, compression="zstd")
-    os.replace(tmp, path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    _write_atomically(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def table_files(folder: Path) -> list[Path]:
-    """The data files of one table folder in order, skipping parts already merged into a chunk."""
+def merge_parquet(files: list[Path], path: Path) -> None:
+    """Stream ``files`` in order into one Parquet file at ``path``, one row group at a time."""
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for f in files:
+                source = pq.ParquetFile(f)
+                for i in range(source.num_row_groups):
+                    writer.write_table(source.read_row_group(i).cast(schema))
+
+    _write_atomically(path, write)
+
+
+def span(name: str) -> tuple[int, int] | None:
+    """The flushes ``(first, last)`` a data file holds, from its name; None for any other name."""
+    if m := CHUNK.match(name):
+        return int(m[1]), int(m[2])
+    if m := PART.match(name):
+        return int(m[1]), int(m[1])
+    return None
+
+
+def committed(tables: Path, problems: list[str] | None = None) -> set[int] | None:
+    """Numbers of the flushes whose commit record exists; None for a run written without commit records."""
+    folder = tables / FLUSHES
+    if not folder.is_dir():
+        return None
+    seqs: set[int] = set()
+    for f in table_files(folder):
+        first, last = span(f.name)  # type: ignore[misc]
+        if first == last:
+            seqs.add(first)
+            continue
+        try:
+            seqs.update(int(v) for v in pq.read_table(f, columns=["seq"]).column("seq").to_pylist())
+        except Exception as err:  # unreadable: count the whole span
+            seqs.update(range(first, last + 1))
+            if problems is not None:
+                problems.append(f"{f}: unreadable commit records ({type(err).__name__}); its flushes are counted")
+    return seqs
+
+
+def table_files(folder: Path, done: set[int] | None = None) -> list[Path]:
+    """The data files of one table folder in flush order, skipping files inside a wider file's span and,
+    when ``done`` (see :func:`committed`) is given, parts without a commit record. Chunks always count:
+    only committed parts are ever merged."""
     if not folder.is_dir():
         return []
-    chunks: list[tuple[int, int, Path]] = []
-    parts: list[tuple[int, Path]] = []
-    for f in folder.iterdir():
-        if m := CHUNK.match(f.name):
-            chunks.append((int(m[1]), int(m[2]), f))
-        elif m := PART.match(f.name):
-            parts.append((int(m[1]), f))
-    covered = [(a, b) for a, b, _ in chunks]
-    loose = [(i, f) for i, f in parts if not any(a <= i <= b for a, b in covered)]
-    ordered = sorted([(a, f) for a, _, f in chunks] + loose, key=lambda t: t[0])
-    return [f for _, f in ordered]
+    found = [(s, f) for f in folder.iterdir()
+             if (s := span(f.name)) and f.is_file() and (done is None or CHUNK.match(f.name) or s[0] in done)]
+    found.sort(key=lambda t: (t[0][0], -t[0][1]))  # the widest file first among those starting together
+    kept: list[Path] = []
+    covered = 0
+    for (_, last), f in found:
+        if last > covered:
+            kept.append(f)
+            covered = last
+    return kept
 
 
 class RunDirWriter:
     """Writes tables and metadata into a run directory (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, compact_every: int = 64) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, compact_every: int = 64, max_pending_rows: int = 200_000
+    ) -> None:
+        if compact_every < 2:
+            raise ValueError(f"compact_every must be at least 2 (flushes per merge), got {compact_every}.")
         self.path = Path(path)
         self.compact_every = compact_every
-        self.seq = 0
+        self.max_pending_rows = max_pending_rows
         self.pending: list[tuple[int, dict[str, pd.DataFrame]]] = []
-        self.failed = False
+        self.failing: dict[str, int | None] = {}  # what cannot be written now -> first step not written
         self.failures = 0
+        self.notes: list[dict[str, Any]] = []  # events rows, written once writing works
+        self.dropped: list[int] | None = None  # [first step, last step, flushes] dropped in this outage
         self.path.mkdir(parents=True, exist_ok=True)
         self.seq = self._last_seq()
 
+    @property
+    def failed(self) -> bool:
+        """True while some write keeps failing."""
+        return bool(self.failing)
+
     def _last_seq(self) -> int:
         """Continue numbering after the files already there (a resumed run)."""
-        last = 0
-        for folder in (self.path / "tables").glob("*"):
-            for f in folder.glob("*.parquet"):
-                if m := PART.match(f.name):
-                    last = max(last, int(m[1]))
-                elif m := CHUNK.match(f.name):
-                    last = max(last, int(m[2]))
-        return last
+        spans = [span(f.name) for folder in (self.path / "tables").glob("*") for f in folder.glob("*.parquet")]
+        return max([s[1] for s in spans if s], default=0)
 
     def write_meta(self, meta: dict[str, Any]) -> bool:
-        return self._guard(lambda: atomic_write_json(self.path / "run.json", meta), "run.json")
+        def write() -> None:
+            self._ensure_dir(meta.get("steps"))
+            atomic_write_json(self.path / "run.json", meta)
+
+        return self._guard(write, "run.json", meta.get("steps"))
 
     def write(self, tables: dict[str, pd.DataFrame]) -> bool:
         """Queue one flush worth of rows and write everything queued. False if the write failed."""
         if any(len(df) for df in tables.values()):
             self.seq += 1
             self.pending.append((self.seq, tables))
-        return self._guard(self._write_pending, "tables")
+            self._bound_pending()
+        first = _first_step(self.pending[0][1]) if self.pending else None
+        return self._guard(self._write_pending, "tables", first)
+
+    def _bound_pending(self) -> None:
+        """Drop the oldest queued flushes beyond ``max_pending_rows`` rows, and record the loss."""
+        sizes = [sum(len(df) for df in tables.values()) for _, tables in self.pending]
+        while len(self.pending) > 1 and sum(sizes) > self.max_pending_rows:
+            tables = self.pending.pop(0)[1]
+            sizes.pop(0)
+            first, last = _first_step(tables) or 0, _last_step(tables) or 0
+            if self.dropped is None:
+                self.dropped = [first, last, 0]
+                warnings.warn(f"gatewatch cannot write {self.path} and holds {self.max_pending_rows} rows in memory; "
+                              "older rows are dropped until writing works again.", RuntimeWarning, stacklevel=3)
+            self.dropped[1:] = [last, self.dropped[2] + 1]
+
+    def _note(self, step: int | None, kind: str, message: str) -> None:
+        warnings.warn(f"gatewatch: {message} ({self.path}).", RuntimeWarning, stacklevel=4)
+        self.notes.append({"step": step if step is not None else 0, "kind": kind, "source": "run_dir",
+                           "message": message})
+
+    def _ensure_dir(self, step: int | None) -> None:
+        """Create the run directory again if it was removed while the run goes on."""
+        if not self.path.is_dir():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._note(step, "run_dir_recreated", "the run directory was removed while the run went on and was "
+                       "created again; the rows written before are lost")
 
     def _write_pending(self) -> None:
         while self.pending:
             seq, tables = self.pending[0]
-            for name, df in tables.items():  # a retry rewrites the same part names: nothing doubles
-                if len(df):
-                    folder = self.path / "tables" / name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    atomic_write_parquet(folder / f"part-{seq:06d}.parquet", df)
+            self._ensure_dir(_first_step(tables))
+            self._write_part(seq, tables)
             self.pending.pop(0)
-            if seq % self.compact_every == 0:
-                self.compact(loose_only=True)
+        if self.dropped is not None:
+            first, last, flushes = self.dropped
+            self.notes.append({"step": first, "kind": "rows_dropped", "source": "run_dir", "message": (
+                f"the run directory could not be written for a long time: the rows of steps {first}..{last} "
+                f"({flushes} flushes) were dropped to keep memory bounded")})
+            self.dropped = None
+        if self.notes:
+            self._write_part(self.seq + 1, {"events": frame("events", self.notes)})
+            self.seq += 1
+            self.notes = []
+
+    def _write_part(self, seq: int, tables: dict[str, pd.DataFrame]) -> None:
+        for name, df in tables.items():  # a retry rewrites the same part names: nothing doubles
+            if len(df):
+                folder = self.path / "tables" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_parquet(folder / f"part-{seq:06d}.parquet", df)
+        record = pd.DataFrame({"seq": [seq], "step": [_last_step(tables) or 0], "time": [time.time()]})
+        (self.path / "tables" / FLUSHES).mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(self.path / "tables" / FLUSHES / f"part-{seq:06d}.parquet", record)
+        if seq % self.compact_every == 0:
+            self._guard(lambda: self._compact_after(seq), "compaction")
+
+    def _compact_after(self, seq: int) -> None:
+        """The levelled merge due after flush ``seq`` (a multiple of ``compact_every``)."""
+        width = self.compact_every
+        while seq % (width * self.compact_every) == 0:
+            width *= self.compact_every
+        done = committed(self.path / "tables")
+        for folder in self._folders():
+            files = table_files(folder, done)
+            loose = [span(f.name)[0] for f in files if PART.match(f.name)]  # type: ignore[index]
+            start = min([seq - width + 1, *loose])  # parts a failed merge left behind come along
+            self._merge(folder, [f for f in files if span(f.name)[0] >= start])  # type: ignore[index]
 
     def compact(self, *, loose_only: bool = False) -> None:
-        """Merge a table's files into one chunk (only the loose parts when ``loose_only``)."""
-        for folder in sorted((self.path / "tables").glob("*")):
-            files = table_files(folder)
-            if loose_only:
-                files = [f for f in files if PART.match(f.name)]
-            if len(files) < 2:
-                continue
-            first, last = _span(files[0]), _span(files[-1])
-            merged = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-            atomic_write_parquet(folder / f"chunk-{first[0]:06d}-{last[1]:06d}.parquet", merged)
-            for f in files:
-                f.unlink(missing_ok=True)
+        """Merge each table's files into one file (only its loose parts when ``loose_only``)."""
+        done = committed(self.path / "tables")
+        for folder in self._folders():
+            files = table_files(folder, done)
+            self._merge(folder, [f for f in files if PART.match(f.name)] if loose_only else files)
+
+    def _folders(self) -> list[Path]:
+        return sorted(f for f in (self.path / "tables").glob("*") if f.is_dir())
+
+    @staticmethod
+    def _merge(folder: Path, files: list[Path]) -> None:
+        if len(files) < 2:
+            return
+        first, last = span(files[0].name), span(files[-1].name)
+        assert first is not None and last is not None
+        merge_parquet(files, folder / f"chunk-{first[0]:06d}-{last[1]:06d}.parquet")
+        for f in files:
+            f.unlink(missing_ok=True)
 
     def close(self, meta: dict[str, Any]) -> bool:
         ok = self._guard(self._write_pending, "tables")
         ok = self._guard(self.compact, "compaction") and ok
         return self.write_meta(meta) and ok
 
-    def _guard(self, fn: Any, what: str) -> bool:
+    def _guard(self, fn: Callable[[], None], what: str, step: int | None = None) -> bool:
+        """Run ``fn``; on failure warn once per failing ``what`` and return False (never raise)."""
         try:
             fn()
         except Exception as err:  # logging must never break training
             self.failures += 1
-            if not self.failed:
+            if what not in self.failing:
+                self.failing[what] = step
                 warnings.warn(
-                    f"gatewatch could not write {what} in {self.path}: {err}. Training goes on; the rows are "
-                    "kept in memory and written at the next flush.",
-                    RuntimeWarning, stacklevel=3,
+                    f"gatewatch could not write {what} in {self.path}: {type(err).__name__}: {err}. Training goes "
+                    "on; the rows are kept in memory and written at a later flush.", RuntimeWarning, stacklevel=3,
                 )
-            self.failed = True
             return False
-        if self.failed:
-            warnings.warn(f"gatewatch writes to {self.path} work again.", RuntimeWarning, stacklevel=3)
-        self.failed = False
+        if what in self.failing:
+            since = self.failing.pop(what)
+            message = f"writing {what} failed from step {since} on and works again; the rows kept were written late"
+            warnings.warn(f"gatewatch: {message} ({self.path}).", RuntimeWarning, stacklevel=3)
+            if what == "tables":
+                self.notes.append({"step": since or 0, "kind": "write_failure", "source": "run_dir",
+                                   "message": message})
         return True
 
 
-def _span(f: Path) -> tuple[int, int]:
-    if m := CHUNK.match(f.name):
-        return int(m[1]), int(m[2])
-    m = PART.match(f.name)
-    assert m is not None
-    return int(m[1]), int(m[1])
+def _first_step(tables: dict[str, pd.DataFrame]) -> int | None:
+    steps = [int(df["step"].min()) for df in tables.values() if len(df) and "step" in df]
+    return min(steps) if steps else None
+
+
+def _last_step(tables: dict[str, pd.DataFrame]) -> int | None:
+    steps = [int(df["step"].max()) for df in tables.values() if len(df) and "step" in df]
+    return max(steps) if steps else None

@@ -1,0 +1,109 @@
+"""Shared benchmark pieces: a census-sized MMoE training step, and interleaved timing in one process.
+
+Monitored and unmonitored steps run in the same process, alternating in blocks (the order flips every
+round), so slow drifts of the machine (other load, thermal, caches) hit both sides alike. Report
+ratios, not absolute times: the absolute numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gatewatch.models import MMoE
+
+CENSUS_TASKS = ("income", "marital")
+CENSUS_SIZE = {"in_dim": 499, "n_experts": 8, "expert_hidden": (256,), "expert_dim": 128}
+CENSUS_BATCH = 1024
+
+
+def setup(threads: int = 2) -> None:
+    """Fix the thread count and flush denormal floats (tiny gradients late in training slow CPU math)."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def census_mmoe(seed: int = 0) -> MMoE:
+    """The MMoE of the census experiments: input 499, 8 experts 499 -> 256 -> 128, 2 tasks."""
+    torch.manual_seed(seed)
+    return MMoE(tasks=list(CENSUS_TASKS), **CENSUS_SIZE)
+
+
+def census_batches(count: int = 4, batch: int = CENSUS_BATCH, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` random batches ``(x [batch, 499], y [batch, 2])`` to cycle through."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, CENSUS_SIZE["in_dim"], generator=g), torch.randint(0, 2, (batch, 2), generator=g).float())
+        for _ in range(count)
+    ]
+
+
+def training_step(model: nn.Module, watch=None, *, lr: float = 1e-3, seed: int = 0) -> Callable[[], None]:
+    """One Adam step per call on the census batches; through ``watch.backward`` / ``watch.step`` if given."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = census_batches(seed=seed)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    count = [0]
+
+    def step() -> None:
+        x, y = batches[count[0] % len(batches)]
+        count[0] += 1
+        losses = {t: bce(out, y[:, i]) for i, (t, out) in enumerate(zip(CENSUS_TASKS, model(x), strict=True))}
+        if watch is None:
+            sum(losses.values()).backward()
+        else:
+            watch.backward(losses)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if watch is not None:
+            watch.step()
+
+    return step
+
+
+def time_steps(fn: Callable[[], object], n: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]], steps: int, block: int, warmup: int = 5
+) -> dict[str, list[float]]:
+    """Per-step seconds of each function, run in alternating blocks of ``block`` steps until each has
+    ``steps`` timed steps; the order of the functions flips every round."""
+    names = list(fns)
+    for name in names:
+        time_steps(fns[name], 0, warmup)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = 0
+    while len(times[names[0]]) < steps:
+        n = min(block, steps - len(times[names[0]]))
+        for name in names if rounds % 2 == 0 else names[::-1]:
+            times[name] += time_steps(fns[name], n)
+        rounds += 1
+    return times
+
+
+def ratio_report(name: str, base_s: Sequence[float], monitored_s: Sequence[float]) -> str:
+    """One line: median and mean step time of each side (ms) and their ratios.
+
+    The median ratio is the cost of a typical step; the mean ratio includes the rare expensive steps
+    (flushes to disk), so it is the cost over a whole run.
+    """
+    med_b, med_m = statistics.median(base_s), statistics.median(monitored_s)
+    mean_b, mean_m = statistics.fmean(base_s), statistics.fmean(monitored_s)
+    return (
+        f"{name:<38} plain {med_b * 1e3:7.2f} ms (mean {mean_b * 1e3:7.2f})   monitored {med_m * 1e3:7.2f} ms "
+        f"(mean {mean_m * 1e3:7.2f})   ratio {med_m / med_b:6.3f}x median, {mean_m / mean_b:6.3f}x mean"
+    )

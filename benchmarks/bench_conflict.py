@@ -1,0 +1,168 @@
+"""Cost of gradient-conflict measurement on a census-sized MMoE (input 499, 8 experts 256 -> 128, batch 1024).
+
+For 2 and 4 tasks, plain and monitored training steps run in one process, interleaved in blocks, and
+the ratios are printed for:
+
+* ``conflict_every=1``: every step is a conflict step (median ratio = the cost of one conflict step);
+  targets: at most 1.7x for 2 tasks, 1 + 0.6 (K - 1) for K tasks;
+* ``conflict_every=50``: the cost over a run (mean ratio, conflict steps and flushes included); target
+  at most 1.02x, against the gate-capture watch alone as well as against the plain step;
+* for comparison, the naive method: one ``autograd.grad`` per task, then the ordinary backward.
+
+Then the cost of the reduction of one conflict step (``task_statistics``) on the census shapes.
+
+    python benchmarks/bench_conflict.py [--steps 300] [--block 50] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, ratio_report, setup, time_steps
+
+import gatewatch as gw
+from gatewatch.conflict import PURITY_BINS, task_statistics
+from gatewatch.models import MMoE
+
+AMORTISED_EVERY = 50
+
+
+def mmoe(tasks: list[str]) -> MMoE:
+    torch.manual_seed(0)
+    return MMoE(tasks=tasks, **CENSUS_SIZE)
+
+
+def batches(k: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(CENSUS_BATCH, CENSUS_SIZE["in_dim"], generator=g),
+             torch.randint(0, 2, (CENSUS_BATCH, k), generator=g).float()) for _ in range(count)]
+
+
+Backward = Callable[[dict[str, torch.Tensor]], None]
+
+
+def step_fn(model: MMoE, backward: Backward, after: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """One Adam step per call; ``backward(losses)`` does the backward pass, ``after()`` runs after the update."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = batches(len(model.tasks))
+    bce = nn.functional.binary_cross_entropy_with_logits
+    count = [0]
+
+    def step() -> None:
+        x, y = data[count[0] % len(data)]
+        count[0] += 1
+        losses = {t: bce(out, y[:, i]) for i, (t, out) in enumerate(zip(model.tasks, model(x), strict=True))}
+        backward(losses)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after()
+
+    return step
+
+
+def plain_step(model: MMoE) -> Callable[[], None]:
+    return step_fn(model, lambda losses: sum(losses.values()).backward())
+
+
+def watched_step(model: MMoE, watch: gw.GateWatch) -> Callable[[], None]:
+    return step_fn(model, watch.backward, watch.step)
+
+
+def naive_step(model: MMoE) -> Callable[[], None]:
+    """One autograd.grad per task on the experts, then the ordinary backward (what gatewatch avoids)."""
+    shared = list(model.experts.parameters())
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        for loss in losses.values():
+            torch.autograd.grad(loss, shared, retain_graph=True)
+        sum(losses.values()).backward()
+
+    return step_fn(model, backward)
+
+
+def show(label: str, base: list[float], monitored: list[float]) -> None:
+    print(ratio_report(label, base, monitored), flush=True)
+
+
+def compare(k: int, steps: int, block: int, log_root: Path) -> float:
+    """Print the ratio lines for ``k`` tasks; return the median plain step (s)."""
+    tasks = [f"task{i}" for i in range(k)]
+    print(f"\n{k} tasks", flush=True)
+
+    def watch(name: str, **kwargs: int) -> tuple[MMoE, gw.GateWatch]:
+        model = mmoe(tasks)
+        return model, gw.GateWatch(model, tasks=tasks, log_dir=log_root / f"{k}_{name}", tensorboard=False, **kwargs)
+
+    every_step, every_step_watch = watch("every1", conflict_every=1)
+    times = interleaved({"plain": plain_step(mmoe(tasks)), "conflict": watched_step(every_step, every_step_watch),
+                         "naive": naive_step(mmoe(tasks))}, steps=steps, block=block)
+    every_step_watch.close()
+    target = 1 + 0.6 * (k - 1) if k > 2 else 1.7
+    show(f"conflict step (target {target:.1f}x)", times["plain"], times["conflict"])
+    show("  naive: autograd.grad per task", times["plain"], times["naive"])
+    plain = statistics.median(times["plain"])
+
+    gates_model, gates_watch = watch("gates")
+    amortised_model, amortised_watch = watch("every50", conflict_every=AMORTISED_EVERY)
+    amortised_steps = max(steps, 4 * AMORTISED_EVERY)
+    times = interleaved({"plain": plain_step(mmoe(tasks)), "gates": watched_step(gates_model, gates_watch),
+                         "amortised": watched_step(amortised_model, amortised_watch)},
+                        steps=amortised_steps, block=AMORTISED_EVERY, warmup=AMORTISED_EVERY)  # past the probe
+    gates_watch.close()
+    amortised_watch.close()
+    show(f"conflict_every={AMORTISED_EVERY} vs plain", times["plain"], times["amortised"])
+    show(f"conflict_every={AMORTISED_EVERY} vs gate capture", times["gates"], times["amortised"])
+    return plain
+
+
+def reduction_cost(k: int, plain_s: float) -> None:
+    """Median time of one conflict step's reduction on the census shapes."""
+    model = mmoe([f"task{i}" for i in range(k)])
+    shared = list(model.experts.parameters())
+    bounds, start = [], 0
+    for p in shared:
+        bounds.append((start, start + p.numel()))
+        start += p.numel()
+    per_expert = len(shared) // CENSUS_SIZE["n_experts"]
+    groups = [(bounds[i][0], bounds[i + per_expert - 1][1]) for i in range(0, len(shared), per_expert)]
+    stack = torch.empty(3 * k, start)
+    g = torch.randn(k, start)
+
+    def reduce() -> None:
+        stack[:k] = g
+        task_statistics(stack, k, bounds, groups, PURITY_BINS)
+
+    ms = statistics.median(time_steps(reduce, 30, warmup=3)) * 1e3
+    print(f"  reduction of one conflict step ({k} tasks, {start} shared elements): {ms:.2f} ms = "
+          f"{ms / 1e3 / plain_s:.1%} of a plain step", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per side and configuration")
+    parser.add_argument("--block", type=int, default=25, help="steps per interleaved block (conflict_every=1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps")
+    args = parser.parse_args(argv)
+    steps = 40 if args.quick else args.steps
+    setup(args.threads)
+    print(f"gradient conflict overhead: census-sized MMoE, batch {CENSUS_BATCH}, {args.threads} threads, "
+          f"{steps} steps per side, torch {torch.__version__}, denormals flushed", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (2, 4):
+            plain = compare(k, steps, min(args.block, steps), Path(tmp))
+            reduction_cost(k, plain)
+
+
+if __name__ == "__main__":
+    main()

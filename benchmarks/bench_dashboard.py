@@ -1,0 +1,158 @@
+"""How fast the dashboard draws a long run: 100,000 steps, a window every 10 (4 tasks x 8 experts), conflict every
+50 steps on 20 parameter tensors (6 task pairs) - about 1.3 million table rows.
+
+Builds the run once (written straight into its tables, no training; a second run of the same size for the
+Compare page), then prints:
+
+* reading: ``load_run``, findings, report;
+* every figure of every page: build time and JSON serialisation (what Streamlit sends to the browser);
+* every page end to end under Streamlit's AppTest: the first (cold) render, and the median of ``--repeat``
+  later (warm) renders, when the run is cached and only the figures are drawn again.
+
+Target: every page under 2 s warm.
+
+    python benchmarks/bench_dashboard.py [--steps 100000] [--repeat 3] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from _runs_factory import write_synthetic_run  # noqa: E402
+
+import gatewatch as gw  # noqa: E402
+from gatewatch import figures  # noqa: E402
+from gatewatch.app import state  # noqa: E402
+from gatewatch.app.main import PAGES  # noqa: E402
+
+TARGET_S = 2.0
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def build(root: Path, steps: int) -> list[Path]:
+    paths = [root / "long_a", root / "long_b"]
+    for seed, path in enumerate(paths):
+        if not (path / "run.json").exists():
+            seconds, _ = timed(lambda p=path, s=seed: write_synthetic_run(p, steps=steps, seed=s))
+            print(f"wrote {path.name}: {seconds:.1f} s")
+    return paths
+
+
+def figure_times(run: gw.Run, other: gw.Run) -> dict[str, list[tuple[str, float, float]]]:
+    """Each page's figures on the long run: (figure, build s, JSON s)."""
+    conflict, purity = run.table("conflict"), run.table("purity")
+    gate, pair = run.gate_names[0], figures.pairs(conflict)[0]
+    both = {"a": run, "b": other}
+    pages: dict[str, dict[str, Callable[[], object]]] = {
+        "overview": {"loss_curves": lambda: figures.loss_curves({run.name: run.losses})},
+        "gates": {
+            "share_area": lambda: figures.share_area(run.shares, gate),
+            "share_heatmap": lambda: figures.share_heatmap(run.shares, gate),
+            "gate_curves": lambda: figures.gate_curves(run.gates),
+            "task_expert_matrix": lambda: figures.task_expert_matrix(run.shares, gates=run.gates),
+            "weight_histogram": lambda: figures.weight_histogram(run.hist),
+        },
+        "experts": {
+            "utilization_over_time": lambda: figures.utilization_over_time(run.experts),
+            "load_balance": lambda: figures.load_balance(run.experts),
+            "utilization_at_step": lambda: figures.utilization_at_step(run.experts),
+            "utilization_by_task": lambda: figures.utilization_by_task(run.shares, gates=run.gates),
+        },
+        "conflict": {
+            "cosine_over_time(all)": lambda: figures.cosine_over_time(conflict),
+            "sign_conflict_over_time": lambda: figures.sign_conflict_over_time(conflict),
+            "cosine_over_time(module)": lambda: figures.cosine_over_time(conflict, scope="module", pair=pair),
+            "cosine_heatmap": lambda: figures.cosine_heatmap(conflict, pair),
+            "conflict_ranking": lambda: figures.conflict_ranking(conflict, pair=pair),
+            "purity_distribution": lambda: figures.purity_distribution(purity, scope="module"),
+        },
+        "compare": {
+            "compare_gate_metric": lambda: figures.compare_gate_metric({k: r.gates for k, r in both.items()}),
+            "compare_load_balance": lambda: figures.compare_load_balance({k: r.experts for k, r in both.items()}),
+            "loss_curves": lambda: figures.loss_curves({k: r.losses for k, r in both.items()}),
+            "compare_conflict": lambda: figures.compare_conflict({k: r.table("conflict") for k, r in both.items()}),
+        },
+    }
+    figures.no_data("warm-up", "plotly loads its validators on the first figure")
+    out: dict[str, list[tuple[str, float, float]]] = {}
+    for page, figs in pages.items():
+        out[page] = []
+        for name, make in figs.items():
+            build_s, fig = timed(make)
+            json_s, _ = timed(fig.to_json)  # type: ignore[attr-defined]
+            out[page].append((name, build_s, json_s))
+    return out
+
+
+def page_times(root: Path, run_id: str, repeat: int) -> dict[str, tuple[float, float]]:
+    """Each page under AppTest: (cold s, median warm s)."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ[state.ENV_ROOT] = str(root)
+    at = AppTest.from_file(str(Path(state.__file__).with_name("main.py")), default_timeout=600)
+    at.query_params.update({"run": run_id, "compare_runs": ["long_a", "long_b"]})
+    out = {}
+    for name, _, _ in PAGES:
+        if name != "runs":
+            at.switch_page(f"views/{name}.py")
+        cold, _ = timed(at.run)
+        if at.exception:
+            raise SystemExit(f"page {name} raised: {at.exception[0].value}")
+        warm = [timed(at.run)[0] for _ in range(repeat)]
+        out[name] = (cold, statistics.median(warm))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3, help="warm renders per page (the median is printed)")
+    parser.add_argument("--dir", type=Path, help="keep the runs here (reused when present); default: a temp dir")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = (args.dir or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        paths = build(root, args.steps)
+        load_s, run = timed(lambda: gw.load_run(paths[0]))
+        rows = {name: len(df) for name, df in run.tables.items() if len(df)}
+        sizes = ", ".join(f"{k} {v:,}" for k, v in rows.items())
+        print(f"\nrun: {run.steps:,} steps, {sum(rows.values()):,} rows ({sizes})")
+        find_s, found = timed(lambda: gw.find(run))
+        report_s, _ = timed(lambda: gw.build_report(run, findings=found))
+        print(f"load_run {load_s:.2f} s   findings {find_s:.2f} s ({len(found)})   report {report_s:.2f} s")
+
+        print("\nfigures (build + JSON, s)")
+        other = gw.load_run(paths[1])
+        for page, figs in figure_times(run, other).items():
+            total = sum(b + j for _, b, j in figs)
+            print(f"  {page:<9} {total:6.2f}")
+            for name, b, j in figs:
+                print(f"      {name:<26} {b:6.3f} + {j:.3f}")
+
+        print(f"\npages under AppTest (s; target < {TARGET_S:g} warm)")
+        print(f"  {'page':<10} {'cold':>6} {'warm':>6}")
+        slow = []
+        for name, (cold, warm) in page_times(root, paths[0].name, args.repeat).items():
+            print(f"  {name:<10} {cold:6.2f} {warm:6.2f}{'  SLOW' if warm >= TARGET_S else ''}")
+            if warm >= TARGET_S:
+                slow.append(name)
+        print("\nall pages under target" if not slow else f"\nover target: {', '.join(slow)}")
+
+
+if __name__ == "__main__":
+    main()

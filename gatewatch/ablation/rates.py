@@ -1,0 +1,47 @@
+"""Gate dropout rates and seeds: the defaults, their checks, and how they are written on the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..masking import is_dropout_rate
+from .errors import AblationError
+
+DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # evaluation-time sweep
+DEFAULT_SEEDS = (0, 1, 2)
+TRAIN_RATES = (0.0, 0.1, 0.2)  # training comparison
+TRAIN_SEEDS = (0, 1)
+
+
+def check_rates(rates: Iterable[float]) -> list[float]:
+    """Distinct dropout rates in [0, 1), sorted; raises AblationError otherwise."""
+    out = []
+    for r in rates:
+        if not is_dropout_rate(r):
+            raise AblationError(f"A gate dropout rate is a number in [0, 1), got {r!r}.")
+        out.append(float(r))
+    if not out:
+        raise AblationError("Give at least one gate dropout rate, e.g. 0,0.1,0.2.")
+    return sorted(set(out))
+
+
+def check_seeds(seeds: Iterable[int]) -> list[int]:
+    """Distinct non-negative integer seeds, in the order given; raises AblationError otherwise."""
+    out = list(seeds)
+    if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out):
+        raise AblationError(f"Seeds are non-negative integers (at least one), got {out!r}.")
+    return list(dict.fromkeys(out))
+
+
+def parse_rates(text: str) -> list[float]:
+    """Rates from comma-separated text (``"0,0.1,0.2"``), checked by :func:`check_rates`."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise AblationError(f"Rates are comma-separated numbers in [0, 1), e.g. 0,0.1,0.2; got {text!r}.") from err
+    return check_rates(values)
+
+
+def format_rates(rates: Iterable[float]) -> str:
+    """The comma-separated text :func:`parse_rates` reads (``0,0.1,0.2``)."""
+    return ",".join(f"{r:g}" for r in rates)

@@ -1,0 +1,95 @@
+"""Cached reading of runs for the dashboard.
+
+A run is read once per change token (:func:`gatewatch.app.state.change_token`: run.json's and the table
+files' names, sizes and mtimes), so a live run is read again as soon as it writes, and an unchanged one is
+never re-read. Findings and reports are cached per run, token and thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import streamlit as st
+
+from ..findings import Finding, Thresholds, find
+from ..report import build_report
+from ..runs import Run, RunReadError, load_run
+from .state import OutsideRoot, RunRef, change_token, check_inside, run_row
+
+
+class RunUnavailable(Exception):
+    """A run could not be shown; the message says why (and is shown instead of a traceback)."""
+
+
+@st.cache_data(max_entries=64, max_size="1GiB", show_spinner="Reading the run ...")
+def _read(path: str, token: tuple) -> Run:
+    return load_run(path)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _findings(path: str, token: tuple, thresholds: tuple[tuple[str, float], ...]) -> list[Finding]:
+    return find(_read(path, token), Thresholds.from_dict(dict(thresholds)))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _row(run_id: str, path: str, token: tuple, thresholds: tuple[tuple[str, float], ...]) -> dict[str, object]:
+    return run_row(RunRef(run_id, Path(path)), _read(path, token), _findings(path, token, thresholds))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _report(path: str, token: tuple, thresholds: tuple[tuple[str, float], ...]) -> dict:
+    run = _read(path, token)
+    th = Thresholds.from_dict(dict(thresholds))
+    return build_report(run, th, _findings(path, token, thresholds))
+
+
+def token(root: Path, ref: RunRef) -> tuple:
+    """The run's change token, after checking it lies inside ``root``."""
+    try:
+        check_inside(root, ref.path)
+        return change_token(ref.path)
+    except OutsideRoot as err:
+        raise RunUnavailable(str(err)) from err
+    except OSError as err:
+        raise RunUnavailable(f"{ref.id}: cannot be read ({err}).") from err
+
+
+@contextmanager
+def _readable(ref: RunRef) -> Iterator[None]:
+    """Turn any failure to read a run into :class:`RunUnavailable` with a plain message."""
+    try:
+        yield
+    except RunReadError as err:
+        raise RunUnavailable(str(err)) from err
+    except Exception as err:  # unreadable folder, permissions, a file vanishing mid-read
+        raise RunUnavailable(f"{ref.id}: could not be read ({type(err).__name__}: {err}).") from err
+
+
+def load(root: Path, ref: RunRef) -> tuple[Run, tuple]:
+    """The run and its change token; :class:`RunUnavailable` with a plain message when it cannot be read."""
+    tok = token(root, ref)
+    with _readable(ref):
+        return _read(str(ref.path), tok), tok
+
+
+def _key(thresholds: Thresholds) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(thresholds.to_dict().items()))
+
+
+def findings(ref: RunRef, tok: tuple, thresholds: Thresholds) -> list[Finding]:
+    """The run's findings under ``thresholds`` (cached)."""
+    return _findings(str(ref.path), tok, _key(thresholds))
+
+
+def summary(root: Path, ref: RunRef, thresholds: Thresholds) -> dict[str, object]:
+    """The Runs page's row of a run (cached, so listing many runs does not keep them all in memory)."""
+    tok = token(root, ref)
+    with _readable(ref):
+        return _row(ref.id, str(ref.path), tok, _key(thresholds))
+
+
+def report(ref: RunRef, tok: tuple, thresholds: Thresholds) -> dict:
+    """The run's report dict (see :mod:`gatewatch.report`), cached."""
+    return _report(str(ref.path), tok, _key(thresholds))

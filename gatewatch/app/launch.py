@@ -1,0 +1,56 @@
+"""``gatewatch dashboard [RUNS_DIR] [--port N] [--no-browser]``: start the Streamlit dashboard on a folder of runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .state import default_root, env_with_root
+
+MAIN = Path(__file__).with_name("main.py")
+EXIT_BAD_INPUT = 2
+
+
+def streamlit_command(root: Path, *, port: int, address: str, browser: bool) -> list[str]:
+    """The command line that serves the dashboard on ``root``."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(MAIN),
+        "--server.port", str(port), "--server.address", address,
+        "--server.headless", "false" if browser else "true",
+        "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+        "--", "--runs", str(root),
+    ]
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard until interrupted; exit 2 when the runs folder does not exist."""
+    root = Path(args.runs_dir) if args.runs_dir else default_root()
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        print(f"gatewatch dashboard: {root} is not a folder. Pass the folder that holds your runs "
+              "(the log_dir of GateWatch, or its parent): gatewatch dashboard RUNS_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    host = "localhost" if args.address in ("127.0.0.1", "0.0.0.0") else args.address
+    print(f"gatewatch dashboard: serving runs below {root} at http://{host}:{args.port}", flush=True)
+    cmd = streamlit_command(root, port=args.port, address=args.address, browser=not args.no_browser)
+    if os.name == "posix":  # the server takes this process's place, so signals (Ctrl-C, kill) reach it directly
+        os.execve(sys.executable, cmd, env_with_root(root))
+    proc = subprocess.Popen(cmd, env=env_with_root(root))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the server got the same Ctrl-C; let it finish
+        return proc.wait()
+
+
+def add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="open the dashboard on a folder of runs")
+    p.add_argument("runs_dir", nargs="?", default=None,
+                   help="folder holding run directories (default: sample_runs/ of a checkout, else ./runs)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve other machines)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    p.set_defaults(func=cmd_dashboard)

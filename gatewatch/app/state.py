@@ -1,0 +1,171 @@
+"""The dashboard's logic that needs no Streamlit: the runs root, which runs may be shown, selections,
+change tokens for live runs, thresholds, and the one-line summaries of a run.
+
+The root is fixed when the dashboard starts. Runs are only ever picked from :func:`discover` (never from a
+typed path), and every file of a run must resolve inside the root: a symlink pointing out is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..findings import Finding, Thresholds, gate_unit
+from ..runs import Run, list_runs
+
+ENV_ROOT = "GATEWATCH_RUNS"
+SEVERITY_COLOURS = {"error": "red", "warning": "orange", "info": "blue"}
+STATUS_COLOURS = {"live": "green", "finished": "gray", "cut off": "orange"}
+
+
+class OutsideRoot(Exception):
+    """A run (or one of its files) lies outside the folder the dashboard was started on."""
+
+
+def default_root() -> Path:
+    """``sample_runs/`` of the source checkout when there is one, else ``./runs``."""
+    repo_runs = Path(__file__).resolve().parents[2] / "sample_runs"  # gatewatch/app/state.py -> the checkout
+    return repo_runs if repo_runs.is_dir() else Path("runs")
+
+
+def root_from(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
+    """The runs root: ``--runs DIR`` on the command line, else ``$GATEWATCH_RUNS``, else :func:`default_root`."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--runs")
+    known, _ = parser.parse_known_args(list(argv))
+    chosen = known.runs or environ.get(ENV_ROOT) or default_root()
+    return Path(chosen).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run below the root: ``id`` is its path relative to the root (``"."`` for the root itself)."""
+
+    id: str
+    path: Path
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (with every symlink followed) lies in ``root``."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def discover(root: Path) -> list[RunRef]:
+    """The runs at or below ``root`` whose folder resolves inside it, sorted by id."""
+    if not root.is_dir():
+        return []
+    refs = []
+    for path in list_runs(root):
+        if inside(root, path):
+            rel = path.relative_to(root).as_posix()
+            refs.append(RunRef(id=rel or ".", path=path))
+    return refs
+
+
+def check_inside(root: Path, run_path: Path) -> None:
+    """Raise :class:`OutsideRoot` when the run folder, run.json, tables/ or any table file escapes ``root``."""
+    candidates = [run_path, run_path / "run.json", run_path / "tables"]
+    tables = run_path / "tables"
+    if tables.is_dir():
+        for folder in tables.iterdir():
+            candidates.append(folder)
+            if folder.is_dir():
+                candidates += list(folder.iterdir())
+    for p in candidates:
+        if (p.exists() or p.is_symlink()) and not inside(root, p):
+            raise OutsideRoot(f"{p} points outside the dashboard's folder {root}; it is not shown.")
+
+
+def change_token(run_path: Path) -> tuple:
+    """A cheap fingerprint that changes whenever the run writes: run.json's mtime and size, and every table
+    file's name, mtime and size."""
+    entries: list[tuple] = []
+    for p in [run_path / "run.json"]:
+        try:
+            st = p.stat()
+            entries.append((p.name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            entries.append((p.name, None, None))
+    tables = run_path / "tables"
+    if tables.is_dir():
+        for folder in sorted(tables.iterdir()):
+            if not folder.is_dir():
+                continue
+            for f in sorted(folder.iterdir()):
+                if f.name.startswith("."):
+                    continue
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                entries.append((folder.name, f.name, st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
+def keep_known(requested: Iterable[str], available: Sequence[str]) -> list[str]:
+    """The requested ids that exist, in request order, without duplicates."""
+    known = set(available)
+    return [r for r in dict.fromkeys(requested) if r in known]
+
+
+def thresholds_from(values: Mapping[str, float]) -> Thresholds:
+    """Thresholds from the sidebar inputs (unknown names are an error, missing ones keep their default)."""
+    return Thresholds.from_dict(dict(values))
+
+
+def describe_units(run: Run) -> str:
+    """``tasks: a, b`` or, for task-less gates (per-layer routers), ``layers: router0, router1``."""
+    if gate_unit(run) == "layer":
+        return "layers: " + (", ".join(run.gate_names) or "-")
+    return "tasks: " + (", ".join(run.tasks) or "-")
+
+
+def finding_badges(findings: Sequence[Finding]) -> list[str]:
+    """One short badge per finding code, e.g. ``"polarization x2 (error)"``, most severe first."""
+    counts = Counter((f.severity, f.code) for f in findings)
+    order = {"error": 0, "warning": 1, "info": 2}
+    out = []
+    for (severity, code), n in sorted(counts.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1])):
+        out.append(f"{code.replace('_', ' ')}{f' x{n}' if n > 1 else ''} ({severity})")
+    return out
+
+
+def run_row(ref: RunRef, run: Run, findings: Sequence[Finding]) -> dict[str, object]:
+    """The Runs page's row for one run."""
+    experts = sorted({int(e) for e in run.gates["experts"].dropna()}) if len(run.gates) else []
+    return {
+        "run": ref.id, "status": run.status,
+        "tasks / layers": describe_units(run), "gates": len(run.gate_names),
+        "experts": ", ".join(str(e) for e in experts) or "-", "steps": run.steps,
+        "findings": finding_badges(findings) or ["healthy"], "problems": len(run.problems),
+    }
+
+
+def cut_off_message(run: Run) -> str | None:
+    """The banner of a run that stopped before finishing (crash, kill, or silence)."""
+    if run.status != "cut off":
+        return None
+    why = f" ({run.error})" if run.error else ""
+    return f"This run was cut off at step {run.steps}{why}; showing what was written."
+
+
+def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
+    """The page (``gates`` / ``experts`` / ``conflict``) and query parameters that show a finding."""
+    params = {}
+    if finding.gate:
+        params["gate"] = finding.gate
+    return finding.chart if finding.chart in ("gates", "experts", "conflict") else "overview", params
+
+
+def env_with_root(root: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for the Streamlit process: the caller's plus the runs root."""
+    env = dict(os.environ if environ is None else environ)
+    env[ENV_ROOT] = str(root)
+    return env

@@ -1,0 +1,77 @@
+"""What the framework callbacks share: the per-task loss convention and building the GateWatch."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..watch import GateWatch, Losses
+
+TASK_LOSSES = "task_losses"
+_OWN_ARGS = {"model", "tasks", "gates", "log_dir", "every", "flush_every"}
+
+
+def task_losses(output: Any, module: nn.Module) -> Losses | None:
+    """The per-task losses of one training step, by the convention of :mod:`gatewatch.integrations`.
+
+    ``output["task_losses"]`` when the step returned a dict holding it; otherwise ``module.task_losses``,
+    which is then reset to None so a value is never logged twice. None when neither is there.
+    """
+    if isinstance(output, Mapping) and output.get(TASK_LOSSES) is not None:
+        return output[TASK_LOSSES]
+    found = getattr(module, TASK_LOSSES, None)
+    if found is not None:
+        setattr(module, TASK_LOSSES, None)
+    return found
+
+
+def missing_losses_message(where: str) -> str:
+    return (
+        f"gatewatch found no per-task losses: {where} should return a dict with 'loss' and "
+        f"'{TASK_LOSSES}': {{task: loss}}, or set self.{TASK_LOSSES} = {{task: loss}}. The gates are still watched; "
+        "the run has no loss curves."
+    )
+
+
+class WatchSpec:
+    """The arguments of the GateWatch a callback creates once training starts, checked right away."""
+
+    def __init__(
+        self, owner: str, *, tasks: Sequence[str] | None, gates: Any, module: str | None,
+        log_dir: str | os.PathLike[str] | None, every: int, flush_every: int, watch_kwargs: dict[str, Any],
+    ) -> None:
+        for name, value in (("every", every), ("flush_every", flush_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}: {name} must be a positive integer (steps), got {value!r}.")
+        known = set(inspect.signature(GateWatch.__init__).parameters) - {"self"} - _OWN_ARGS
+        unknown = sorted(set(watch_kwargs) - known)
+        if unknown:
+            raise TypeError(f"{owner} got unknown GateWatch arguments {unknown}; known: {sorted(known)}.")
+        if module is not None and not isinstance(module, str):
+            raise TypeError(f"{owner}: module= is the dotted path of a submodule (e.g. 'model'), got "
+                            f"{type(module).__name__}.")
+        self.owner, self.tasks, self.gates, self.module = owner, tasks, gates, module
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.every, self.flush_every, self.watch_kwargs = every, flush_every, dict(watch_kwargs)
+
+    def target(self, root: nn.Module) -> nn.Module:
+        """The module to watch: ``root`` itself, or its submodule at ``module``."""
+        if self.module is None:
+            return root
+        try:
+            return root.get_submodule(self.module)
+        except AttributeError as err:
+            children = [name for name, _ in root.named_children()]
+            raise AttributeError(f"{self.owner}: {type(root).__name__} has no submodule {self.module!r}; its "
+                                 f"children are {children}.") from err
+
+    def build(self, root: nn.Module, default_dir: Path, **overrides: Any) -> GateWatch:
+        """Create the GateWatch on ``root`` (or its submodule), logging to ``log_dir`` or ``default_dir``."""
+        kwargs = {**self.watch_kwargs, **overrides}
+        return GateWatch(self.target(root), tasks=self.tasks, gates=self.gates, log_dir=self.log_dir or default_dir,
+                         every=self.every, flush_every=self.flush_every, **kwargs)

@@ -1,0 +1,287 @@
+"""Train a reference model on a named data set with GateWatch attached.
+
+``train(TrainConfig(model="mmoe", data="synthetic", steps=2000), "runs/mmoe")`` seeds everything,
+builds the data (:mod:`~gatewatch.training.datasets`) and the model (:mod:`gatewatch.models`), trains
+with ``watch.backward`` / ``watch.step``, evaluates on validation every ``eval_every`` steps and on
+test at the end, and leaves a complete run directory:
+
+* the GateWatch tables and ``run.json`` (plus an ``eval`` table: step, split, task, metric, value);
+* ``metrics.json``: final validation and test metrics per task, the validation history, steps done,
+  where it stopped early (``stopped_at``) and the configuration;
+* ``checkpoint.pt`` + ``model.json``: the trained model and how to rebuild it (see
+  :mod:`~gatewatch.training.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
+from ..schema import frame
+from ..sinks.run_dir import atomic_write_json
+from ..watch import GateWatch
+from .checkpoint import save_model
+from .datasets import Splits, load_dataset
+from .metrics import evaluate
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mmoe": MMoE, "omoe": OMoE, "shared_bottom": SharedBottom, "cgc": CGC, "ple": PLE,
+}
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+}
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (JSON values only; stored in run.json and metrics.json)."""
+
+    model: str = "mmoe"  # a key of MODELS
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor kwargs besides in_dim / tasks
+    data: str = "synthetic"  # a key of gatewatch.training.datasets.DATASETS
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"  # a key of OPTIMIZERS
+    seed: int = 0  # model init, batch order, gate dropout masks (the data has its own seed in data_kwargs)
+    gate_dropout: float = 0.0  # GateDropout probability on every gate (0: none)
+    every: int = 10  # GateWatch window, steps
+    flush_every: int = 100  # GateWatch writes, steps
+    conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
+    eval_every: int = 0  # validation every N steps (0: only at the end)
+    tensorboard: bool = True
+    watch: bool = True  # attach GateWatch (False: a plain baseline, e.g. shared_bottom, which has no gates)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "every", "flush_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+        if self.eval_every < 0:
+            raise ValueError(f"TrainConfig.eval_every must be >= 0 (0: only at the end), got {self.eval_every}.")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
+        if not 0 <= self.gate_dropout < 1:
+            raise ValueError(f"TrainConfig.gate_dropout is a probability in [0, 1), got {self.gate_dropout!r}.")
+        if self.model == "shared_bottom" and (self.gate_dropout or self.watch):
+            raise ValueError("shared_bottom has no gates: train it with watch=False and gate_dropout=0.")
+        if "gate_dropout" in self.model_kwargs:
+            raise ValueError("set gate dropout with TrainConfig.gate_dropout, not model_kwargs['gate_dropout'].")
+
+
+@dataclass
+class TrainResult:
+    """Where the run was written and its final metrics (the content of metrics.json)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+ModelBuilder = Callable[[Splits, TrainConfig], nn.Module]
+
+
+def build_model(splits: Splits, config: TrainConfig) -> nn.Module:
+    """The reference model ``config.model`` sized for ``splits`` (in_dim, tasks) with ``config.model_kwargs``."""
+    kwargs: dict[str, Any] = {"in_dim": splits.in_dim, "tasks": list(splits.tasks), **config.model_kwargs}
+    if config.gate_dropout:
+        kwargs["gate_dropout"] = config.gate_dropout
+    try:
+        return MODELS[config.model](**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"model {config.model!r} does not take model_kwargs {sorted(config.model_kwargs)}: {err}"
+        ) from err
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def task_losses(outputs: list[Tensor], y: Tensor, tasks: list[str], task_types: list[str]) -> dict[str, Tensor]:
+    """BCE with logits for binary tasks, MSE for regression tasks, keyed by task."""
+    return {
+        t: F.binary_cross_entropy_with_logits(o, y[:, k]) if kind == "binary" else F.mse_loss(o, y[:, k])
+        for k, (t, o, kind) in enumerate(zip(tasks, outputs, task_types, strict=True))
+    }
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Row indices of shuffled mini-batches, epoch after epoch (the last short batch of an epoch is dropped)."""
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def supports_conflict() -> bool:
+    """True when this GateWatch can log per-task gradient conflict (``conflict_every``)."""
+    return "conflict_every" in inspect.signature(GateWatch.__init__).parameters
+
+
+def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """Extra GateWatch arguments this version of GateWatch accepts (conflict_every when it exists)."""
+    if config.conflict_every is None:
+        return {}
+    if not supports_conflict():
+        warnings.warn("this GateWatch has no conflict_every option; task-conflict logging is skipped.",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+    return {"conflict_every": config.conflict_every}
+
+
+def eval_rows(step: int, split: str, metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Rows of the ``eval`` table for one evaluation."""
+    return [{"step": step, "split": split, "task": task, "metric": name, "value": value}
+            for task, values in metrics.items() for name, value in values.items()]
+
+
+class Unwatched:
+    """Stands in for GateWatch when ``TrainConfig.watch`` is False: a plain backward pass, nothing logged."""
+
+    writer = None
+    tb = None
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+
+    def backward(self, losses: dict[str, Tensor]) -> None:
+        sum(losses.values()).backward()  # type: ignore[union-attr]
+
+    def step(self) -> None:
+        """Nothing to record."""
+
+    def close(self, *, error: BaseException | None = None) -> None:
+        """Nothing to close."""
+
+
+def log_eval(watch: GateWatch | Unwatched, step: int, split: str, metrics: dict[str, dict[str, float]]) -> None:
+    """Write one evaluation into the run directory's ``eval`` table and TensorBoard."""
+    if watch.writer is not None:
+        watch.writer.write({"eval": frame("eval", eval_rows(step, split, metrics))})
+    if watch.tb is not None:
+        for task, values in metrics.items():
+            for name, value in values.items():
+                watch.tb.scalar(f"eval/{split}/{task}/{name}", value, step)
+
+
+def _postfix(running: dict[str, float], last_val: dict[str, dict[str, float]] | None) -> dict[str, str]:
+    shown = {f"loss/{t}": f"{v:.4f}" for t, v in running.items()}
+    for task, values in (last_val or {}).items():
+        name = "auc" if "auc" in values else "mse"
+        shown[f"val_{name}/{task}"] = f"{values[name]:.4f}"
+    return shown
+
+
+def train(
+    config: TrainConfig,
+    log_dir: str | Path,
+    *,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    model_builder: ModelBuilder | None = None,
+) -> TrainResult:
+    """Train ``config`` into the run directory ``log_dir`` (see the module docstring).
+
+    ``should_stop()`` is asked before every step; when it returns True training ends early and the run
+    is closed normally (evaluated, saved, ``stopped_at`` recorded in run.json and metrics.json).
+    ``on_step(step, {"losses": {task: float}})`` is called after every step. ``model_builder(splits,
+    config)`` replaces the reference models; the model is saved with a factory reference when it has a
+    ``config`` dict of constructor kwargs (like the reference models), else without one.
+    """
+    run_dir = Path(log_dir)
+    splits = load_dataset(config.data, **config.data_kwargs)
+    seed_everything(config.seed)
+    model = (model_builder or build_model)(splits, config).to(config.device)
+    try:
+        factory = factory_ref(model)
+    except ValueError:
+        factory = None
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
+    tasks, kinds = splits.tasks, splits.task_types
+    x_train, y_train = splits.x_train, splits.y_train
+    rows = batches(len(x_train), config.batch_size, torch.Generator().manual_seed(config.seed))
+    run_config = {**asdict(config), "data_ref": splits.ref}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    watch = Unwatched() if not config.watch else GateWatch(
+        model, tasks=tasks, log_dir=run_dir, every=config.every, flush_every=config.flush_every,
+        tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config))
+    bar = tqdm(total=config.steps, desc=run_dir.name, disable=not progress or not sys.stderr.isatty(),
+               dynamic_ncols=True, leave=True)
+    running: dict[str, float] = {}
+    last_val: dict[str, dict[str, float]] | None = None
+    history: list[dict[str, Any]] = []  # validation metrics during training: {"step", task: {...}}
+    stopped_at: int | None = None
+    step = 0
+    started = time.perf_counter()
+    try:
+        model.train()
+        while step < config.steps:
+            if should_stop is not None and should_stop():
+                stopped_at = step
+                break
+            index = next(rows)
+            x, y = x_train[index].to(config.device), y_train[index].to(config.device)
+            losses = task_losses(model(x), y, tasks, kinds)
+            optimizer.zero_grad(set_to_none=True)
+            watch.backward(losses)
+            optimizer.step()
+            watch.step()
+            step += 1
+            values = {t: float(v.detach()) for t, v in losses.items()}
+            running = {t: v if t not in running else 0.95 * running[t] + 0.05 * v for t, v in values.items()}
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                last_val = evaluate(model, splits.x_val, splits.y_val, tasks, kinds)
+                log_eval(watch, step, "val", last_val)
+                history.append({"step": step, **last_val})
+                model.train()
+            if step % 10 == 0 or step == config.steps:
+                bar.set_postfix(_postfix(running, last_val), refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, {"losses": values})
+        seconds = time.perf_counter() - started
+        final = {split: evaluate(model, getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}"), tasks, kinds)
+                 for split in ("val", "test")}
+        for split, values in final.items():
+            log_eval(watch, step, split, values)
+        history.append({"step": step, **final["val"]})
+        metrics = {**final, "steps": step, "stopped_at": stopped_at, "train_seconds": seconds,
+                   "tasks": tasks, "task_types": kinds, "history": history, "config": run_config}
+        save_model(run_dir, model, factory=factory, data=splits.ref, tasks=tasks, task_types=kinds)
+        atomic_write_json(run_dir / METRICS_FILE, metrics)
+        if stopped_at is not None:
+            watch.meta["stopped_at"] = stopped_at
+    except BaseException as err:
+        bar.close()
+        watch.close(error=err)
+        raise
+    bar.close()
+    watch.close()
+    return TrainResult(run_dir=run_dir, metrics=metrics)

@@ -1,0 +1,114 @@
+"""What the experiment scripts share: running many short trainings on at most 2 processes, summarising a
+run's gate findings, writing results (CSV / JSON) and figures (HTML, plus PNG when kaleido is installed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+import gatewatch as gw
+from gatewatch.training import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "docs" / "experiments"
+MAX_WORKERS = 2
+
+
+def parser(description: str, *, seeds: int, steps: int) -> argparse.ArgumentParser:
+    """Options every experiment takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, default=seeds, help=f"training seeds per setting (default {seeds})")
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps per run (default {steps})")
+    p.add_argument("--workers", type=int, default=MAX_WORKERS, help="processes, at most 2 (default 2)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for results and figures")
+    p.add_argument("--tag", default="", help="suffix of the result file names (e.g. 'small' for a quick check)")
+    return p
+
+
+def gate_summary(run_dir: Path) -> dict[str, Any]:
+    """The findings of a watched run and its gates' last window (mean top share, per-sample sharpness)."""
+    run = gw.load_run(run_dir)
+    found = gw.find(run)
+    gates = run.gates.dropna(subset=["samples"]).sort_values("step").groupby("gate", sort=False).tail(1)
+    return {
+        "findings": sorted({f.code for f in found}),
+        "top_share": {str(g): float(v) for g, v in zip(gates["gate"], gates["top_share"], strict=True)},
+        "sharp_samples": {str(g): float(v) for g, v in zip(gates["gate"], gates["polarization"], strict=True)},
+    }
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration (in a temporary folder) and return its labels, metrics and gate summary."""
+    torch.set_num_threads(1)
+    config = TrainConfig(**job["config"])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gatewatch-exp-") as tmp:
+        result = train(config, Path(tmp) / "run", progress=False)
+        summary = gate_summary(result.run_dir) if config.watch else {}
+    metrics = result.metrics
+    return {**job["labels"], "test": metrics["test"], "val": metrics["val"], "history": metrics["history"], **summary,
+            "seconds": time.perf_counter() - started}
+
+
+def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Run ``jobs`` ({"labels": {...}, "config": TrainConfig kwargs}) on at most 2 processes, in order."""
+    workers = max(1, min(workers, MAX_WORKERS, len(jobs)))
+    out = []
+    started = time.perf_counter()
+    with Pool(workers) as pool:
+        for i, row in enumerate(pool.imap(run_job, jobs), 1):
+            labels = " ".join(f"{k}={v}" for k, v in jobs[i - 1]["labels"].items())
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {labels}", flush=True)
+            out.append(row)
+    return out
+
+
+def job(labels: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    return {"labels": labels, "config": asdict(config)}
+
+
+def write_results(rows: Iterable[dict[str, Any]], out: Path, stem: str, meta: dict[str, Any]) -> Path:
+    """``stem.csv`` (flat rows, no curves) and ``stem.json`` (rows with validation curves, plus the command's
+    settings); returns the CSV path."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    pd.json_normalize([{k: v for k, v in r.items() if k != "history"} for r in rows]).to_csv(out / f"{stem}.csv",
+                                                                                          index=False)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    return out / f"{stem}.csv"
+
+
+def save_figure(fig: Any, out: Path, stem: str) -> list[Path]:
+    """Write a plotly figure as ``stem.html`` (plotly.js from a CDN) and ``stem.png`` when kaleido is installed."""
+    paths = [out / f"{stem}.html"]
+    fig.write_html(paths[0], include_plotlyjs="cdn")
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        print(f"kaleido is not installed: {stem}.png skipped (pip install kaleido to export PNGs)")
+        return paths
+    fig.write_image(out / f"{stem}.png", width=900, height=500, scale=1)
+    return [*paths, out / f"{stem}.png"]
+
+
+def settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The command's settings as stored next to its results."""
+    return {"args": {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), **extra}
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (results do not name this machine's folders)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)

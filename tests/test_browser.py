@@ -1,0 +1,223 @@
+"""The dashboard in a real browser: `gatewatch dashboard` serves real runs, headless Chromium opens every page,
+the charts render, no error shows, and full-page screenshots land in $GATEWATCH_ARTIFACTS/screenshots.
+
+Needs Debian's chromium (/usr/bin/chromium) and Python playwright. Without them the test is skipped locally
+and fails in CI (when $CI is set), so CI never passes without looking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _runs_factory import standard_runs
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+PAGES = {  # page -> (query string, charts it must draw)
+    "": ("", 0),  # the Runs page is the default page, at the root URL
+    "overview": ("?run=polarized", 1),
+    "gates": ("?run=polarized&gate=like", 4),
+    "experts": ("?run=healthy", 4),
+    "conflict": ("?run=polarized", 6),
+    "compare": ("?run=healthy&compare_runs=healthy&compare_runs=polarized", 4),
+    "ablations": ("?run=healthy", 0),
+}
+WIDTH = 1400
+DRAWN = ("[...document.querySelectorAll('.js-plotly-plot')]"  # charts whose plot area is drawn
+         ".filter(e => e.querySelector('.main-svg .cartesianlayer')).length")
+
+pytestmark = pytest.mark.browser
+
+
+def _need(what: str) -> None:
+    message = f"{what} is needed for the browser test (.ci/run installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need("Python playwright")
+    if not Path(CHROMIUM).exists():
+        _need(CHROMIUM)
+    with sync_playwright() as p:
+        yield p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the dashboard exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the dashboard did not answer on {url}/_stcore/health within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The standard runs plus ``growing``, a run a background process keeps writing while the test looks."""
+    runs = standard_runs(tmp_path_factory.getbasetemp() / "dashboard_runs")
+    root = tmp_path_factory.mktemp("browser") / "runs"
+    shutil.copytree(next(iter(runs.values())).parent, root)
+    writer = subprocess.Popen([
+        sys.executable, "-c",
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _runs_factory import train_mmoe; "
+        "train_mmoe(Path(sys.argv[2]), steps=1_000_000, flush_every=20, pace=0.05)",
+        str(Path(__file__).parent), str(root / "growing"),
+    ], start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not list((root / "growing" / "tables").glob("gates/*.parquet")) and time.time() < deadline:
+            time.sleep(0.5)
+        yield root
+    finally:
+        stop(writer)
+
+
+@pytest.fixture(scope="module")
+def server(root: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gatewatch.cli", "dashboard", str(root), "--port", str(port), "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process started in its own session, and anything it started."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def screenshots() -> Path:
+    base = Path(os.environ.get("GATEWATCH_ARTIFACTS") or Path(__file__).parents[1] / "artifacts")
+    folder = base / "screenshots"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def settle(page, charts: int) -> None:
+    """Wait until the script run is over and ``charts`` plotly charts have drawn their SVG."""
+    page.wait_for_selector('[data-testid="stMainBlockContainer"]', timeout=60_000)
+    if charts:
+        page.wait_for_function(f"n => {DRAWN} >= n", arg=charts, timeout=90_000)
+    else:
+        page.wait_for_selector('[data-testid="stMainBlockContainer"] h1, [data-testid="stMainBlockContainer"] h3',
+                               timeout=60_000)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"], "
+        "[data-testid=\"stStatusWidgetRunningManIcon\"]')", timeout=60_000)
+    time.sleep(1.0)  # let plotly finish its transitions before the screenshot
+
+
+def full_page(page, path: Path) -> None:
+    """Screenshot the whole page: Streamlit scrolls inside its main block, so grow the viewport to fit it."""
+    height = page.evaluate(
+        "() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
+        ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
+    page.set_viewport_size({"width": WIDTH, "height": int(min(max(height, 900), 12_000))})
+    time.sleep(0.8)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": WIDTH, "height": 900})
+
+
+@pytest.mark.timeout(600)
+def test_every_page_in_chromium(playwright_api, server: str, screenshots: Path) -> None:
+    browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+        for name, (query, charts) in PAGES.items():
+            page.goto(f"{server}/{name}{query}")
+            try:
+                settle(page, charts)
+            except Exception:
+                page.screenshot(path=str(screenshots / f"{name or 'runs'}-failed.png"), full_page=True)
+                raise AssertionError(f"{name} did not settle; it shows: {page.inner_text('body')[:3000]}") from None
+            shot = name or "runs"
+            full_page(page, screenshots / f"{shot}.png")
+            assert page.get_by_text("Page not found").count() == 0, shot
+            exceptions = page.locator('[data-testid="stException"]')
+            assert exceptions.count() == 0, f"{name}: {exceptions.first.inner_text()[:2000]}"
+            assert page.locator('[data-testid="stAlertContentError"]').count() == 0, name
+            drawn = page.evaluate(f"() => {DRAWN}")
+            assert drawn >= charts, f"{name}: {drawn} charts drawn, expected {charts}"
+            if name == "overview":
+                assert page.get_by_text("Error: polarization").count() == 1
+                page.get_by_text("Show on the Gates page").first.click()  # the finding's link opens its chart
+                page.wait_for_url("**/gates?*")
+                settle(page, 4)
+                assert "gate=like" in page.url
+                assert page.get_by_text("Expert share of gate 'like' over training").count() == 1
+            if name == "":
+                assert page.locator('[data-testid="stDataFrame"]').count() == 1
+        assert not problems, problems
+        assert {f"{n or 'runs'}.png" for n in PAGES} <= {p.name for p in screenshots.iterdir()}
+    finally:
+        browser.close()
+
+
+def steps_shown(page) -> int:
+    text = page.get_by_text(re.compile(r"^[\d,]+ steps$")).first.inner_text()
+    return int(text.split()[0].replace(",", ""))
+
+
+@pytest.mark.timeout(300)
+def test_live_run_refreshes_by_itself(playwright_api, server: str, screenshots: Path) -> None:
+    browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+        page.goto(f"{server}/gates?run=growing")
+        settle(page, 4)
+        assert page.get_by_text("Live run: the page refreshes").count() == 1
+        first = steps_shown(page)
+        page.wait_for_function(  # no reload: the page must pick the new windows up on its own
+            "n => [...document.querySelectorAll('p')].some(p => /^[\\d,]+ steps$/.test(p.innerText) "
+            "&& parseInt(p.innerText.replace(/,/g, '')) > n)", arg=first, timeout=60_000)
+        assert steps_shown(page) > first
+        full_page(page, screenshots / "live.png")
+    finally:
+        browser.close()

@@ -1,0 +1,268 @@
+"""GateWatch on a real model: training is unchanged, hooks go away, statistics stay on the device."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import batch, task_losses, tiny_mmoe, train
+from torch import nn
+
+import gatewatch as gw
+
+TASKS = ["ctr", "like"]
+
+
+def watch_of(model: nn.Module, log_dir, **kw) -> gw.GateWatch:
+    kw.setdefault("tensorboard", False)
+    return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, **kw)
+
+
+def all_hooks(model: nn.Module) -> dict[str, tuple]:
+    """Every hook dict of every module, copied (order kept)."""
+    return {
+        name: tuple(dict(getattr(m, attr)) for attr in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_hooks",
+        ))
+        for name, m in model.named_modules()
+    }
+
+
+def np_softmax(z: list[float]) -> np.ndarray:
+    e = np.exp(np.asarray(z) - max(z))
+    return e / e.sum()
+
+
+# ---------------------------------------------------------------- training is untouched
+@pytest.mark.parametrize("use_backward", [True, False])
+def test_training_is_exactly_as_without_gatewatch(tmp_path, use_backward: bool) -> None:
+    plain = train(tiny_mmoe(), None, 30)
+    watched_model = tiny_mmoe()
+    with watch_of(watched_model, tmp_path, every=4, flush_every=8) as watch:
+        train(watched_model, watch, 30, use_backward=use_backward)
+    for (name, a), b in zip(plain.state_dict().items(), watched_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert len(gw.load_run(tmp_path).gates) == 2 * 8  # windows at steps 4, 8, ..., 28, 30
+
+
+def test_log_losses_returns_the_sum_and_records_window_means(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=2)
+    logged = []
+    for step in range(4):
+        x, y = batch(step)
+        losses = task_losses(model(x), y, TASKS)
+        total = watch.log_losses(losses)
+        assert total.requires_grad and torch.equal(total, losses["ctr"] + losses["like"])
+        logged.append([float(losses[t].detach()) for t in TASKS])
+        watch.step()
+    watch.close()
+    got = gw.load_run(tmp_path).losses.pivot(index="step", columns="task", values="loss")[TASKS].to_numpy()
+    np.testing.assert_allclose(got, np.asarray(logged).reshape(2, 2, 2).mean(1), rtol=1e-6)
+
+
+def test_losses_must_name_every_task(tmp_path) -> None:
+    watch = watch_of(tiny_mmoe(), tmp_path)
+    with pytest.raises(ValueError, match="keyed by the task names"):
+        watch.log_losses({"ctr": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="pass one per task"):
+        watch.log_losses([torch.tensor(1.0)])
+    watch.close()
+
+
+# ---------------------------------------------------------------- hooks
+def test_close_removes_every_hook_and_leaves_the_model_as_it_was(tmp_path) -> None:
+    model = tiny_mmoe()
+    model.gates["ctr"].register_forward_hook(lambda *_: None)  # a hook of the user's own stays
+    before = all_hooks(model)
+    x = batch(0)[0]
+    expected = [o.detach() for o in model(x)]
+    watch = watch_of(model, tmp_path)
+    assert all_hooks(model) != before
+    train(model, watch, 3, lr=0.0)
+    watch.close()
+    watch.close()  # idempotent
+    assert all_hooks(model) == before
+    for a, b in zip(model(x), expected, strict=True):
+        assert torch.equal(a.detach(), b)
+    with pytest.raises(RuntimeError, match="closed"):
+        watch.step()
+    assert gw.load_run(tmp_path).status == "finished"
+
+
+def test_context_manager_records_a_crash(tmp_path) -> None:
+    model = tiny_mmoe()
+    with pytest.raises(ZeroDivisionError), watch_of(model, tmp_path, every=2) as watch:
+        train(model, watch, 3)
+        raise ZeroDivisionError("boom")
+    run = gw.load_run(tmp_path)
+    assert run.meta["status"] == "crashed" and "ZeroDivisionError: boom" in run.error
+    assert run.status == "cut off" and run.steps == 3 and run.gates["step"].max() == 3
+
+
+def test_eval_forwards_are_not_captured(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=1)
+    model(torch.randn(10, 12))
+    model.eval()
+    model(torch.randn(99, 12))
+    watch.step()
+    watch.close()
+    assert gw.load_run(tmp_path).gates["samples"].tolist() == [10.0, 10.0]
+
+
+def test_forwards_without_step_stay_bounded(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=1)
+    for _ in range(500):
+        model(torch.randn(4, 12))
+        assert len(watch._pending) <= 64 * 2 + 1
+    watch.step()
+    watch.close()
+    assert gw.load_run(tmp_path).gates["samples"].tolist() == [2000.0, 2000.0]
+
+
+# ---------------------------------------------------------------- statistics
+def test_forced_gates_give_exact_shares_utilization_and_drift(tmp_path) -> None:
+    model = tiny_mmoe()
+    model.force_gate("ctr", [2.0, 0.0, 0.0, 0.0])
+    model.force_gate("like", [0.0, 0.0, 1.0, 3.0])
+    watch = watch_of(model, tmp_path, every=5)
+    train(model, watch, 10)
+    model.force_gate("like", [3.0, 0.0, 0.0, 0.0])
+    train(model, watch, 5)
+    watch.close()
+    run = gw.load_run(tmp_path)
+    sh = run.shares.pivot_table(index=["step", "gate"], columns="expert", values="share")
+    ctr, like_before, like_after = np_softmax([2, 0, 0, 0]), np_softmax([0, 0, 1, 3]), np_softmax([3, 0, 0, 0])
+    np.testing.assert_allclose(sh.loc[(5, "ctr")], ctr, rtol=1e-6)
+    np.testing.assert_allclose(sh.loc[(15, "like")], like_after, rtol=1e-6)
+    ex = run.experts[run.experts["step"] == 10].set_index("expert")
+    np.testing.assert_allclose(ex["utilization"].to_numpy(), (ctr + like_before) / 2, rtol=1e-6)
+    assert ex["reference"].tolist() == [0.25] * 4 and ex["gates"].tolist() == [2] * 4
+    drift = run.gates.set_index(["step", "gate"])["drift"]
+    assert math.isnan(drift[(5, "like")]) and drift[(10, "like")] == pytest.approx(0, abs=1e-7)
+    m = (like_before + like_after) / 2
+    js = (np.sum(like_before * np.log(like_before / m)) + np.sum(like_after * np.log(like_after / m))) / 2 / np.log(2)
+    assert drift[(15, "like")] == pytest.approx(js, rel=1e-5)
+    g = run.gates.set_index(["step", "gate"])
+    assert g.loc[(10, "ctr"), "spread"] < 1e-3 and g.loc[(10, "ctr"), "mutual_info"] < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:gatewatch.*NaN/Inf:RuntimeWarning")
+def test_first_nonfinite_step_and_event(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=4)
+    for step in range(1, 13):
+        x = batch(step)[0]
+        if step in (6, 11):
+            x[2, :] = float("nan")  # one sample -> NaN gate row (and NaN expert outputs)
+        with torch.no_grad():
+            model(x)
+        watch.step()
+    watch.close()
+    run = gw.load_run(tmp_path)
+    ctr = run.gates[run.gates["gate"] == "ctr"].set_index("step")
+    assert ctr["nonfinite"].tolist() == [0, 1, 1]
+    assert ctr["samples"].tolist() == [4 * 64, 4 * 64 - 1, 4 * 64 - 1]
+    assert ctr["first_nonfinite_step"].tolist() == [pd.NA, 6, 11]
+    events = run.events[run.events["kind"] == "nonfinite"]
+    assert sorted(events["source"]) == TASKS and events["step"].tolist() == [6, 6]  # reported once per gate
+
+
+def test_windows_close_every_n_steps_and_at_close(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=10, flush_every=20)
+    train(model, watch, 25, n=16)
+    assert sorted(set(gw.load_run(tmp_path).gates["step"])) == [10, 20]  # 25 is not flushed yet
+    watch.close()
+    run = gw.load_run(tmp_path)
+    ctr = run.gates[run.gates["gate"] == "ctr"]
+    assert ctr["step"].tolist() == [10, 20, 25] and ctr["samples"].tolist() == [160.0, 160.0, 80.0]
+    assert run.steps == 25 and run.meta["config"]["every"] == 10
+
+
+# ---------------------------------------------------------------- on device, bounded
+SYNCING = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_no_host_sync_between_flushes(tmp_path, monkeypatch) -> None:
+    """Between flushes the watch never reads a tensor value on the host (each would be a sync on GPU)."""
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=3, flush_every=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(model, watch, 1)  # the first output of each gate is checked once, on the host
+
+    def forbidden(*_args, **_kw):
+        raise AssertionError("host sync on the hot path")
+
+    for step in range(1, 10):
+        x, y = batch(step)
+        with monkeypatch.context() as m:
+            for name in SYNCING:
+                m.setattr(torch.Tensor, name, forbidden)
+            watch.backward(task_losses(model(x), y, TASKS))
+            watch.step()
+        opt.step()
+        opt.zero_grad()
+    assert len(watch._windows) == 3
+    watch.close()
+    assert len(gw.load_run(tmp_path).gates) == 2 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_sync_between_flushes(tmp_path) -> None:
+    """On a GPU, CUDA's own sync detector sees no synchronising call from capture, windows or losses."""
+    model = tiny_mmoe().cuda()
+    watch = watch_of(model, tmp_path, every=3, flush_every=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [tuple(t.cuda() for t in batch(step)) for step in range(10)]
+    for step, (x, y) in enumerate(batches):
+        torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")  # step 0 checks each gate once
+        try:
+            watch.backward(task_losses(model(x), y, TASKS))
+            watch.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+        opt.zero_grad()
+    watch.close()
+    run = gw.load_run(tmp_path)
+    assert run.gates["samples"].sum() == 2 * 10 * 64 and run.losses["step"].tolist() == [3, 3, 6, 6, 9, 9, 10, 10]
+
+
+def test_memory_stays_constant_over_a_run(tmp_path) -> None:
+    model = tiny_mmoe()
+    watch = watch_of(model, tmp_path, every=10, flush_every=50)
+    counts = []
+    for _ in range(3):
+        train(model, watch, 100, n=16)
+        gc.collect()
+        counts.append(sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()))
+        assert watch._pending == [] and watch._windows == []
+    assert counts[1] == counts[2], counts
+    assert [tuple(g.sums.shape) for g in watch.acc.groups.values()] == [(2, watch.acc.groups[(4, None)].layout.size)]
+    watch.close()
+
+
+# ---------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "every must be a positive integer"),
+        ({"flush_every": 2.5}, "flush_every must be a positive integer"),
+        ({"threshold": 1.5}, "threshold is a gate weight"),
+        ({"tasks": ["a", "a"]}, "tasks must be distinct"),
+    ],
+)
+def test_bad_arguments_fail_early(tmp_path, kwargs: dict, match: str) -> None:
+    kwargs = {"tasks": TASKS, "log_dir": tmp_path, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        gw.GateWatch(tiny_mmoe(), **kwargs)
+    with pytest.raises(TypeError, match=r"needs an nn\.Module"):
+        gw.GateWatch(lambda x: x, log_dir=tmp_path)  # type: ignore[arg-type]
