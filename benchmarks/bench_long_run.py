@@ -15,6 +15,7 @@ per 1,000 steps, and with ``--json`` writes every sample.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -97,6 +98,7 @@ def simulate(
     started = time.perf_counter()
 
     def sample(step: int, phase: str) -> None:
+        gc.collect()  # count only what is still referenced
         if cuda:
             torch.cuda.synchronize(dev)
         run_bytes, run_files = folder_size(path / "tables")

@@ -49,6 +49,7 @@ class GateAccumulator:
         self.where: dict[int, tuple[tuple[int, int | None], int]] = {}  # gate id -> (group key, row)
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
         self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._offset_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._last_step: int | None = None
 
     def _ensure(self, gate_id: int, experts: int, like: torch.Tensor) -> tuple[int, int | None]:
@@ -69,12 +70,14 @@ class GateAccumulator:
         self._rows.clear()
         return key
 
-    def add(self, gate_ids: list[int], p: torch.Tensor, step: int) -> None:
-        """Fold gate outputs ``p [G, N, E]`` of the gates ``gate_ids`` (one step) into the window."""
+    def add(self, gate_ids: list[int], p: torch.Tensor, step: int, offsets: tuple[int, ...] | None = None) -> None:
+        """Fold gate outputs ``p [G, N, E]`` of the gates ``gate_ids`` into the window; entry i was seen at
+        step ``step + offsets[i]`` (all at ``step`` when ``offsets`` is None)."""
+        offsets = offsets if offsets is not None else (0,) * len(gate_ids)
         keys = {self._ensure(g, p.shape[-1], p) for g in gate_ids}
         if len(keys) != 1:  # same shape but different top-k: reduce each gate on its own
             for i, g in enumerate(gate_ids):
-                self.add([g], p[i : i + 1], step)
+                self.add([g], p[i : i + 1], step + offsets[i])
             return
         key = keys.pop()
         group = self.groups[key]
@@ -82,7 +85,21 @@ class GateAccumulator:
         upd = window_sums(p, threshold=self.threshold, bins=self.bins, top_k=group.top_k, margin=self.margin)
         group.sums.index_add_(0, rows, upd.to(torch.float64))
         step_t, none_t = self._step_tensors(p.device, step)
+        if any(offsets):
+            step_t = step_t + self._offsets(offsets, p.device)
         group.first_bad.scatter_reduce_(0, rows, torch.where(upd[:, -1] > 0, step_t, none_t), "amin")
+
+    def _offsets(self, offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Step offsets as a device tensor, made once per pattern (a window repeats the same pattern)."""
+        key = (offsets, device)
+        cached = self._offset_cache.get(key)
+        if cached is None:
+            host = torch.tensor(offsets, dtype=torch.float64)
+            if device.type == "cuda":  # pinned + non_blocking: the copy never waits for the device
+                host = host.pin_memory()
+            cached = host.to(device, non_blocking=True)
+            self._offset_cache[key] = cached
+        return cached
 
     def _step_tensors(self, device: torch.device, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The current step and NO_STEP as device scalars (``fill_`` launches a kernel, never syncs)."""

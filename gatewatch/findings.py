@@ -74,8 +74,9 @@ class Thresholds:
     independent_mi: float = 0.01  # ... and input-expert mutual information (normalised)
     unstable_drift: float = 0.05  # unstable: Jensen-Shannon drift between windows (bits)
     unstable_windows: float = 0.3  # ... in at least this share of the second half's windows
-    conflict_share: float = 0.6  # conflict: gradient cosine < 0 (and < 0 on average) in at least this share of
+    conflict_share: float = 0.6  # conflict: gradient cosine < 0 in at least this share of
     conflict_steps: float = 10  # ... the last this many measured conflict steps (a count)
+    conflict_cosine: float = -0.1  # ... with a mean cosine at or below this (near-0 cosines are noise)
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Thresholds:
@@ -242,7 +243,8 @@ def _conflict_findings(run: Run, th: Thresholds) -> list[Finding]:
         by_name = recent.assign(against=(recent["cosine"] < 0) & ~recent["zero_grad"]).groupby(
             ["scope", "name"], sort=False, as_index=False).agg(
             share=("against", "mean"), cosine=("cosine", "mean"), sign=("sign_conflict", "mean"))
-        hot = by_name[(by_name["share"] >= th.conflict_share) & (by_name["cosine"] < 0)].sort_values("cosine")
+        hot = by_name[(by_name["share"] >= th.conflict_share) & (by_name["cosine"] <= th.conflict_cosine)
+                      & (by_name["cosine"] < 0)].sort_values("cosine")
         if not len(hot):
             continue
         modules = hot[hot["scope"] == "module"]

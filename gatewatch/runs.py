@@ -41,6 +41,9 @@ class Run:
     problems: list[str] = field(default_factory=list)
 
     def table(self, name: str) -> pd.DataFrame:
+        """One table by name (empty, with its columns, when the run has none of it)."""
+        if name not in TABLES:
+            raise KeyError(f"No table {name!r}; the tables are {sorted(TABLES)}.")
         return self.tables[name] if name in self.tables else frame(name)
 
     @property

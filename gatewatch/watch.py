@@ -35,6 +35,7 @@ from .sinks.tensorboard import TensorBoardSink
 
 Losses = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 ON_NONFINITE = ("warn", "ignore", "raise")
+HOLD_ELEMENTS = 4_000_000  # gate outputs held until their window closes (16 MB of float32); above: fold early
 NONFINITE_EVENTS = ("nonfinite", "nonfinite_loss")
 
 # The open watches of this process by run directory: two open watches must not write one folder.
@@ -68,6 +69,14 @@ def _positive_int(name: str, value: Any) -> int:
 
 class GateWatch:
     """Capture every gate of ``model`` during training and log its health to ``log_dir``.
+
+    Nothing it does raises into the training loop once it is built: write failures are warned about
+    once and retried, NaN/Inf is recorded (see ``on_nonfinite``). Wrong use fails early instead: bad
+    arguments here, a gate output that is not ``[N, E]`` probabilities at the first forward, losses
+    that do not match ``tasks`` at the first ``backward``, any call after :meth:`close`. Several
+    watches may observe one model, each with its own hooks and ``log_dir`` (two open watches on one
+    folder are refused); closing one leaves the others running, and a closed watch stays closed: to
+    go on, create a new one (docs/reliability.md).
 
     Args:
         model: the model (a DDP/FSDP wrapper is unwrapped).
@@ -142,7 +151,9 @@ class GateWatch:
         _claim_log_dir(self.log_dir)
         self.step_count = 0
         self.closed = False
-        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # this step's gate outputs: (gate index, probs)
+        self._held: list[tuple[int, int, torch.Tensor]] = []  # earlier steps of the window: (step, gate, probs)
+        self._held_elements = 0
         self._windows: list[tuple[Snapshot, int]] = []
         self._loss_sum: torch.Tensor | None = None
         self._loss_calls = 0
@@ -174,8 +185,9 @@ class GateWatch:
             if gate.n_experts is None:
                 self._first_output(gate, p)
             self._pending.append((index, p))
-            if len(self._pending) > 64 * len(self.gates):  # forward passes without step(): stay bounded
-                self._fold()
+            self._held_elements += p.numel()
+            if self._held_elements > HOLD_ELEMENTS or len(self._pending) > 64 * len(self.gates):
+                self._fold()  # big outputs, or forward passes without step(): stay bounded
 
         return hook
 
@@ -204,19 +216,38 @@ class GateWatch:
         gate.n_experts = e
         self._write_meta()
 
+    def _hold(self) -> None:
+        """Keep this step's gate outputs until the window closes (references, no copy, no op)."""
+        step = self.step_count + 1
+        self._held += [(step, index, p) for index, p in self._pending]
+        self._pending = []
+
     def _fold(self) -> None:
-        """Fold the captured outputs into the window sums, stacking outputs of the same shape."""
-        pending, self._pending = self._pending, []
-        groups: dict[tuple[Any, ...], list[tuple[int, torch.Tensor]]] = {}
-        for index, p in pending:
-            groups.setdefault((tuple(p.shape), p.device, p.dtype), []).append((index, p))
+        """Fold every held gate output into the window sums: outputs of the same shape, from all steps of
+        the window, are stacked and reduced in one pass, so the ops run once per window, not per step."""
+        self._hold()
+        held, self._held, self._held_elements = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[int, int, torch.Tensor]]] = {}
+        for step, index, p in held:
+            groups.setdefault((tuple(p.shape), p.device, p.dtype), []).append((step, index, p))
         for items in groups.values():
-            ids = [i for i, _ in items]
-            stacked = items[0][1].unsqueeze(0) if len(items) == 1 else torch.stack([p for _, p in items])
-            self.acc.add(ids, stacked, self.step_count + 1)
+            first = items[0][0]
+            stacked = items[0][2].unsqueeze(0) if len(items) == 1 else torch.stack([p for _, _, p in items])
+            self.acc.add([i for _, i, _ in items], stacked, first, tuple(s - first for s, _, _ in items))
 
     # ------------------------------------------------------------------ losses
     def _loss_items(self, losses: Losses) -> list[tuple[str, torch.Tensor]]:
+        items = self._named_losses(losses)
+        for task, loss in items:
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"The loss of task {task!r} is {shape}, not a scalar tensor: reduce it first "
+                    "(e.g. loss.mean()) and pass one scalar loss per task."
+                )
+        return items
+
+    def _named_losses(self, losses: Losses) -> list[tuple[str, torch.Tensor]]:
         if isinstance(losses, Mapping):
             names = [str(k) for k in losses]
             if self._loss_tasks is None:
@@ -307,7 +338,7 @@ class GateWatch:
     def step(self) -> None:
         """Call once per optimizer step, after it."""
         self._check_open()
-        self._fold()
+        self._hold()
         self.step_count += 1
         if self.conflict is not None:
             self.conflict.end_step()
@@ -317,6 +348,7 @@ class GateWatch:
             self.flush()
 
     def _close_window(self) -> None:
+        self._fold()
         extra = self._loss_sum
         snap = self.acc.snapshot(self.step_count, extra=extra)
         if snap is None and _world_size() > 1:  # every rank keeps every window, so their flushes line up

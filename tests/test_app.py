@@ -104,6 +104,30 @@ def test_polarization_finding_shows_for_the_polarized_run_only(root: Path, monke
     assert "No findings" in texts(healthy)
 
 
+SAMPLE_RUNS = Path(__file__).resolve().parents[1] / "sample_runs"
+SAMPLES = sorted(p.name for p in SAMPLE_RUNS.glob("*") if (p / "run.json").is_file())
+
+
+@pytest.mark.parametrize("page", PAGE_NAMES)
+@pytest.mark.parametrize("run", SAMPLES)
+def test_every_page_renders_every_sample_run(monkeypatch: pytest.MonkeyPatch, page: str, run: str) -> None:
+    at = open_app(SAMPLE_RUNS, monkeypatch, page, run=run)
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    if page in ("overview", "gates", "experts", "conflict"):
+        assert charts(at) >= 1
+
+
+def test_sample_runs_show_the_findings_they_were_made_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"mmoe-polarized", "mmoe-collapsed", "mmoe-p0.5"} <= set(SAMPLES)
+    polarized = texts(open_app(SAMPLE_RUNS, monkeypatch, "overview", run="mmoe-polarized"))
+    assert "Error: polarization" in polarized and "task 'income'" in polarized
+    collapsed = texts(open_app(SAMPLE_RUNS, monkeypatch, "overview", run="mmoe-collapsed"))
+    assert "Error: collapse" in collapsed and "dead" in collapsed
+    healthy = texts(open_app(SAMPLE_RUNS, monkeypatch, "overview", run="mmoe-p0.5"))
+    assert "polarization" not in healthy and "collapse" not in healthy
+
+
 def test_finding_links_to_its_chart(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(root, monkeypatch, "overview", run="polarized")
     links = at.get("page_link")

@@ -209,10 +209,12 @@ def test_gatewatch_code_that_is_not_a_model_class_is_never_run_from_model_json(t
         load_model(run)
 
 
-def test_trusted_factories_are_public_gatewatch_modules():
+def test_trusted_factories_are_public_gatewatch_model_modules():
     assert is_trusted_factory("gatewatch.models.mmoe:MMoE") and is_trusted_factory("gatewatch.models:PLE")
     assert not is_trusted_factory("gatewatch_evil:MMoE") and not is_trusted_factory("os:system")
     assert not is_trusted_factory("gatewatch.training.__main__:main")
+    assert not is_trusted_factory("gatewatch.app.views.compare:render")  # importing a page runs it
+    assert not is_trusted_factory("gatewatch.cli:main") and not is_trusted_factory("gatewatch.models._private:X")
 
 
 def test_save_model_rejects_non_json_kwargs_and_bad_references(tmp_path):

@@ -72,6 +72,10 @@ def test_losses_must_name_every_task(tmp_path) -> None:
         watch.log_losses({"ctr": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="pass one per task"):
         watch.log_losses([torch.tensor(1.0)])
+    with pytest.raises(ValueError, match=r"task 'like' is \(4,\), not a scalar tensor.*loss\.mean\(\)"):
+        watch.log_losses({"ctr": torch.tensor(1.0), "like": torch.ones(4)})
+    with pytest.raises(ValueError, match="task 'ctr' is float"):
+        watch.log_losses({"ctr": 1.0, "like": torch.tensor(1.0)})
     watch.close()
 
 

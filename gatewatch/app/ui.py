@@ -42,6 +42,7 @@ THRESHOLD_HELP = {
     "unstable_windows": "unstable gate: in at least this share of the second half's windows",
     "conflict_share": "task conflict: gradient cosine below 0 in at least this share of the recent conflict steps",
     "conflict_steps": "task conflict: how many of the last measured conflict steps are looked at",
+    "conflict_cosine": "task conflict: the mean recent cosine must be at or below this (cosines near 0 are noise)",
 }
 
 
@@ -113,10 +114,12 @@ def sidebar(root: Path) -> Context:
 
 
 def threshold_input(name: str, default: float) -> float:
-    """A number input for one threshold: fractions in [0, 1], counts (defaults above 1) from 0 up."""
+    """A number input for one threshold: fractions in [0, 1], cosines (negative defaults) in [-1, 0],
+    counts (defaults above 1) from 0 up."""
     fraction = default <= 1
+    low, high = (-1.0, 0.0) if default < 0 else (0.0, 1.0 if fraction else None)
     return st.number_input(
-        name.replace("_", " "), min_value=0.0, max_value=1.0 if fraction else None, value=default,
+        name.replace("_", " "), min_value=low, max_value=high, value=default,
         step=(0.01 if default >= 0.05 else 0.001) if fraction else 1.0, format="%.3f" if fraction else "%.0f",
         key=f"th_{name}", help=THRESHOLD_HELP.get(name),
     )

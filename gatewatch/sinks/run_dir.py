@@ -268,6 +268,7 @@ class RunDirWriter:
         merge_parquet(files, folder / f"chunk-{first[0]:06d}-{last[1]:06d}.parquet")
         for f in files:
             f.unlink(missing_ok=True)
+        pa.default_memory_pool().release_unused()  # hand the merge's buffers back to the system
 
     def close(self, meta: dict[str, Any]) -> bool:
         ok = self._guard(self._write_pending, "tables")

@@ -48,7 +48,7 @@ from .metrics import check_task_types
 MODEL_FORMAT = "gatewatch-model/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.json"
-TRUSTED_PACKAGE = "gatewatch"
+TRUSTED_PACKAGE = "gatewatch.models"
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _LISTED = 8  # keys listed per kind in a state-dict mismatch message
@@ -141,9 +141,10 @@ def read_model_info(run_dir: str | os.PathLike[str]) -> ModelInfo | None:
 
 
 def is_trusted_factory(factory: str) -> bool:
-    """True when ``factory`` may be imported without permission: a public module of the gatewatch package."""
+    """True when ``factory`` may be imported without permission: a public module of ``gatewatch.models``
+    (importing any other module, even of gatewatch, could run code a run directory chose)."""
     module = factory.partition(":")[0].split(".")
-    return module[0] == TRUSTED_PACKAGE and not any(part.startswith("_") for part in module[1:])
+    return module[:2] == TRUSTED_PACKAGE.split(".") and not any(part.startswith("_") for part in module[2:])
 
 
 def resolve_factory(factory: str, *, trusted: bool) -> Any:
@@ -154,8 +155,9 @@ def resolve_factory(factory: str, *, trusted: bool) -> Any:
         )
     if not trusted and not is_trusted_factory(factory):
         raise CheckpointError(
-            f"model.json names the factory {factory!r}, outside the gatewatch package. Rebuilding it would import "
-            "and run code named by the run directory; pass allow_factory=True if you trust this run, or pass "
+            f"model.json names the factory {factory!r}, outside the gatewatch package's models (gatewatch.models). "
+            "Rebuilding it would import and run code named by the run directory; pass allow_factory=True if you "
+            "trust this run, or pass "
             "factory='module:function' yourself."
         )
     module_name, attr_path = factory.split(":")

@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..report import build_report, render_text
 from ..runs import load_run
 from .loop import MODELS, TrainConfig, supports_conflict, train
@@ -67,6 +69,10 @@ def run_demo(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"gatewatch demo: {err}", file=sys.stderr)
         return 2
+    # The demo's model is small: one thread is as fast as several on an idle machine, and far faster on a busy
+    # one (OpenMP threads that wait for each other: 100 steps took 70 s with 2 threads vs 2 s with 1 on a loaded
+    # 2-core machine).
+    torch.set_num_threads(1)
     print(f"training {config.model} on {config.data} for {config.steps} steps into {out}")
     result = train(config, out)
     for task, values in result.metrics["test"].items():

@@ -260,7 +260,6 @@ def train(
                 last_val = evaluate(model, splits.x_val, splits.y_val, tasks, kinds)
                 log_eval(watch, step, "val", last_val)
                 history.append({"step": step, **last_val})
-                model.train()
             if step % 10 == 0 or step == config.steps:
                 bar.set_postfix(_postfix(running, last_val), refresh=False)
             bar.update(1)
@@ -269,8 +268,8 @@ def train(
         seconds = time.perf_counter() - started
         final = {split: evaluate(model, getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}"), tasks, kinds)
                  for split in ("val", "test")}
-        for split, values in final.items():
-            log_eval(watch, step, split, values)
+        for split, split_metrics in final.items():
+            log_eval(watch, step, split, split_metrics)
         history.append({"step": step, **final["val"]})
         metrics = {**final, "steps": step, "stopped_at": stopped_at, "train_seconds": seconds,
                    "tasks": tasks, "task_types": kinds, "history": history, "config": run_config}
