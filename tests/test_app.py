@@ -309,6 +309,24 @@ def test_dashboard_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(MAIN)
     assert cmd[cmd.index("--server.port") + 1] == "8611" and cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[-2:] == ["--runs", str(tmp_path)]
+    assert cmd[cmd.index("--server.showEmailPrompt") + 1] == "false"  # a first run never waits on a prompt
+
+
+def test_dashboard_opens_a_browser_only_where_one_can_appear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def headless(**env: str) -> str:
+        for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        cmd = launch.streamlit_command(tmp_path, port=8611, address="127.0.0.1", browser=True)
+        return cmd[cmd.index("--server.headless") + 1]
+
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    assert headless() == "true"  # a server without a screen: serve, print the address
+    assert headless(DISPLAY=":0") == "false"  # a desktop: Streamlit opens the browser
+
+
+def test_dashboard_command_rejects_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = build_parser().parse_args(["dashboard", str(tmp_path / "nope")])
     assert launch.cmd_dashboard(missing) == 2
     assert "is not a folder" in capsys.readouterr().err

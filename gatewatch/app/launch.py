@@ -14,12 +14,18 @@ MAIN = Path(__file__).with_name("main.py")
 EXIT_BAD_INPUT = 2
 
 
+def can_open_browser() -> bool:
+    """Whether a browser window can appear: a desktop session (a display, or macOS / Windows)."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def streamlit_command(root: Path, *, port: int, address: str, browser: bool) -> list[str]:
-    """The command line that serves the dashboard on ``root``."""
+    """The command line that serves the dashboard on ``root`` (never waiting on a first-run prompt)."""
+    headless = not (browser and can_open_browser())
     return [
         sys.executable, "-m", "streamlit", "run", str(MAIN),
         "--server.port", str(port), "--server.address", address,
-        "--server.headless", "false" if browser else "true",
+        "--server.headless", "true" if headless else "false", "--server.showEmailPrompt", "false",
         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
         "--", "--runs", str(root),
     ]
