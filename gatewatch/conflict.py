@@ -147,10 +147,35 @@ def purity_counts(g: torch.Tensor, bounds: Sequence[tuple[int, int]], bins: int,
     scaled = torch.addcdiv(half, total, norm, value=bins / 2, out=total)  # bins * P, NaN where no task has one
     scaled.clamp_(max=bins - 0.5).nan_to_num_(nan=float(bins))  # the bin is its integer part; undefined: bins
     if scaled.is_cuda:  # bincount would synchronise with the host there (it reads the largest index)
-        return torch.stack([torch.histc(scaled[s:e], bins + 1, 0, bins + 1) for s, e in bounds])
-    index = norm.view(torch.int32 if norm.element_size() == 4 else torch.int64)[: g.shape[1]]
-    index.copy_(scaled)  # truncates to the bin; bincount is 4x faster than histc on CPU
-    return torch.stack([torch.bincount(index[s:e], minlength=bins + 1) for s, e in bounds])
+        def count(s: int, e: int) -> torch.Tensor:
+            return torch.histc(scaled[s:e], bins + 1, 0, bins + 1)
+    else:
+        index = norm.view(torch.int32 if norm.element_size() == 4 else torch.int64)[: g.shape[1]]
+        index.copy_(scaled)  # truncates to the bin; bincount is 4x faster than histc on CPU
+
+        def count(s: int, e: int) -> torch.Tensor:
+            return torch.bincount(index[s:e], minlength=bins + 1)
+
+    counts: list[torch.Tensor | None] = [None] * len(bounds)
+    for i, parts in histogram_plan(bounds):
+        counts[i] = count(*bounds[i]) if parts is None else torch.stack([counts[j] for j in parts]).sum(0)
+    return torch.stack(counts)
+
+
+def histogram_plan(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, list[int] | None]]:
+    """In which order to histogram each range, and from what: ``(i, None)`` counts range i's elements,
+    ``(i, [j, ...])`` adds up the counts of smaller ranges j that tile it end to end (e.g. "all" from the
+    modules), so that an element is binned once however many ranges hold it. Smaller ranges come first."""
+    plan: list[tuple[int, list[int] | None]] = []
+    for i, (s, e) in enumerate(bounds):
+        inner = sorted((b, j) for j, b in enumerate(bounds) if s <= b[0] and b[1] <= e and b != (s, e))
+        pos, parts = s, []
+        for (a, b), j in inner:
+            if a == pos:
+                parts.append(j)
+                pos = b
+        plan.append((i, parts if pos == e and len(parts) > 1 else None))
+    return sorted(plan, key=lambda item: (item[1] is not None, bounds[item[0]][1] - bounds[item[0]][0]))
 
 
 def _row_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -546,7 +546,10 @@ class GateWatch:
             self._fold()
             if self.conflict is not None:
                 self.conflict.end_step()
-            if self.step_count > self._window_start or self._loss_calls:
+            # under DDP only the (shared) step count decides, so that every rank closes the same windows;
+            # losses logged after the last step() are then left out, rather than some ranks waiting forever
+            late_losses = bool(self._loss_calls) and _world_size() == 1
+            if self.step_count > self._window_start or late_losses:
                 self._close_window()
             self.flush()
         finally:

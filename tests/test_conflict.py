@@ -23,7 +23,7 @@ from torch import nn
 
 import gatewatch as gw
 from gatewatch.cli import main as cli_main
-from gatewatch.conflict import PURITY_BINS, ConflictError, module_grouper, select_shared
+from gatewatch.conflict import PURITY_BINS, ConflictError, histogram_plan, module_grouper, purity_counts, select_shared
 from gatewatch.models import CGC, PLE, MMoE
 
 LossFn = Callable[[nn.Module, int], dict[str, torch.Tensor]]
@@ -394,3 +394,15 @@ def tensorboard_tags(folder: Path) -> dict[str, set[str]]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return {k: set(v) for k, v in acc.Tags().items() if k in ("scalars", "histograms")}
+
+
+def test_purity_of_a_tiled_range_is_the_sum_of_its_tiles_and_equals_direct_counting():
+    bounds = [(0, 2), (2, 5), (0, 5), (5, 9), (0, 9), (3, 7)]
+    plan = dict(histogram_plan(bounds))
+    assert plan[2] == [0, 1] and plan[4] == [0, 1, 3] and plan[5] is None and plan[0] is None
+    g = torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
+    g[:, 4] = 0  # an element no task touches: the extra column
+    got = purity_counts(g.clone(), bounds, PURITY_BINS)
+    for i, (s, e) in enumerate(bounds):
+        expect = purity_counts(g[:, s:e].clone(), [(0, e - s)], PURITY_BINS)[0]
+        assert torch.equal(got[i], expect), (i, got[i], expect)
