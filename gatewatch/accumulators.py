@@ -47,9 +47,8 @@ class GateAccumulator:
         self.threshold, self.bins, self.margin = threshold, bins, margin
         self.groups: dict[tuple[int, int | None], Group] = {}
         self.where: dict[int, tuple[tuple[int, int | None], int]] = {}  # gate id -> (group key, row)
-        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
         self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._offset_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._on_device_cache: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
         self._last_step: int | None = None
 
     def _ensure(self, gate_id: int, experts: int, like: torch.Tensor) -> tuple[int, int | None]:
@@ -67,7 +66,6 @@ class GateAccumulator:
             group.sums = torch.cat([group.sums, zeros])
             group.first_bad = torch.cat([group.first_bad, none])
         self.where[gate_id] = (key, len(self.groups[key].gate_ids) - 1)
-        self._rows.clear()
         return key
 
     def add(self, gate_ids: list[int], p: torch.Tensor, step: int, offsets: tuple[int, ...] | None = None) -> None:
@@ -81,24 +79,25 @@ class GateAccumulator:
             return
         key = keys.pop()
         group = self.groups[key]
-        rows = self._row_index(tuple(gate_ids), key, p.device)
+        rows = self._on_device(tuple(self.where[g][1] for g in gate_ids), torch.int64, p.device)
         upd = window_sums(p, threshold=self.threshold, bins=self.bins, top_k=group.top_k, margin=self.margin)
         group.sums.index_add_(0, rows, upd.to(torch.float64))
         step_t, none_t = self._step_tensors(p.device, step)
         if any(offsets):
-            step_t = step_t + self._offsets(offsets, p.device)
+            step_t = step_t + self._on_device(offsets, torch.float64, p.device)
         group.first_bad.scatter_reduce_(0, rows, torch.where(upd[:, -1] > 0, step_t, none_t), "amin")
 
-    def _offsets(self, offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Step offsets as a device tensor, made once per pattern (a window repeats the same pattern)."""
-        key = (offsets, device)
-        cached = self._offset_cache.get(key)
+    def _on_device(self, values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``values`` (state rows, step offsets) as a device tensor, made once per pattern: a window repeats
+        the same patterns. On CUDA the copy is pinned and non-blocking, so it never waits for the device."""
+        key = (values, dtype, device)
+        cached = self._on_device_cache.get(key)
         if cached is None:
-            host = torch.tensor(offsets, dtype=torch.float64)
-            if device.type == "cuda":  # pinned + non_blocking: the copy never waits for the device
+            host = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
                 host = host.pin_memory()
             cached = host.to(device, non_blocking=True)
-            self._offset_cache[key] = cached
+            self._on_device_cache[key] = cached
         return cached
 
     def _step_tensors(self, device: torch.device, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,15 +111,6 @@ class GateAccumulator:
             self._steps[0].fill_(float(step))
             self._last_step = step
         return self._steps
-
-    def _row_index(
-        self, gate_ids: tuple[int, ...], key: tuple[int, int | None], device: torch.device
-    ) -> torch.Tensor:
-        rows = self._rows.get(gate_ids)
-        if rows is None:
-            rows = torch.tensor([self.where[g][1] for g in gate_ids], device=device)
-            self._rows[gate_ids] = rows
-        return rows
 
     def snapshot(self, step: int, extra: torch.Tensor | None = None) -> Snapshot | None:
         """Close the window: copy the state (and ``extra``, e.g. loss sums) into one flat tensor, reset.
