@@ -29,9 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, ratio_report, setup, time_steps
+from gatewatch.conflict import PURITY_BINS, task_statistics
 
 import gatewatch as gw
-from gatewatch.conflict import PURITY_BINS, task_statistics
 from gatewatch.models import MMoE
 
 AMORTISED_EVERY = 50

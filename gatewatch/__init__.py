@@ -1,12 +1,56 @@
-"""gatewatch: see what the gates of multi-task mixture-of-experts models do while they train."""
+"""gatewatch: see what the gates of multi-task mixture-of-experts models do while they train.
+
+``import gatewatch`` is light: the names below load their module (and torch, for the capture side) on
+first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .findings import Finding, Thresholds, find
-from .gates import Gate, GateDiscoveryError, GateOutputError, NonFiniteGateError
-from .report import build_report
-from .runs import Run, RunReadError, list_runs, load_run
-from .watch import GateWatch
+# public name -> the module that defines it
+_NAMES = {
+    "GateWatch": "watch", "Gate": "gates", "GateDiscoveryError": "gates", "GateOutputError": "gates",
+    "NonFiniteGateError": "gates", "Finding": "rules", "Thresholds": "rules", "find": "findings",
+    "build_report": "report", "Run": "run", "RunReadError": "runs", "list_runs": "runs", "load_run": "runs",
+}
+_SUBMODULES = ("remedies", "masking", "models", "data", "training", "ablation", "integrations", "sinks", "figures",
+               "quantities", "schema", "findings", "report", "runs")
+
+if TYPE_CHECKING:
+    from . import remedies as remedies
+    from .findings import find as find
+    from .gates import Gate as Gate
+    from .gates import GateDiscoveryError as GateDiscoveryError
+    from .gates import GateOutputError as GateOutputError
+    from .gates import NonFiniteGateError as NonFiniteGateError
+    from .report import build_report as build_report
+    from .rules import Finding as Finding
+    from .rules import Thresholds as Thresholds
+    from .run import Run as Run
+    from .runs import RunReadError as RunReadError
+    from .runs import list_runs as list_runs
+    from .runs import load_run as load_run
+    from .watch import GateWatch as GateWatch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(import_module(f"{__name__}.{_NAMES[name]}"), name)
+    elif name in _SUBMODULES:
+        value = import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'gatewatch' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES, *_SUBMODULES])
+
 
 __all__ = [
     "Finding", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "NonFiniteGateError", "Run",

@@ -1,4 +1,9 @@
-"""The ``gatewatch`` command: ``report`` (and the other subcommands registered in COMMANDS)."""
+"""The ``gatewatch`` command: ``report`` (and the other subcommands registered in COMMANDS).
+
+Each subcommand is registered by a function of a light module: building the parser and ``gatewatch report``
+load no torch; ``demo`` and ``ablate`` import the training and ablation code when they run. No subcommand
+module imports this one (the exit statuses live in :mod:`gatewatch.exit_codes`).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from .ablation import add_ablate
+from .ablation.command import add_ablate
 from .app.launch import add_dashboard
+from .exit_codes import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK
 from .findings import Thresholds
-from .report import build_report, render_text
+from .report import build_report, no_data_reason, render_text
 from .runs import RunReadError, load_run
 from .training.demo import add_demo
 
-EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+__all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_FINDINGS", "EXIT_OK", "build_parser", "main"]
 
 
 def _thresholds(pairs: Sequence[str]) -> Thresholds:
@@ -28,7 +34,7 @@ def _thresholds(pairs: Sequence[str]) -> Thresholds:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the health of a run; exit 0 healthy, 1 an error-level finding, 2 unreadable."""
+    """Print the health of a run; exit 0 healthy, 1 an error-level finding, 2 unreadable or no data yet."""
     try:
         thresholds = _thresholds(args.threshold)
         run = load_run(args.run_dir)
@@ -37,11 +43,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     report = build_report(run, thresholds)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
+    if why := no_data_reason(report):
+        print(f"gatewatch report: {args.run_dir}: {why}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_FINDINGS if any(f["severity"] == "error" for f in report["findings"]) else EXIT_OK
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="print the health of a run (exit 1 on an error finding)")
+    p = sub.add_parser("report", help="print the health of a run (exit 1 on an error finding, 2 when the run is "
+                                      "unreadable or has no window yet)")
     p.add_argument("run_dir", help="a run directory written by GateWatch(log_dir=...)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",

@@ -37,6 +37,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .validate import positive_int
+
 Output = Literal["probs", "logits"]
 
 
@@ -68,8 +70,8 @@ class Gate:
     def __post_init__(self) -> None:
         if self.output not in ("probs", "logits"):
             raise ValueError(f"Gate output must be 'probs' or 'logits', got {self.output!r}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"Gate top_k must be a positive integer, got {self.top_k}.")
+        if self.top_k is not None:
+            positive_int("top_k", self.top_k, owner="Gate")
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .gates import GateOutputError, ResolvedGate, resolve
+from .validate import dropout_rate
 
 KeepFn = Callable[[torch.Tensor], torch.Tensor]  # gate tensor [..., E] -> bool keep mask broadcastable to it
 GateSpecs = Mapping[str, Any] | Sequence[Any] | None
@@ -58,11 +59,6 @@ def gates_by_name(gates: Sequence[ResolvedGate], wanted: Iterable[str]) -> dict[
     if unknown:
         raise KeyError(f"No gate named {unknown}; the gates of this model are {sorted(by_name)}.")
     return by_name
-
-
-def is_dropout_rate(rate: Any) -> bool:
-    """Whether ``rate`` is a gate dropout rate: a number (not a bool) with 0 <= rate < 1 (NaN is not)."""
-    return not isinstance(rate, bool) and isinstance(rate, (int, float)) and 0 <= rate < 1
 
 
 def masked_probs(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -263,8 +259,7 @@ def gate_dropout(
     Works in eval and training mode. Masks are drawn from ``generator`` (or a generator seeded with
     ``seed``), so a sweep is reproducible. Never drops every expert of a row (see :func:`dropout_keep`).
     """
-    if not is_dropout_rate(rate):
-        raise ValueError(f"Gate dropout rate must be a number with 0 <= rate < 1, got {rate!r}.")
+    rate = dropout_rate("rate", rate, owner="gate dropout")
     resolved = resolve_gates(model, tasks, gates)
     names = [g.name for g in resolved] if only is None else list(only)
     generators = _Generators(seed, generator)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .validate import dropout_rate, non_negative_int
+
 __all__ = [
     "GateDropout",
     "GateFreezer",
@@ -49,9 +51,7 @@ class GateDropout(nn.Module):
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ValueError(f"GateDropout: p must be a number with 0 <= p < 1, got {p!r}")
-        self.p = float(p)
+        self.p = dropout_rate("p", p, owner="GateDropout")
 
     def forward(self, probs: Tensor) -> Tensor:
         """Return the masked, renormalised probabilities (or ``probs`` itself when inactive)."""
@@ -146,12 +146,10 @@ class GateFreezer:
     """
 
     def __init__(self, modules_or_params: nn.Module | nn.Parameter | Iterable, at_step: int) -> None:
-        if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
-            raise ValueError(f"GateFreezer: at_step must be an int >= 0, got {at_step!r}")
+        self.at_step = non_negative_int("at_step", at_step, unit="a training step", owner="GateFreezer")
         self.params = _collect_parameters(modules_or_params)
         if not self.params:
             raise ValueError("GateFreezer: no parameters found to freeze")
-        self.at_step = at_step
         self._frozen = False
 
     @property

@@ -14,104 +14,28 @@ Schema (stable; other tools build on it)::
                    "zero_grad", "below", "measured", "step", "hot_spots": [{"name", "below", "cosine"}]}],
                                             # per task pair, all shared parameters, last conflict step
      "findings": [{"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart"}],
-     "thresholds": {...}, "problems": [str]}
+     "thresholds": {...}, "problems": [str],
+     "coverage": {"first_step": int|null, "last_step": int|null, "skipped_files": [str]}}
+                                            # the steps the readable windows cover; files left out
 
 ``entropy`` and ``mutual_info`` are normalised by log E into [0, 1].
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from .findings import Finding, Thresholds, find
+from .quantities import Gathered
+from .rules import gate_unit
 
-from .findings import Finding, Thresholds, find, gate_unit
-from .runs import Run
+if TYPE_CHECKING:
+    from .run import Run
 
-# Extra sections: name -> function(run) -> JSON-safe value (the conflict module registers "conflict").
-SECTIONS: dict[str, Callable[[Run], Any]] = {}
+WINDOWED = ("gates", "losses", "conflict", "eval")  # tables whose rows are measurements of the run
 
-
-def _num(x: Any) -> float | None:
-    """A JSON-safe float (NaN becomes null)."""
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) or math.isinf(value) else value
-
-
-def last_windows(run: Run) -> list[tuple[str, pd.Series, pd.DataFrame]]:
-    """Each gate's last window with samples: (name, its ``gates`` row, its ``shares`` rows by expert), in run.json's
-    gate order."""
-    gates = run.gates.dropna(subset=["samples"])
-    gates = gates[gates["samples"] > 0]
-    if not len(gates):
-        return []
-    last = gates.sort_values("step").groupby("gate", sort=False).tail(1).set_index("gate")
-    shares = run.shares
-    out = []
-    for name in [n for n in run.gate_names if n in last.index] + [n for n in last.index if n not in run.gate_names]:
-        row = last.loc[name]
-        mine = shares[(shares["gate"] == name) & (shares["step"] == row["step"])]
-        out.append((name, row, mine.sort_values("expert")))
-    return out
-
-
-def gate_summaries(run: Run) -> list[dict[str, Any]]:
-    """The last window of each gate, in run.json's gate order."""
-    out = []
-    for name, row, sh in last_windows(run):
-        out.append({
-            "name": name, "task": None if pd.isna(row["task"]) else str(row["task"]), "level": int(row["level"]),
-            "experts": int(row["experts"]), "expert_names": sh["expert_name"].astype(str).tolist(),
-            "expert_share": [_num(v) for v in sh["share"]], "entropy": _num(row["entropy"]),
-            "polarization": _num(row["polarization"]), "max_weight": _num(row["max_weight"]),
-            "top_share": _num(row["top_share"]), "effective_experts": _num(row["effective_experts"]),
-            "mutual_info": _num(row["mutual_info"]), "step": int(row["step"]),
-        })
-    return out
-
-
-def gate_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
-    """Load balance of each gate's own experts in its last window: per layer for sparse routers.
-
-    ``load`` is, per expert, the share of tokens that pick it among their top k for a router (``top_k`` set;
-    the shares add up to k), the mean gate weight otherwise; ``load_cv`` is its coefficient of variation;
-    ``dead`` names the experts whose mean weight is below ``dead_fraction`` of an even split; ``small_margin``
-    is the share of tokens whose k-th and (k+1)-th weights are closer than the watch's margin (routers only).
-    """
-    top_k = {g["name"]: g.get("top_k") for g in run.meta.get("gates") or [] if isinstance(g, dict) and "name" in g}
-    out = []
-    for name, row, sh in last_windows(run):
-        routed = bool(top_k.get(name)) and bool(sh["selected"].notna().all())
-        load = sh["selected"] if routed else sh["share"]
-        mean = load.mean()
-        dead = sh["share"] < thresholds.dead_fraction / max(len(sh), 1)
-        out.append({
-            "gate": name, "top_k": top_k.get(name), "expert_names": sh["expert_name"].astype(str).tolist(),
-            "load": [_num(v) for v in load], "load_cv": _num(load.std(ddof=0) / mean) if mean > 0 else None,
-            "dead": sh.loc[dead, "expert_name"].astype(str).tolist(), "small_margin": _num(row["small_margin"]),
-            "step": int(row["step"]),
-        })
-    return out
-
-
-def expert_summary(run: Run, thresholds: Thresholds) -> dict[str, Any]:
-    """Utilization of each expert in the last window, the dead ones, and the load's coefficient of variation."""
-    experts = run.experts.dropna(subset=["utilization"])
-    if not len(experts):
-        return {"names": [], "utilization": [], "dead": [], "load_cv": None}
-    last = experts[experts["step"] == experts["step"].max()].reset_index(drop=True)
-    util = last["utilization"]
-    dead = last.index[util < thresholds.dead_fraction * last["reference"]].tolist()
-    mean = util.mean()
-    return {
-        "names": last["expert"].astype(str).tolist(), "utilization": [_num(v) for v in util],
-        "dead": [int(i) for i in dead], "load_cv": _num(util.std(ddof=0) / mean) if mean > 0 else None,
-    }
+SECTIONS: Mapping[str, Callable[[Run, Thresholds], Any]] = Gathered("SECTIONS")  # report keys of the quantities
 
 
 def build_report(
@@ -122,20 +46,44 @@ def build_report(
     found = find(run, th) if findings is None else findings
     report: dict[str, Any] = {
         "run": run.name, "path": str(run.path), "status": run.status, "steps": run.steps, "tasks": run.tasks,
-        "unit": gate_unit(run), "gates": gate_summaries(run), "balance": gate_balance(run, th),
-        "experts": expert_summary(run, th), "conflict": [],
-        "findings": [f.to_dict() for f in found], "thresholds": th.to_dict(), "problems": list(run.problems),
+        "unit": gate_unit(run),
     }
-    for key, section in SECTIONS.items():
-        report[key] = section(run)
+    report.update({key: section(run, th) for key, section in SECTIONS.items()})
+    report.update(findings=[f.to_dict() for f in found], thresholds=th.to_dict(), problems=list(run.problems),
+                  coverage=coverage(run))
     return report
+
+
+def coverage(run: Run) -> dict[str, Any]:
+    """What the run's readable windows cover: their first and last step (None when there is none), and the
+    files that were skipped (unreadable, or parts of a flush cut short)."""
+    steps = [int(s) for name in WINDOWED for s in (run.table(name)["step"].min(), run.table(name)["step"].max())
+             if len(run.table(name))]
+    skipped = [p.split(": ", 1)[0] for p in run.problems if p.endswith("skipped")]
+    return {"first_step": min(steps, default=None), "last_step": max(steps, default=None), "skipped_files": skipped}
+
+
+def no_data_reason(report: dict[str, Any]) -> str | None:
+    """Why a run has no readable window (None when it has some): nothing flushed yet, or unreadable files."""
+    if report["coverage"]["first_step"] is not None:
+        return None
+    files = report["coverage"]["skipped_files"]
+    if files:
+        return f"no readable window: these files could not be read: {', '.join(files)}"
+    return ("no readable window: nothing was flushed yet (a watch writes every flush_every steps or flush_secs "
+            "seconds, and at close); run `gatewatch report` again once the run has flushed")
 
 
 def render_text(report: dict[str, Any]) -> str:
     """The report for a terminal."""
     layers = report.get("unit") == "layer"
+    cov = report.get("coverage") or {}
+    covers = (f"windows of steps {cov['first_step']}..{cov['last_step']}" if cov.get("first_step") is not None
+              else "no readable window")
+    skipped = f", {len(cov['skipped_files'])} file(s) skipped" if cov.get("skipped_files") else ""
     lines = [f"gatewatch report: {report['run']}  ({report['status']}, {report['steps']} steps)",
-             f"  tasks: {', '.join(report['tasks']) or '-'}", "", f"{'layers' if layers else 'gates'} (last window):"]
+             f"  tasks: {', '.join(report['tasks']) or '-'}", f"  covers: {covers}{skipped}", "",
+             f"{'layers' if layers else 'gates'} (last window):"]
     for g in report["gates"]:
         share = " ".join(f"{v:.2f}" if v is not None else " nan" for v in g["expert_share"])
         task = "" if layers else f"task={g['task'] or '-':<10} "
@@ -160,7 +108,8 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  fighting most on: {spots}")
     lines += ["", f"findings ({len(report['findings'])}):"]
     if not report["findings"]:
-        lines.append("  none: the gates look healthy.")
+        lines.append("  none: the gates look healthy." if cov.get("first_step") is not None or not cov else
+                     "  none, but there is nothing to judge yet: no window was read.")
     for f in report["findings"]:
         lines += [f"  [{f['severity'].upper()}] {f['code']} at step {f['step']}: {f['message']}",
                   f"      remedy: {f['remedy']}"]

@@ -10,88 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
-from dataclasses import dataclass, field
-from datetime import datetime
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 
+from . import __version__
+from .liveness import run_status
+from .run import Run
+from .rundir import PART, committed, table_files
 from .schema import RUN_FORMAT, TABLES, conform, frame
-from .sinks.run_dir import PART, committed, table_files
-
-STALE_AFTER_S = 15 * 60  # a run on another host with no flush for this long is taken as cut off
 
 
 class RunReadError(Exception):
     """The folder is not a readable gatewatch run; the message says why and what to do."""
-
-
-@dataclass
-class Run:
-    """One run directory: metadata, tidy tables (see :mod:`gatewatch.schema`) and read problems."""
-
-    path: Path
-    meta: dict[str, Any]
-    tables: dict[str, pd.DataFrame]
-    status: str  # "live" | "finished" | "cut off"
-    problems: list[str] = field(default_factory=list)
-
-    def table(self, name: str) -> pd.DataFrame:
-        """One table by name (empty, with its columns, when the run has none of it)."""
-        if name not in TABLES:
-            raise KeyError(f"No table {name!r}; the tables are {sorted(TABLES)}.")
-        return self.tables[name] if name in self.tables else frame(name)
-
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name") or self.path.name)
-
-    @property
-    def gates(self) -> pd.DataFrame:
-        return self.table("gates")
-
-    @property
-    def shares(self) -> pd.DataFrame:
-        return self.table("shares")
-
-    @property
-    def hist(self) -> pd.DataFrame:
-        return self.table("hist")
-
-    @property
-    def experts(self) -> pd.DataFrame:
-        return self.table("experts")
-
-    @property
-    def losses(self) -> pd.DataFrame:
-        return self.table("losses")
-
-    @property
-    def events(self) -> pd.DataFrame:
-        return self.table("events")
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.meta.get("tasks") or [])
-
-    @property
-    def gate_names(self) -> list[str]:
-        names = [g["name"] for g in self.meta.get("gates", []) if isinstance(g, dict) and "name" in g]
-        return names or sorted(self.gates["gate"].dropna().unique().tolist())
-
-    @property
-    def steps(self) -> int:
-        """The last training step the run reached (from run.json, or the tables if it is older)."""
-        last = [int(df["step"].max()) for df in self.tables.values() if len(df) and "step" in df]
-        return max([int(self.meta.get("steps") or 0), *last])
-
-    @property
-    def error(self) -> str | None:
-        return self.meta.get("error")
 
 
 # The run.json fields readers rely on, and their JSON types; a field of another type is dropped.
@@ -128,6 +62,10 @@ def read_meta(path: Path) -> tuple[dict[str, Any], list[str]]:
     except (OSError, ValueError, RecursionError) as err:
         return {"name": path.name}, [f"{file}: unreadable ({type(err).__name__}: {err}); skipped"]
     problems = []
+    newer = re.fullmatch(r"gatewatch-run/(\d+)", str(meta.get("format")))
+    if newer and int(newer[1]) > int(RUN_FORMAT.rsplit("/", 1)[1]):
+        raise RunReadError(f"{path} was written by a newer gatewatch (run format {meta['format']}; this gatewatch "
+                           f"{__version__} reads {RUN_FORMAT}). Upgrade to read it: pip install --upgrade gatewatch")
     if meta.get("format") != RUN_FORMAT:
         problems.append(f"{file}: format {meta.get('format')!r:.40}, expected {RUN_FORMAT!r}; read as far as possible")
     for key, kinds in META_TYPES.items():
@@ -215,32 +153,6 @@ def read_table(folder: Path, name: str, problems: list[str], done: set[int] | No
     if not frames:
         return frame(name)
     return pd.concat(frames, ignore_index=True).sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def run_status(meta: dict[str, Any], path: Path) -> str:
-    """``finished``, ``live`` (still being written) or ``cut off`` (crashed, killed, or gone quiet)."""
-    status = meta.get("status")
-    if status == "finished":
-        return "finished"
-    if status != "running":
-        return "cut off"
-    if meta.get("host") == socket.gethostname() and isinstance(meta.get("pid"), int):
-        return "live" if _pid_alive(meta["pid"]) else "cut off"
-    try:
-        updated = datetime.strptime(str(meta.get("updated")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        updated = (path / "run.json").stat().st_mtime if (path / "run.json").exists() else 0
-    return "live" if time.time() - updated < STALE_AFTER_S else "cut off"
 
 
 def is_run(path: Path) -> bool:

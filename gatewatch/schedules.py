@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .validate import positive_int
+
 Schedule = Callable[[int], bool]
 
 
@@ -12,9 +14,7 @@ class every:
     """True on steps ``n, 2n, 3n, ...``."""
 
     def __init__(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"every(n) needs a positive integer number of steps, got {n!r}.")
-        self.n = n
+        self.n = positive_int("n", n, unit="steps", owner="every(n)")
 
     def __call__(self, step: int) -> bool:
         return step % self.n == 0

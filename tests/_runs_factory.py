@@ -205,15 +205,6 @@ def purity_frame(steps: Sequence[int], modules: Sequence[str], rng: np.random.Ge
     }))
 
 
-_BUILT: dict[Path, dict[str, Path]] = {}
-
-
-def standard_runs(root: Path) -> dict[str, Path]:
-    """:func:`make_runs` under ``root``, built once per test process (several test modules share it)."""
-    if root not in _BUILT:
-        _BUILT[root] = make_runs(root)
-    return _BUILT[root]
-
 
 def make_bad_roots(root: Path) -> dict[str, Path]:
     """Folders that are not runs: an empty one and one of unrelated files."""

@@ -1,10 +1,14 @@
-"""Shared test helpers: a tiny MMoE-like model with controllable gates, and a training loop."""
+"""Shared test helpers: a tiny MMoE-like model with controllable gates, a training loop, and the run
+directories that several test modules read (fixtures)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import pytest
 import torch
+from _runs_factory import make_runs
 from torch import nn
 
 import gatewatch as gw
@@ -94,3 +98,10 @@ def train(
             watch.step()
     return model
 
+
+
+@pytest.fixture(scope="session")
+def standard_run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The standard runs of :func:`_runs_factory.make_runs` (healthy, polarized, one expert, one task, routers,
+    cut off, corrupt, live), trained once per test session for the dashboard, figure and browser tests."""
+    return make_runs(tmp_path_factory.mktemp("dashboard_runs"))

@@ -580,6 +580,7 @@ def test_page_shows_saved_results_and_guards_foreign_factories(tmp_path):
     assert any("saved no model" in i.value for i in app.info) and all(b.disabled for b in app.button)
 
 
+@pytest.mark.slow  # starts `gatewatch ablate` processes
 def test_launch_runs_the_cli_in_the_background_and_reports_bad_input(tmp_path):
     from gatewatch.app.ablations import Options, ablate_command, launch
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _runs_factory import standard_runs
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -82,11 +81,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def root(tmp_path_factory: pytest.TempPathFactory, standard_run_dirs: dict[str, Path]) -> Iterator[Path]:
     """The standard runs plus ``growing``, a run a background process keeps writing while the test looks."""
-    runs = standard_runs(tmp_path_factory.getbasetemp() / "dashboard_runs")
     root = tmp_path_factory.mktemp("browser") / "runs"
-    shutil.copytree(next(iter(runs.values())).parent, root)
+    shutil.copytree(next(iter(standard_run_dirs.values())).parent, root)
     writer = subprocess.Popen([
         sys.executable, "-c",
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _runs_factory import train_mmoe; "

@@ -23,8 +23,9 @@ from torch import nn
 
 import gatewatch as gw
 from gatewatch.cli import main as cli_main
-from gatewatch.conflict import PURITY_BINS, ConflictError, histogram_plan, module_grouper, purity_counts, select_shared
 from gatewatch.models import CGC, PLE, MMoE
+from gatewatch.quantities.conflict.layout import ConflictError, module_grouper, select_shared
+from gatewatch.quantities.conflict.maths import PURITY_BINS, histogram_plan, purity_counts
 
 LossFn = Callable[[nn.Module, int], dict[str, torch.Tensor]]
 Grads = dict[str, dict[str, np.ndarray]]  # task -> parameter name -> flat float64 gradient (zeros when unreached)

@@ -31,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gatewatch as gw
 
+pytestmark = pytest.mark.slow  # 2 processes per run (see `make test-fast`)
+
 TASKS = ["a", "b"]
 GATES = {"a": "gates.a.1", "b": "gates.b.1", "aux": "aux", "probe": "probe"}
-STEPS, EVERY, FLUSH_EVERY, WORLD = 10, 2, 4, 2  # flushes at steps 4 and 8, and at close (step 10)
+STEPS, EVERY, FLUSH_EVERY, WORLD = 10, 2, 4, 2  # DDP flushes at steps 2 (the first), 6 and 10; close adds none
 AUX_FROM = 5  # step from which rank 1 runs the aux gate
 NAN_AT = {1: 3, 0: 4}  # rank -> step with a NaN row in the probe gate's input
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # both ranks share one GPU (gloo)
@@ -236,9 +238,9 @@ def test_one_collective_per_clean_flush(runs: tuple[gw.Run, gw.Run, Path]) -> No
     root = runs[2]
     for rank in range(WORLD):
         counts = json.loads((root / f"collectives-{rank}.json").read_text())
-        # flush 1: agree on expert counts (aux unknown) + sum + min (NaN at steps 3-4); flush 2: agree (aux
-        # still unknown before it) + sum; flush 3 (close): the sum alone
-        assert counts == [3, 2, 1]
+        # flush 1 (step 2): agree on the state sizes (aux unknown) + sum; flush 2 (step 6): agree (aux still
+        # unknown before it) + sum + min (NaN at steps 3-4); flush 3 (step 10): the sum alone; close: none
+        assert counts == [2, 3, 1, 0]
 
 
 def conflict_runs(rank: int, root: str) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from _runs_factory import conflict_frame, standard_runs, write_synthetic_run
+from _runs_factory import conflict_frame, write_synthetic_run
 
 import gatewatch as gw
 from gatewatch import figures
@@ -18,9 +18,8 @@ from gatewatch.schema import frame
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, gw.Run]:
-    paths = standard_runs(tmp_path_factory.getbasetemp() / "dashboard_runs")
-    return {name: gw.load_run(p) for name, p in paths.items()}
+def runs(standard_run_dirs: dict[str, Path]) -> dict[str, gw.Run]:
+    return {name: gw.load_run(p) for name, p in standard_run_dirs.items()}
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +71,9 @@ def is_no_data(fig: go.Figure) -> bool:
     return not fig.data and len(fig.layout.annotations) == 1
 
 
-@pytest.mark.parametrize("name", ["healthy", "polarized", "one_expert", "one_task", "routers", "cut_off", "corrupt"])
+@pytest.mark.parametrize("name", ["polarized", "one_expert", "routers", "corrupt",  # the fast lane draws these
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("healthy", "one_task",
+                                                                                       "cut_off"))])
 def test_every_figure_is_readable(runs: dict[str, gw.Run], name: str) -> None:
     for key, fig in all_figures(runs[name]).items():
         assert fig.layout.title.text, key
@@ -93,9 +94,9 @@ def a_x(axis: object) -> bool:
 
 
 def test_conflict_figures_need_conflict_data(runs: dict[str, gw.Run]) -> None:
-    run = runs["one_task"]
+    drawn = all_figures(runs["one_task"])
     for key in ("cosine_all", "cosine_heatmap", "conflict_ranking", "sign_conflict"):
-        fig = all_figures(run)[key]
+        fig = drawn[key]
         assert is_no_data(fig)
         assert "conflict_every" in fig.layout.annotations[0].text
     assert not is_no_data(all_figures(runs["healthy"])["cosine_all"])

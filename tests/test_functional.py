@@ -7,17 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from gatewatch.accumulators import GateAccumulator, decode, to_host
+from gatewatch.capture.quantity import CaptureContext
+from gatewatch.capture.reducer import Reducer
 from gatewatch.functional import (
     Layout,
     entropy,
-    js_divergence,
-    load_cv,
     normalized_entropy,
     window_metrics,
     window_sums,
 )
+from gatewatch.gates import ResolvedGate
+from gatewatch.quantities.gates.capture import GateStatistics
+from gatewatch.quantities.gates.metrics import js_bits
+from gatewatch.stats import load_cv
 
 THRESHOLD, BINS, MARGIN = 0.9, 20, 0.05
 
@@ -41,7 +45,7 @@ def np_js_bits(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def np_metrics(p: np.ndarray, top_k: int | None = None) -> dict[str, object]:
-    """The metrics of DOMAIN.md for one gate's outputs ``p [N, E]`` (rows with NaN/Inf left out)."""
+    """The published gate metrics, written out plainly, for one gate's outputs ``p [N, E]`` (NaN/Inf rows left out)."""
     ok = np.isfinite(p).all(1)
     q = p[ok]
     n, e = q.shape
@@ -222,49 +226,65 @@ def test_js_divergence_matches_numpy() -> None:
     rng = np.random.default_rng(9)
     for _ in range(5):
         p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
-        assert float(js_divergence(torch.from_numpy(p), torch.from_numpy(q))) == pytest.approx(np_js_bits(p, q))
-    one, other = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    assert float(js_divergence(one, other)) == pytest.approx(1.0)  # disjoint: the maximum, 1 bit
-    assert float(js_divergence(one, one)) == 0.0
+        assert float(js_bits(p, q)) == pytest.approx(np_js_bits(p, q))
+    one, other = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    assert float(js_bits(one, other)) == pytest.approx(1.0)  # disjoint: the maximum, 1 bit
+    assert float(js_bits(one, one)) == 0.0
 
 
 def test_load_cv() -> None:
     u = np.array([0.5, 0.3, 0.1, 0.1])
-    assert load_cv(torch.from_numpy(u)) == pytest.approx(u.std() / u.mean())
-    assert math.isnan(load_cv(torch.zeros(3)))
+    assert load_cv(u) == pytest.approx(u.std() / u.mean())
+    assert load_cv(np.zeros(3)) is None
 
 
-# ---------------------------------------------------------------- accumulator
-def host_window(acc: GateAccumulator, step: int) -> tuple[dict[int, torch.Tensor], dict[int, int | None]]:
-    snap = acc.snapshot(step)
-    assert snap is not None
-    sums, first_bad, _ = decode(snap, to_host([snap])[0], 0)
-    return sums, first_bad
+# ---------------------------------------------------------------- the gate-statistics quantity and the reducer
+def gate_quantity(top_k: list[int | None]) -> tuple[GateStatistics, list[nn.Module]]:
+    modules = [nn.Identity() for _ in top_k]
+    gates = [ResolvedGate(f"g{i}", m, f"g{i}", task=f"t{i}", top_k=k)
+             for i, (m, k) in enumerate(zip(modules, top_k, strict=True))]
+    ctx = CaptureContext(nn.ModuleList(modules), None, gates, every=1, threshold=THRESHOLD, bins=BINS, margin=MARGIN,
+                         distributed=False)
+    return GateStatistics(ctx), modules
 
 
-def test_accumulator_equals_one_pass_and_tracks_first_nonfinite_step() -> None:
+def host_windows(stats: GateStatistics, windows: list[int]) -> dict[str, np.ndarray]:
+    return Reducer([stats]).reduce(windows)[0].get("gates", {})
+
+
+def test_window_sums_of_several_windows_in_one_flush_and_first_nonfinite_step() -> None:
     rng = np.random.default_rng(10)
-    acc = GateAccumulator([None, None, 2], threshold=THRESHOLD, bins=BINS, margin=MARGIN)
+    stats, modules = gate_quantity([None, None, 2])
     batches = [torch.from_numpy(softmax(rng.normal(size=(3 * 50, 4))).reshape(3, 50, 4)) for _ in range(4)]
     batches[1][0, 5, 0] = float("nan")  # gate 0 goes bad at step 2 and again at step 4
     batches[3][0, 9, 1] = float("inf")
-    batches[3][2, 0, 3] = float("nan")  # gate 2 (a top-2 gate, its own group) only at step 4
+    batches[3][2, 0, 3] = float("nan")  # gate 2 (a top-2 gate, its own shape group) only at step 4
     for step, b in enumerate(batches, start=1):
-        acc.add([0, 1], b[:2], step)
-        acc.add([2], b[2:], step)
-    sums, first_bad = host_window(acc, 4)
-    assert first_bad == {0: 2, 1: None, 2: 4}
-    whole = torch.cat(batches, dim=1)
-    for gate, top_k in [(0, None), (1, None), (2, 2)]:
-        ref = window_sums(whole[gate : gate + 1], threshold=THRESHOLD, bins=BINS, top_k=top_k, margin=MARGIN)[0]
-        torch.testing.assert_close(sums[gate], ref.double())
-    sums, first_bad = host_window(acc, 5)  # the snapshot reset the window
-    assert first_bad == {0: None, 1: None, 2: None} and all(float(s.abs().sum()) == 0 for s in sums.values())
+        for gate, module in enumerate(modules):
+            module(b[gate])
+        stats.ctx.step = step
+        stats.on_step(step)
+        if step % 2 == 0:
+            stats.on_window(step)
+    host = host_windows(stats, [2, 4])  # two windows, reduced in one stacked pass
+    assert [host[f"{g}.bad"][:, 0].tolist() for g in range(3)] == [[2, 4], [math.inf, math.inf], [math.inf, 4]]
+    for w, (lo, hi) in enumerate([(0, 2), (2, 4)]):
+        whole = torch.cat(batches[lo:hi], dim=1)
+        for gate, top_k in [(0, None), (1, None), (2, 2)]:
+            ref = window_sums(whole[gate : gate + 1], threshold=THRESHOLD, bins=BINS, top_k=top_k, margin=MARGIN)[0]
+            torch.testing.assert_close(torch.from_numpy(host[f"{gate}"][w]), ref.double())
+    stats.on_window(5)
+    host = host_windows(stats, [5])  # the flush reset the windows
+    assert all(float(np.abs(host[f"{g}"]).sum()) == 0 and host[f"{g}.bad"][0, 0] == math.inf for g in range(3))
 
 
-def test_accumulator_counts_a_gate_called_twice_in_one_step() -> None:
-    p = torch.softmax(torch.randn(1, 20, 3), -1)
-    acc = GateAccumulator([None], threshold=THRESHOLD, bins=BINS, margin=MARGIN)
-    acc.add([0, 0], torch.cat([p, p]), 1)
-    sums, _ = host_window(acc, 1)
-    torch.testing.assert_close(sums[0], 2 * window_sums(p, threshold=THRESHOLD, bins=BINS)[0].double())
+def test_a_gate_called_twice_in_one_step_counts_twice() -> None:
+    p = torch.softmax(torch.randn(20, 3), -1)
+    stats, (module,) = gate_quantity([None])
+    module(p)
+    module(p)
+    stats.on_step(1)
+    stats.on_window(1)
+    host = host_windows(stats, [1])
+    torch.testing.assert_close(torch.from_numpy(host["0"][0]), 2 * window_sums(p[None], threshold=THRESHOLD,
+                                                                              bins=BINS)[0].double())

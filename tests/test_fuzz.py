@@ -65,6 +65,7 @@ def real_run(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @FUZZ
 @given(meta=metas)
 def test_any_json_in_run_json_reads(meta) -> None:
@@ -80,6 +81,7 @@ def test_any_json_in_run_json_reads(meta) -> None:
             assert any(str(path / "run.json") in p for p in run.problems)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_any_bytes_in_run_json_read(data: bytes) -> None:
@@ -116,6 +118,7 @@ def assert_named_or_valid(run: gw.Run, victim: Path) -> None:
             assert "step" in df.columns
 
 
+@pytest.mark.slow
 @FUZZ_FILES
 @given(pick=st.integers(0, 10**6), damage=st.sampled_from(["random", "truncate", "flip"]), data=st.data())
 def test_a_damaged_data_file_is_named_or_still_valid(real_run, pick, damage, data) -> None:
@@ -145,6 +148,7 @@ column_values = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ_FILES
 @given(pick=st.integers(0, 10**6), columns=st.dictionaries(column_names, column_values, min_size=1, max_size=6))
 def test_a_foreign_parquet_file_is_named_or_valid(real_run, pick, columns) -> None:

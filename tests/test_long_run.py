@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a 6,000-step run with merges (about 25 s on 2 cores)
+
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_long_run.py"
 STEPS, EVERY, FLUSH_EVERY, COMPACT_EVERY, WARM = 6_000, 10, 100, 4, 3_000  # 60 flushes, merges up to level 3
 

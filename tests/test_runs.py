@@ -99,15 +99,22 @@ def test_a_chunk_covered_by_a_larger_chunk_is_not_read_twice(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- partial runs
-@pytest.fixture
-def mid_run(tmp_path):
-    """A copy of a run directory taken while its GateWatch was still running (250 steps, flushes at 100, 200)."""
+@pytest.fixture(scope="module")
+def mid_run_snapshot(tmp_path_factory):
+    """A copy of a run directory taken while its GateWatch was still running (250 steps, flushes at 100, 200),
+    made once for the module (this process wrote it, so it reads as live while the tests run)."""
     model = tiny_mmoe()
-    live = tmp_path / "live"
+    live = tmp_path_factory.mktemp("mid_run") / "live"
     with gw.GateWatch(model, tasks=TASKS, log_dir=live, every=10, flush_every=100, tensorboard=False) as watch:
         train(model, watch, 250, n=8)
-        shutil.copytree(live, tmp_path / "copy")
-    return tmp_path / "copy"
+        shutil.copytree(live, live.with_name("snapshot"))
+    return live.with_name("snapshot")
+
+
+@pytest.fixture
+def mid_run(mid_run_snapshot, tmp_path):
+    """A fresh copy of :func:`mid_run_snapshot` for one test to change."""
+    return shutil.copytree(mid_run_snapshot, tmp_path / "copy")
 
 
 def test_load_run_of_a_live_run(mid_run) -> None:
@@ -133,12 +140,35 @@ def test_run_cut_off_mid_write_reads_up_to_the_last_complete_flush(mid_run) -> N
     assert report["status"] == "cut off" and len(report["problems"]) == 2
 
 
-def test_status_of_a_run_on_another_host_goes_by_its_last_update(mid_run) -> None:
+def test_status_of_a_run_on_another_host_goes_by_its_heartbeat(mid_run) -> None:
+    rewrite_meta(mid_run, host=socket.gethostname() + "-elsewhere", heartbeat=time.time(), flush_secs=5.0,
+                 step_time=0.3)
+    assert gw.load_run(mid_run).status == "live"
+    rewrite_meta(mid_run, heartbeat=time.time() - 14)  # within the grace: 3 x max(flush_secs, step time), >= 15 s
+    assert gw.load_run(mid_run).status == "live"
+    rewrite_meta(mid_run, heartbeat=time.time() - 16)
+    assert gw.load_run(mid_run).status == "cut off"
+    rewrite_meta(mid_run, heartbeat=time.time() - 100, step_time=60.0)  # a slow step (a long evaluation) is no crash
+    assert gw.load_run(mid_run).status == "live"
+
+
+def test_status_of_an_older_run_on_another_host_goes_by_its_last_update(mid_run) -> None:
+    meta = json.loads((mid_run / "run.json").read_text())
+    for key in ("heartbeat", "flush_secs", "step_time"):
+        meta.pop(key, None)
+    (mid_run / "run.json").write_text(json.dumps(meta))
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rewrite_meta(mid_run, host=socket.gethostname() + "-elsewhere", updated=now)
     assert gw.load_run(mid_run).status == "live"
     rewrite_meta(mid_run, updated="2020-01-01T00:00:00+0000")
     assert gw.load_run(mid_run).status == "cut off"
+
+
+def test_a_reused_pid_does_not_make_a_crashed_run_live(mid_run) -> None:
+    rewrite_meta(mid_run, status="running", pid=os.getpid(), pid_start=-1.0, heartbeat=time.time() - 3600)
+    assert gw.load_run(mid_run).status == "cut off"  # this pid is alive, but it is another process
+    rewrite_meta(mid_run, pid_start=None)
+    assert gw.load_run(mid_run).status == "live"
 
 
 def test_corrupt_metadata_and_foreign_files_are_named_not_fatal(mid_run) -> None:

@@ -19,6 +19,7 @@ import gatewatch as gw
 from gatewatch import cli
 from gatewatch.models import MMoE, factory_ref
 from gatewatch.training import (
+    MODELS,
     CheckpointError,
     Splits,
     TrainConfig,
@@ -32,6 +33,7 @@ from gatewatch.training import (
     train,
 )
 from gatewatch.training.checkpoint import is_trusted_factory
+from gatewatch.training.demo import DEMO_MODELS
 from gatewatch.training.metrics import average_ranks
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -384,6 +386,11 @@ def test_demo_cli_trains_and_prints_the_report(tmp_path, capsys):
 def test_demo_rejects_bad_options(capsys):
     assert cli.main(["demo", "--steps", "0", "--no-dashboard"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_demo_offers_every_model_with_gates():
+    """The demo names its models without importing the loop (so that the command line loads no torch)."""
+    assert set(DEMO_MODELS) == set(MODELS) - {"shared_bottom"}
 
 
 def test_bce_in_the_loop_matches_torch():

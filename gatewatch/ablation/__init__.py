@@ -18,39 +18,58 @@ A job reports progress in ``RUN/ablations/<kind>/progress.json`` and stops betwe
 ``RUN/ablations/<kind>/stop`` appears (:func:`request_stop`); a stopped or failed job writes no result.
 
 Modules: ``expert_knockout`` and ``sweep`` (evaluation time), ``comparison`` (training time),
-``evaluation`` (metrics and which way is worse), ``rates`` (rates and seeds), ``saved_run`` (a run
+``evaluation`` (a model's metrics), ``rates`` (rates and seeds), ``saved_run`` (a run
 directory's model, gates and data), ``store`` (result files), ``jobs`` (progress and stop requests),
-``command`` (``gatewatch ablate``), ``errors``. The public API (``__all__``) is importable from here;
-helpers shared between the modules are imported from the module that holds them.
+``summaries`` (the tables printed under each result), ``command`` (``gatewatch ablate``), ``errors``. The
+public API (``__all__``) is importable from here; helpers shared between the modules are imported from the
+module that holds them.
+
+Importing this package loads no submodule: each name is imported from its module on first use, so the
+command line and the dashboard read results, progress and defaults (``store``, ``jobs``, ``rates``,
+``summaries``: no torch) without loading torch; the modules that run models load it when used.
 """
 
-from .command import add_ablate, cmd_ablate, render_summary
-from .comparison import (
-    TRAIN_COLUMNS,
-    TRAIN_STEPS,
-    Comparison,
-    child_name,
-    child_rows,
-    comparison_summary,
-    gate_health,
-    train_comparison,
-)
-from .comparison import _dropout_on_first_forward as _dropout_on_first_forward  # imported by the tests
-from .errors import AblationError, AblationStopped
-from .evaluation import HIGHER_IS_BETTER, PRIMARY_METRICS, EvalFn, Metrics, evaluator, harm, primary_metric
-from .expert_knockout import KNOCKOUT_COLUMNS, knockout, knockout_summary, run_knockout
-from .jobs import Job, JobState, Progress, StopFn, Tracking, job_dir, job_state, request_stop
-from .rates import DEFAULT_RATES, DEFAULT_SEEDS, TRAIN_RATES, check_rates, check_seeds, parse_rates
-from .saved_run import Target, load_target, run_gates
-from .store import KINDS, META_KEY, ablations_dir, read_result, result_path, write_result
-from .sweep import SWEEP_COLUMNS, dropout_sweep, run_dropout_sweep, sweep_summary
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_RATES", "DEFAULT_SEEDS", "HIGHER_IS_BETTER", "KINDS", "KNOCKOUT_COLUMNS", "META_KEY", "PRIMARY_METRICS",
-    "SWEEP_COLUMNS", "TRAIN_COLUMNS", "TRAIN_RATES", "TRAIN_STEPS", "AblationError", "AblationStopped", "Comparison",
-    "EvalFn", "Job", "JobState", "Metrics", "Progress", "StopFn", "Target", "Tracking", "ablations_dir", "add_ablate",
-    "check_rates", "check_seeds", "child_name", "child_rows", "cmd_ablate", "comparison_summary", "dropout_sweep",
-    "evaluator", "gate_health", "harm", "job_dir", "job_state", "knockout", "knockout_summary", "load_target",
-    "parse_rates", "primary_metric", "read_result", "render_summary", "request_stop", "result_path",
-    "run_dropout_sweep", "run_gates", "run_knockout", "sweep_summary", "train_comparison", "write_result",
-]
+import importlib
+from typing import Any
+
+# name -> the submodule of this package that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["add_ablate", "cmd_ablate", "render_summary"], "command"),
+    **dict.fromkeys(["TRAIN_COLUMNS", "Comparison", "child_name", "child_rows", "gate_health", "train_comparison",
+                     "_dropout_on_first_forward"], "comparison"),
+    **dict.fromkeys(["AblationError", "AblationStopped"], "errors"),
+    **dict.fromkeys(["EvalFn", "Metrics", "evaluator"], "evaluation"),
+    **dict.fromkeys(["KNOCKOUT_COLUMNS", "knockout", "run_knockout"], "expert_knockout"),
+    **dict.fromkeys(["Job", "JobState", "Progress", "StopFn", "Tracking", "job_dir", "job_state", "request_stop"],
+                    "jobs"),
+    **dict.fromkeys(["DEFAULT_RATES", "DEFAULT_SEEDS", "TRAIN_RATES", "TRAIN_SEEDS", "TRAIN_STEPS", "check_rates",
+                     "check_seeds", "parse_rates"], "rates"),
+    **dict.fromkeys(["Target", "load_target", "run_gates"], "saved_run"),
+    **dict.fromkeys(["KINDS", "META_KEY", "ablations_dir", "read_result", "result_path", "write_result"], "store"),
+    **dict.fromkeys(["comparison_summary", "knockout_summary", "sweep_summary"], "summaries"),
+    **dict.fromkeys(["SWEEP_COLUMNS", "dropout_sweep", "run_dropout_sweep"], "sweep"),
+}
+# which way a metric is worse: shared with the figures, so it lives outside this package
+_OUTSIDE = {"HIGHER_IS_BETTER": "gatewatch.metric_direction", "PRIMARY_METRICS": "gatewatch.metric_direction",
+            "harm": "gatewatch.metric_direction", "primary_metric": "gatewatch.metric_direction"}
+
+__all__ = sorted(name for name in (*_EXPORTS, *_OUTSIDE) if not name.startswith("_"))
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first use (see the module docstring)."""
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    elif name in _OUTSIDE:
+        module = importlib.import_module(_OUTSIDE[name])
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

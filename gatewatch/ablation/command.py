@@ -1,4 +1,7 @@
-"""``gatewatch ablate``: one ablation of a saved run from the command line, printed as a table or JSON."""
+"""``gatewatch ablate``: one ablation of a saved run from the command line, printed as a table or JSON.
+
+Registering the subcommand loads no torch; the ablation modules are imported when the command runs.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,14 @@ from typing import Any
 
 import pandas as pd
 
-from .comparison import TRAIN_STEPS, comparison_summary, train_comparison
+from ..exit_codes import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK
+from ..metric_direction import primary_metric
+from ..validate import positive_int
 from .errors import AblationError, AblationStopped
-from .evaluation import primary_metric
-from .expert_knockout import knockout_summary, run_knockout
 from .jobs import Progress, Tracking
-from .rates import DEFAULT_SEEDS, TRAIN_SEEDS, parse_rates
+from .rates import DEFAULT_SEEDS, TRAIN_SEEDS, TRAIN_STEPS, parse_rates
 from .store import result_path
-from .sweep import run_dropout_sweep, sweep_summary
+from .summaries import comparison_summary, knockout_summary, sweep_summary
 
 
 def add_ablate(sub: argparse._SubParsersAction) -> None:
@@ -66,10 +69,17 @@ def _cli_bar(desc: str) -> tuple[Progress, Callable[[], None]]:
     return update, bar.close
 
 
+def _check_seeds(seeds: int | None) -> None:
+    """``--seeds`` is a number of seeds (or not given); AblationError otherwise."""
+    if seeds is not None:
+        try:
+            positive_int("--seeds", seeds, unit="a number of seeds")
+        except ValueError as err:
+            raise AblationError(str(err)) from None
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Run one ablation on a saved run; exit 0 done, 1 stopped, 2 bad input."""
-    from ..cli import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK
-
     kind = "knockout" if args.knockout else "dropout_sweep" if args.dropout_sweep else "train"
     progress, close = _cli_bar(kind)
     options = [f"{k}={v}" for k, v in vars(args).items() if k not in ("func", "command") and v not in (None, False)]
@@ -77,16 +87,21 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     common = {"factory": args.factory, "allow_factory": args.allow_factory, "split": args.split,
               "tracking": tracking}
     try:
-        if args.seeds is not None and args.seeds < 1:
-            raise AblationError(f"--seeds is a number of seeds (>= 1), got {args.seeds}.")
+        _check_seeds(args.seeds)
         if kind == "knockout":
+            from .expert_knockout import run_knockout
+
             df = run_knockout(args.run_dir, **common)
             summary = knockout_summary(df)
         elif kind == "dropout_sweep":
+            from .sweep import run_dropout_sweep
+
             df = run_dropout_sweep(args.run_dir, rates=parse_rates(args.dropout_sweep),
                                    seeds=range(args.seeds or len(DEFAULT_SEEDS)), **common)
             summary = sweep_summary(df)
         else:
+            from .comparison import train_comparison
+
             df = train_comparison(args.run_dir, rates=parse_rates(args.train_compare),
                                   seeds=range(args.seeds or len(TRAIN_SEEDS)), steps=args.steps, **common)
             summary = comparison_summary(df)

@@ -20,16 +20,17 @@ from torch import nn
 
 from ..findings import find
 from ..masking import GateSpecs, gate_dropout
-from ..report import gate_summaries
+from ..quantities.gates.read import gate_summaries
+from ..rules import Thresholds
 from ..runs import RunReadError, load_run
 from ..training import MODELS, TrainConfig, train
 from ..training.checkpoint import resolve_factory
+from ..validate import positive_int
 from .errors import AblationError, AblationStopped
 from .jobs import Progress, StopFn, Tracking, job_dir, tick
-from .rates import TRAIN_RATES, TRAIN_SEEDS, check_rates, check_seeds
+from .rates import TRAIN_RATES, TRAIN_SEEDS, TRAIN_STEPS, check_rates, check_seeds
 from .saved_run import Target, gate_specs, load_target, run_and_save
 
-TRAIN_STEPS = 1000  # default length of a comparison run (capped by the run's own length)
 TRAIN_COLUMNS = ["rate", "seed", "task", "metric", "split", "value", "polarized_gates", "dead_experts",
                  "mean_entropy", "max_top_share", "steps", "run_dir"]
 
@@ -47,7 +48,7 @@ def gate_health(run_dir: str | os.PathLike[str]) -> dict[str, float]:
         return {"polarized_gates": math.nan, "dead_experts": math.nan, "mean_entropy": math.nan,
                 "max_top_share": math.nan}
     found = find(run)
-    last = gate_summaries(run)
+    last = gate_summaries(run, Thresholds())
     entropies = [g["entropy"] for g in last if g["entropy"] is not None]
     tops = [g["top_share"] for g in last if g["top_share"] is not None]
     return {
@@ -152,8 +153,11 @@ def train_comparison(
     is retrained with ``TrainConfig.gate_dropout``; any other model gets gate dropout through masking hooks.
     """
     rates, seeds = check_rates(rates), check_seeds(seeds)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise AblationError(f"steps must be a positive integer, got {steps!r}.")
+    if steps is not None:
+        try:
+            steps = positive_int("steps", steps, unit="per training run")
+        except ValueError as err:
+            raise AblationError(str(err)) from None
     if split not in ("val", "test"):
         raise AblationError(f"The comparison reports 'val' or 'test' metrics, got split {split!r}.")
     target = load_target(run_dir, factory=factory, allow_factory=allow_factory, split=split)
@@ -198,12 +202,3 @@ def _publish(staging: Path, parent: Path, names: list[str]) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for name in names:
         os.replace(staging / name, parent / name)
-
-
-def comparison_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per rate, task and metric: mean and spread over seeds, with the mean gate health."""
-    g = df.groupby(["rate", "task", "metric"], sort=False)
-    out = g.agg(mean=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"),
-                polarized_gates=("polarized_gates", "mean"), dead_experts=("dead_experts", "mean"),
-                mean_entropy=("mean_entropy", "mean"), max_top_share=("max_top_share", "mean"))
-    return out.reset_index().sort_values(["task", "metric", "rate"], kind="stable").reset_index(drop=True)

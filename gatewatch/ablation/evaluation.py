@@ -1,39 +1,30 @@
-"""Evaluating a model for an ablation: the metrics it returns, which direction is worse, and eval mode."""
+"""Evaluating a model for an ablation: the metrics it returns, and eval mode. Which direction of a metric is
+worse lives in :mod:`gatewatch.metric_direction` (torch-free, shared with the figures)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
+from ..metric_direction import HIGHER_IS_BETTER, PRIMARY_METRICS, harm, primary_metric
 from ..training.metrics import evaluate as evaluate_metrics
 from .errors import AblationError
 
 Metrics = Mapping[str, Mapping[str, float]]  # {task: {metric: value}}
 EvalFn = Callable[[nn.Module], Metrics]
 
-HIGHER_IS_BETTER = frozenset({"auc", "accuracy", "acc", "r2"})
-PRIMARY_METRICS = ("auc", "mse", "loss")
-
-
-def harm(metric: str, delta: float) -> float:
-    """``delta`` signed so that positive means worse (metrics in HIGHER_IS_BETTER flip sign)."""
-    return -delta if metric.lower() in HIGHER_IS_BETTER else delta
+__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRICS", "EvalFn", "Metrics", "eval_mode", "evaluate_checked", "evaluator",
+           "harm", "primary_metric", "with_harm"]
 
 
 def with_harm(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with a ``harm`` column: the :func:`harm` of each row's ``metric`` and ``delta``."""
     df["harm"] = [harm(m, d) for m, d in zip(df["metric"], df["delta"], strict=True)]
     return df
-
-
-def primary_metric(metrics: Iterable[str]) -> str:
-    """The metric shown first for a task: AUC, else MSE, else loss, else the first one."""
-    names = list(dict.fromkeys(metrics))
-    return next((m for m in PRIMARY_METRICS if m in names), names[0] if names else "loss")
 
 
 def evaluator(x: torch.Tensor, y: torch.Tensor, tasks: Sequence[str], task_types: Sequence[str]) -> EvalFn:

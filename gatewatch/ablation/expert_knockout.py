@@ -76,24 +76,6 @@ def _warn_inert(df: pd.DataFrame, gates: Sequence[ResolvedGate]) -> None:
                       f"not use this module's output as its gate weights.{hint}", RuntimeWarning, stacklevel=3)
 
 
-def knockout_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per task and metric: the most harmful knock-out, its harm, the total harm, and their ratio.
-
-    ``concentration`` = max harm / sum of positive harms: near 1 when one expert carries the task
-    (a polarized gate), small when the damage is spread.
-    """
-    rows = []
-    for (task, metric), g in df.groupby(["task", "metric"], sort=False):
-        worst = g.loc[g["harm"].idxmax()] if g["harm"].notna().any() else g.iloc[0]
-        positive = g["harm"].clip(lower=0).sum()
-        rows.append({"task": task, "metric": metric, "base": float(g["base"].iloc[0]), "worst_gate": worst["gate"],
-                     "worst_expert": worst["expert_name"], "max_harm": float(worst["harm"]),
-                     "total_harm": float(positive),
-                     "concentration": float(worst["harm"] / positive) if positive > 0 else math.nan})
-    return pd.DataFrame(rows, columns=["task", "metric", "base", "worst_gate", "worst_expert", "max_harm",
-                                       "total_harm", "concentration"])
-
-
 def run_knockout(
     run_dir: str | os.PathLike[str], *, factory: str | None = None, allow_factory: bool = False, split: str = "val",
     tracking: Tracking | None = None,

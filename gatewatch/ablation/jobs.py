@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..runs import _pid_alive
-from ..sinks.run_dir import atomic_write_json
+from ..liveness import pid_alive as _pid_alive
+from ..rundir import atomic_write_json
 from .errors import AblationError, AblationStopped
 from .store import ablations_dir, check_kind
 

@@ -1,16 +1,18 @@
-"""Gate dropout rates and seeds: the defaults, their checks, and how they are written on the command line."""
+"""Gate dropout rates, seeds and steps: the defaults, their checks, and how they are written on the command line
+(no torch: the command line and the dashboard read them without loading a model)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..masking import is_dropout_rate
+from ..validate import is_dropout_rate, non_negative_int
 from .errors import AblationError
 
 DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # evaluation-time sweep
 DEFAULT_SEEDS = (0, 1, 2)
 TRAIN_RATES = (0.0, 0.1, 0.2)  # training comparison
 TRAIN_SEEDS = (0, 1)
+TRAIN_STEPS = 1000  # default length of a comparison run (capped by the run's own length)
 
 
 def check_rates(rates: Iterable[float]) -> list[float]:
@@ -28,9 +30,13 @@ def check_rates(rates: Iterable[float]) -> list[float]:
 def check_seeds(seeds: Iterable[int]) -> list[int]:
     """Distinct non-negative integer seeds, in the order given; raises AblationError otherwise."""
     out = list(seeds)
-    if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out):
-        raise AblationError(f"Seeds are non-negative integers (at least one), got {out!r}.")
-    return list(dict.fromkeys(out))
+    if not out:
+        raise AblationError("Give at least one seed, e.g. 0,1,2.")
+    try:
+        checked = [non_negative_int("each seed", s) for s in out]
+    except ValueError as err:
+        raise AblationError(str(err)) from None
+    return list(dict.fromkeys(checked))
 
 
 def parse_rates(text: str) -> list[float]:

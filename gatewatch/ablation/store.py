@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..sinks.run_dir import atomic_write_bytes
+from ..rundir import atomic_write_bytes
 
 KINDS = ("knockout", "dropout_sweep", "train")
 META_KEY = b"gatewatch.ablation"

@@ -64,13 +64,6 @@ def dropout_sweep(
     return with_harm(df).astype({"seed": "int64"})
 
 
-def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread over seeds of each task's metric at each rate, and the mean harm."""
-    g = df.groupby(["task", "metric", "rate"], sort=False)
-    out = g.agg(mean=("value", "mean"), std=("value", "std"), harm=("harm", "mean"), seeds=("seed", "nunique"))
-    return out.reset_index().sort_values(["task", "metric", "rate"], kind="stable").reset_index(drop=True)
-
-
 def run_dropout_sweep(
     run_dir: str | os.PathLike[str], *, rates: Iterable[float] = DEFAULT_RATES, seeds: Iterable[int] = DEFAULT_SEEDS,
     factory: str | None = None, allow_factory: bool = False, split: str = "val", tracking: Tracking | None = None,

@@ -9,6 +9,9 @@ process, so the error of a launch that failed before it started (bad input) is s
 Rebuilding a model runs its factory. A factory outside the gatewatch package is only run after the user
 ticks the box naming it (``--allow-factory``): the page never executes code named in a run directory on
 its own.
+
+The page itself never loads torch: it reads results, progress and ``model.json`` with torch-free modules, and
+the models are rebuilt and run by the ``gatewatch ablate`` process it launches.
 """
 
 from __future__ import annotations
@@ -26,27 +29,22 @@ from typing import TypeGuard
 import pandas as pd
 import streamlit as st
 
-from ..ablation import (
+from ..ablation.errors import AblationError
+from ..ablation.jobs import JobState, job_state, request_stop
+from ..ablation.rates import (
     DEFAULT_RATES,
     DEFAULT_SEEDS,
-    KINDS,
     TRAIN_RATES,
+    TRAIN_SEEDS,
     TRAIN_STEPS,
-    AblationError,
-    JobState,
-    comparison_summary,
-    job_state,
-    knockout_summary,
+    format_rates,
     parse_rates,
-    read_result,
-    request_stop,
-    sweep_summary,
 )
-from ..ablation.rates import TRAIN_SEEDS, format_rates
-from ..ablation.store import check_kind
+from ..ablation.store import KINDS, check_kind, read_result
+from ..ablation.summaries import comparison_summary, knockout_summary, sweep_summary
 from ..figures.ablation import comparison_figure, knockout_heatmap, sweep_curves
 from ..runs import read_meta
-from ..training.checkpoint import CHECKPOINT_FILE, CheckpointError, is_trusted_factory, read_model_info
+from ..training.model_info import CHECKPOINT_FILE, CheckpointError, is_trusted_factory, read_model_info
 from . import ui
 
 TITLES = {"knockout": "Expert knock-out", "dropout_sweep": "Gate-dropout sweep", "train": "Training with gate dropout"}

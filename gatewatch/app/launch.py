@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..exit_codes import EXIT_BAD_INPUT
 from .state import default_root, env_with_root
 
 MAIN = Path(__file__).with_name("main.py")
-EXIT_BAD_INPUT = 2
+DEFAULT_PORT = 8501
 
 
 def can_open_browser() -> bool:
@@ -31,17 +32,19 @@ def streamlit_command(root: Path, *, port: int, address: str, browser: bool) -> 
     ]
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    """Serve the dashboard until interrupted; exit 2 when the runs folder does not exist."""
-    root = Path(args.runs_dir) if args.runs_dir else default_root()
+def serve(runs_dir: str | os.PathLike[str] | None = None, *, port: int = DEFAULT_PORT, address: str = "127.0.0.1",
+          browser: bool = True) -> int:
+    """Serve the dashboard on ``runs_dir`` until interrupted (exit status of the server); 2 when the folder of
+    runs does not exist. ``runs_dir`` None: the default root (``sample_runs/`` of a checkout, else ``./runs``)."""
+    root = Path(runs_dir) if runs_dir else default_root()
     root = root.expanduser().resolve()
     if not root.is_dir():
         print(f"gatewatch dashboard: {root} is not a folder. Pass the folder that holds your runs "
               "(the log_dir of GateWatch, or its parent): gatewatch dashboard RUNS_DIR", file=sys.stderr)
         return EXIT_BAD_INPUT
-    host = "localhost" if args.address in ("127.0.0.1", "0.0.0.0") else args.address
-    print(f"gatewatch dashboard: serving runs below {root} at http://{host}:{args.port}", flush=True)
-    cmd = streamlit_command(root, port=args.port, address=args.address, browser=not args.no_browser)
+    host = "localhost" if address in ("127.0.0.1", "0.0.0.0") else address
+    print(f"gatewatch dashboard: serving runs below {root} at http://{host}:{port}", flush=True)
+    cmd = streamlit_command(root, port=port, address=address, browser=browser)
     if os.name == "posix":  # the server takes this process's place, so signals (Ctrl-C, kill) reach it directly
         os.execve(sys.executable, cmd, env_with_root(root))
     proc = subprocess.Popen(cmd, env=env_with_root(root))
@@ -51,11 +54,17 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return proc.wait()
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``gatewatch dashboard``: :func:`serve` with the parsed options."""
+    return serve(args.runs_dir, port=args.port, address=args.address, browser=not args.no_browser)
+
+
 def add_dashboard(sub: argparse._SubParsersAction) -> None:
+    """Register ``gatewatch dashboard``."""
     p = sub.add_parser("dashboard", help="open the dashboard on a folder of runs")
     p.add_argument("runs_dir", nargs="?", default=None,
                    help="folder holding run directories (default: sample_runs/ of a checkout, else ./runs)")
-    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve other machines)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")

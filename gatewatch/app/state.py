@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..findings import Finding, Thresholds, gate_unit
+from ..liveness import last_heard
 from ..runs import Run, list_runs
 
 ENV_ROOT = "GATEWATCH_RUNS"
@@ -153,7 +155,9 @@ def cut_off_message(run: Run) -> str | None:
     if run.status != "cut off":
         return None
     why = f" ({run.error})" if run.error else ""
-    return f"This run was cut off at step {run.steps}{why}; showing what was written."
+    heard = last_heard(run.meta, run.path)
+    since = f", last heard from {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(heard))}" if heard else ""
+    return f"This run was cut off at step {run.steps}{why}{since}; showing what was written."
 
 
 def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:

@@ -31,19 +31,6 @@ from .state import (
 VIEWS = Path(__file__).parent / "views"
 REFRESH_S = 3.0
 CTX_KEY = "_gatewatch_context"
-THRESHOLD_HELP = {
-    "collapse_share": "polarization: the task's mean gate puts at least this much weight on one expert",
-    "sharp_samples": "sharp routing (info): share of samples whose top weight reaches the watch's threshold",
-    "dead_fraction": "dead expert: utilization below this fraction of an even split (1/E)",
-    "collapse_experts": "collapse: at most this fraction of the experts holds 90% of the utilization",
-    "independent_spread": "input-independent gate: mean per-expert spread of the weights across samples",
-    "independent_mi": "input-independent gate: input-expert mutual information (normalised) below this",
-    "unstable_drift": "unstable gate: Jensen-Shannon drift between windows (bits)",
-    "unstable_windows": "unstable gate: in at least this share of the second half's windows",
-    "conflict_share": "task conflict: gradient cosine below 0 in at least this share of the recent conflict steps",
-    "conflict_steps": "task conflict: how many of the last measured conflict steps are looked at",
-    "conflict_cosine": "task conflict: the mean recent cosine must be at or below this (cosines near 0 are noise)",
-}
 
 
 @dataclass
@@ -121,7 +108,7 @@ def threshold_input(name: str, default: float) -> float:
     return st.number_input(
         name.replace("_", " "), min_value=low, max_value=high, value=default,
         step=(0.01 if default >= 0.05 else 0.001) if fraction else 1.0, format="%.3f" if fraction else "%.0f",
-        key=f"th_{name}", help=THRESHOLD_HELP.get(name),
+        key=f"th_{name}", help=Thresholds.help(name),
     )
 
 

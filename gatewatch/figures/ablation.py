@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..ablation.evaluation import HIGHER_IS_BETTER, primary_metric
+from ..metric_direction import HIGHER_IS_BETTER, primary_metric
 from ._style import SERIES_COLOURS, layout, natural_key, no_data, series_colours
 
 HARM_SCALE = [[0.0, "#2166AC"], [0.5, "#F7F7F7"], [1.0, "#B2182B"]]  # blue = better, red = worse

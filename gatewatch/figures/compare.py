@@ -12,9 +12,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..stats import load_cv_by
 from ._style import MAX_POINTS, STEP_AXIS, downsample, layout, natural_key, no_data, series_colours
 from .conflict import NO_CONFLICT, pair_rows
-from .experts import load_cv
 
 GATE_METRICS = {  # column -> (label, y axis)
     "top_share": ("largest mean share", "mean gate weight"),
@@ -69,7 +69,7 @@ def compare_load_balance(runs: Mapping[str, pd.DataFrame], *, max_points: int = 
     for name, df in runs.items():
         rows = df.dropna(subset=["utilization"])
         if len(rows):
-            cv = load_cv(rows)
+            cv = load_cv_by(rows, "step")
             per_run[name] = pd.DataFrame({"step": cv.index, "what": "load balance", "cv": cv.to_numpy()})
     return _panels(per_run, "what", "cv", title="Load balance over training, by run",
                    y="utilization std / mean", empty="no expert utilization in these runs", max_points=max_points)

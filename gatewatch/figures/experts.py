@@ -6,6 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..stats import load_cv_by
 from ._style import (
     MAX_POINTS,
     STEP_AXIS,
@@ -30,13 +31,6 @@ def dead_experts(experts: pd.DataFrame, dead_fraction: float) -> list[str]:
         return []
     last = rows[rows["step"] == rows["step"].max()]
     return ordered(last.loc[last["utilization"] < dead_fraction * last["reference"], "expert"])
-
-
-def load_cv(experts: pd.DataFrame) -> pd.Series:
-    """Coefficient of variation of the utilization over experts, per step (NaN where the mean is 0)."""
-    grouped = experts.groupby("step")["utilization"]
-    mean = grouped.mean()
-    return grouped.std(ddof=0) / mean.where(mean > 0)  # population std, as the report's load_cv
 
 
 def utilization_over_time(experts: pd.DataFrame, *, dead_fraction: float = 0.1, max_points: int = MAX_POINTS
@@ -125,7 +119,7 @@ def load_balance(experts: pd.DataFrame, *, dead_fraction: float = 0.1, max_point
         return no_data(title, "no expert utilization written yet")
     per_step = rows.assign(dead=rows["utilization"] < dead_fraction * rows["reference"]).groupby("step").agg(
         dead=("dead", "sum"), experts=("utilization", "size"))
-    per_step["cv"] = load_cv(rows)
+    per_step["cv"] = load_cv_by(rows, "step")
     per_step = downsample(per_step.reset_index(), [], ["cv", "dead", "experts"], max_points)
     fig = make_subplots(rows=1, cols=2, subplot_titles=["Coefficient of variation of utilization",
                                                         "Dead experts"], horizontal_spacing=0.12)

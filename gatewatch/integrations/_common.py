@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from ..watch import GateWatch, Losses
+from ..validate import positive_int
+from ..watch import GateWatch, Losses, quantity_keywords
 
 TASK_LOSSES = "task_losses"
 _OWN_ARGS = {"model", "tasks", "gates", "log_dir", "every", "flush_every"}
@@ -46,9 +47,9 @@ class WatchSpec:
         log_dir: str | os.PathLike[str] | None, every: int, flush_every: int, watch_kwargs: dict[str, Any],
     ) -> None:
         for name, value in (("every", every), ("flush_every", flush_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{owner}: {name} must be a positive integer (steps), got {value!r}.")
-        known = set(inspect.signature(GateWatch.__init__).parameters) - {"self"} - _OWN_ARGS
+            positive_int(name, value, unit="steps", owner=owner)
+        signature = inspect.signature(GateWatch.__init__).parameters
+        known = {n for n, p in signature.items() if p.kind is p.KEYWORD_ONLY} - _OWN_ARGS | set(quantity_keywords())
         unknown = sorted(set(watch_kwargs) - known)
         if unknown:
             raise TypeError(f"{owner} got unknown GateWatch arguments {unknown}; known: {sorted(known)}.")

@@ -107,9 +107,11 @@ class GateWatchCallback(pl.Callback):
         default_dir = Path(trainer.log_dir or trainer.default_root_dir) / "gatewatch"  # all ranks: it broadcasts
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         wants_tb = self.spec.watch_kwargs.get("tensorboard", True)
-        self.watch = self.spec.build(pl_module, default_dir, tensorboard=wants_tb and logger is None)
-        if wants_tb and logger is not None and self.watch.rank == 0:
-            self.watch.tb = LoggerTensorBoard(logger.experiment)
+        extra: dict[str, Any] = {}
+        if wants_tb and logger is not None:  # into the logger's own TensorBoard run (its writer exists on rank 0)
+            mine = [LoggerTensorBoard(logger.experiment)] if trainer.global_rank == 0 else []
+            extra = {"tensorboard": False, "sinks": [*self.spec.watch_kwargs.get("sinks", ()), *mine]}
+        self.watch = self.spec.build(pl_module, default_dir, **extra)
         self._optimizer_steps = trainer.global_step
 
     def on_train_batch_end(

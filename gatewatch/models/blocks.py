@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..validate import positive_int
+
 #: Gate name reserved for shared gates (OMoE's single gate, PLE's per-level shared gates).
 SHARED = "shared"
 
@@ -84,9 +86,11 @@ def check_tasks(tasks: Sequence[str], reserved: Sequence[str] = ()) -> list[str]
 def check_sizes(**sizes: int | Sequence[int]) -> None:
     """Raise ValueError unless every named size (or every entry of a size list) is an int >= 1."""
     for name, value in sizes.items():
-        values = [value] if isinstance(value, int) else list(value)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"{name} must be an int >= 1 (or a list of them), got {value!r}")
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            for i, v in enumerate(value):
+                positive_int(f"{name}[{i}]", v)
+        else:
+            positive_int(name, value)
 
 
 def arguments(local_vars: dict[str, Any]) -> dict[str, Any]:

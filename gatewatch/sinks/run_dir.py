@@ -1,19 +1,4 @@
-"""The run directory: ``run.json`` plus one folder of Parquet files per table.
-
-Layout::
-
-    RUN/run.json                              metadata, rewritten (atomically) at every flush
-    RUN/tables/<table>/part-000012.parquet    the rows of one flush
-    RUN/tables/<table>/chunk-000001-000064.parquet   parts 1..64 merged (written, then parts removed)
-    RUN/tables/_flushes/part-000012.parquet   the commit record of flush 12, written after its parts
-    RUN/tensorboard/                          TensorBoard event files
-
-Every file is written under a temporary name starting with ``.`` and renamed into place, so a file
-is complete or absent; readers ignore dot-files. A flush counts only once its commit record (one
-row: ``seq``, last ``step``, ``time``) is written after all its parts: readers skip the parts of a
-flush a crash cut short, so a run reads up to its last complete flush. A file whose span of flushes lies inside a wider
-file's span (a part inside a chunk, a chunk inside a bigger chunk) is ignored by readers, so a crash
-between writing a merged file and deleting its inputs loses and duplicates nothing.
+"""The run-directory sink: writes each flush's tables and ``run.json`` (format: :mod:`gatewatch.rundir`).
 
 Merges are levelled, so the number of files stays logarithmic in the number of flushes and every
 row is rewritten only a few times: after flush ``k * C`` (``C = compact_every``) the loose parts
@@ -30,10 +15,7 @@ next flush (with an event saying so); the rows that were in it are gone.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -42,113 +24,34 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from ..rundir import (
+    FLUSHES,
+    PART,
+    atomic_write_json,
+    atomic_write_parquet,
+    committed,
+    merge_parquet,
+    span,
+    table_files,
+)
 from ..schema import frame
-
-PART = re.compile(r"^part-(\d{6,})\.parquet$")
-CHUNK = re.compile(r"^chunk-(\d{6,})-(\d{6,})\.parquet$")
-FLUSHES = "_flushes"  # the folder of commit records under tables/
+from . import Sink
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a dot-named temporary file, then rename it to ``path``; no leftover on failure."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file is either complete or absent."""
-    _write_atomically(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    _write_atomically(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def merge_parquet(files: list[Path], path: Path) -> None:
-    """Stream ``files`` in order into one Parquet file at ``path``, one row group at a time."""
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
-
-    def write(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for f in files:
-                source = pq.ParquetFile(f)
-                for i in range(source.num_row_groups):
-                    writer.write_table(source.read_row_group(i).cast(schema))
-
-    _write_atomically(path, write)
-
-
-def span(name: str) -> tuple[int, int] | None:
-    """The flushes ``(first, last)`` a data file holds, from its name; None for any other name."""
-    if m := CHUNK.match(name):
-        return int(m[1]), int(m[2])
-    if m := PART.match(name):
-        return int(m[1]), int(m[1])
-    return None
-
-
-def committed(tables: Path, problems: list[str] | None = None) -> set[int] | None:
-    """Numbers of the flushes whose commit record exists; None for a run written without commit records."""
-    folder = tables / FLUSHES
-    if not folder.is_dir():
-        return None
-    seqs: set[int] = set()
-    for f in table_files(folder):
-        first, last = span(f.name)  # type: ignore[misc]
-        if first == last:
-            seqs.add(first)
-            continue
-        try:
-            seqs.update(int(v) for v in pq.read_table(f, columns=["seq"]).column("seq").to_pylist())
-        except Exception as err:  # unreadable: count the whole span
-            seqs.update(range(first, last + 1))
-            if problems is not None:
-                problems.append(f"{f}: unreadable commit records ({type(err).__name__}); its flushes are counted")
-    return seqs
-
-
-def table_files(folder: Path, done: set[int] | None = None) -> list[Path]:
-    """The data files of one table folder in flush order, skipping files inside a wider file's span and,
-    when ``done`` (see :func:`committed`) is given, parts without a commit record. Chunks always count:
-    only committed parts are ever merged."""
-    if not folder.is_dir():
-        return []
-    found = [(s, f) for f in folder.iterdir()
-             if (s := span(f.name)) and f.is_file() and (done is None or CHUNK.match(f.name) or s[0] in done)]
-    found.sort(key=lambda t: (t[0][0], -t[0][1]))  # the widest file first among those starting together
-    kept: list[Path] = []
-    covered = 0
-    for (_, last), f in found:
-        if last > covered:
-            kept.append(f)
-            covered = last
-    return kept
-
-
-class RunDirWriter:
+class RunDirWriter(Sink):
     """Writes tables and metadata into a run directory (see the module docstring)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, compact_every: int = 64, max_pending_rows: int = 200_000
+        self, path: str | os.PathLike[str], *, compact_every: int = 64, max_pending_rows: int = 200_000,
+        durable: bool = False,
     ) -> None:
         if compact_every < 2:
             raise ValueError(f"compact_every must be at least 2 (flushes per merge), got {compact_every}.")
         self.path = Path(path)
         self.compact_every = compact_every
         self.max_pending_rows = max_pending_rows
+        self.durable = durable
         self.pending: list[tuple[int, dict[str, pd.DataFrame]]] = []
         self.failing: dict[str, int | None] = {}  # what cannot be written now -> first step not written
         self.failures = 0
@@ -170,7 +73,7 @@ class RunDirWriter:
     def write_meta(self, meta: dict[str, Any]) -> bool:
         def write() -> None:
             self._ensure_dir(meta.get("steps"))
-            atomic_write_json(self.path / "run.json", meta)
+            atomic_write_json(self.path / "run.json", meta, self.durable)
 
         return self._guard(write, "run.json", meta.get("steps"))
 
@@ -230,10 +133,10 @@ class RunDirWriter:
             if len(df):
                 folder = self.path / "tables" / name
                 folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_parquet(folder / f"part-{seq:06d}.parquet", df)
+                atomic_write_parquet(folder / f"part-{seq:06d}.parquet", df, self.durable)
         record = pd.DataFrame({"seq": [seq], "step": [_last_step(tables) or 0], "time": [time.time()]})
         (self.path / "tables" / FLUSHES).mkdir(parents=True, exist_ok=True)
-        atomic_write_parquet(self.path / "tables" / FLUSHES / f"part-{seq:06d}.parquet", record)
+        atomic_write_parquet(self.path / "tables" / FLUSHES / f"part-{seq:06d}.parquet", record, self.durable)
         if seq % self.compact_every == 0:
             self._guard(lambda: self._compact_after(seq), "compaction")
 
@@ -259,21 +162,20 @@ class RunDirWriter:
     def _folders(self) -> list[Path]:
         return sorted(f for f in (self.path / "tables").glob("*") if f.is_dir())
 
-    @staticmethod
-    def _merge(folder: Path, files: list[Path]) -> None:
+    def _merge(self, folder: Path, files: list[Path]) -> None:
         if len(files) < 2:
             return
         first, last = span(files[0].name), span(files[-1].name)
         assert first is not None and last is not None
-        merge_parquet(files, folder / f"chunk-{first[0]:06d}-{last[1]:06d}.parquet")
+        merge_parquet(files, folder / f"chunk-{first[0]:06d}-{last[1]:06d}.parquet", self.durable)
         for f in files:
             f.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # hand the merge's buffers back to the system
 
-    def close(self, meta: dict[str, Any]) -> bool:
+    def close(self, report: dict[str, Any] | None = None) -> bool:
+        """Write what is queued and merge each table into one file; the watch writes the final run.json after."""
         ok = self._guard(self._write_pending, "tables")
-        ok = self._guard(self.compact, "compaction") and ok
-        return self.write_meta(meta) and ok
+        return self._guard(self.compact, "compaction") and ok
 
     def _guard(self, fn: Callable[[], None], what: str, step: int | None = None) -> bool:
         """Run ``fn``; on failure warn once per failing ``what`` and return False (never raise)."""

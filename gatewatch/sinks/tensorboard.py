@@ -1,17 +1,15 @@
 """TensorBoard event files, written at flush time only.
 
-Tags are hierarchical so TensorBoard groups them: ``gate/<gate>/<metric>``,
-``gate/<gate>/share/<expert>``, ``expert/<expert>/utilization``, ``experts/load_cv``,
-``loss/<task>``; task conflict ``conflict/<a>~<b>/{cosine,sign_conflict,magnitude_sim}`` over all shared
-parameters, ``conflict/<a>~<b>/module/<module>/cosine``, ``conflict/norm/<task>``; histograms
-``gate/<gate>/weights`` and ``conflict/purity`` (GradDrop sign purity) from precomputed counts. Rows per
-shared tensor stay in the run directory only.
+Scalars are those of :func:`gatewatch.sinks.scalars.scalars` (the choice the other trackers share): tags
+``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>``, ``expert/<expert>/utilization``,
+``experts/load_cv``, ``loss/<task>``, ``eval/<split>/<task>/<metric>``, ``conflict/<a>~<b>/...``,
+``conflict/norm/<task>``. Histograms ``gate/<gate>/weights`` and ``conflict/purity`` (GradDrop sign purity)
+come from precomputed counts. Rows per shared tensor stay in the run directory only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from pathlib import Path
@@ -19,22 +17,27 @@ from typing import Any
 
 import pandas as pd
 
-GATE_SCALARS = ("entropy", "entropy_of_mean", "mutual_info", "effective_experts", "polarization",
-                "max_weight", "top_share", "spread", "drift")
-CONFLICT_SCALARS = ("cosine", "sign_conflict", "magnitude_sim")
+from . import Sink
+from .scalars import CONFLICT_SCALARS, GATE_SCALARS, WINDOW_TABLES, scalars
+
+__all__ = ["CONFLICT_SCALARS", "GATE_SCALARS", "WINDOW_TABLES", "TensorBoardSink"]
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Writes the rows of each flush as TensorBoard scalars and histograms.
 
-    A failure to write is reported once (a warning); the writer is dropped and opened afresh (a new
-    event file) at the next flush, which writes the flushes kept since (at most ``max_pending``). The
-    same happens when the folder was removed while the run goes on. It never raises into training.
+    Of the windows of one flush it writes at most ``max_windows``, evenly spaced and the last always
+    (statistics every step would otherwise cost more in event writing than in measuring); the run
+    directory keeps every window. A failure to write is reported once (a warning); the writer is
+    dropped and opened afresh (a new event file) at the next flush, which writes the flushes kept since
+    (at most ``max_pending``). The same happens when the folder was removed while the run goes on. It
+    never raises into training.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, max_pending: int = 32) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], *, max_pending: int = 32, max_windows: int = 10) -> None:
         self.path = Path(log_dir)
         self.max_pending = max_pending
+        self.max_windows = max_windows
         self.pending: list[dict[str, pd.DataFrame]] = []
         self.failing = False
         self.writer: Any = self._open()
@@ -45,8 +48,7 @@ class TensorBoardSink:
         return SummaryWriter(log_dir=str(self.path))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            self.writer.add_scalar(tag, float(value), int(step))
+        self.writer.add_scalar(tag, float(value), int(step))
 
     def write(self, tables: dict[str, pd.DataFrame]) -> bool:
         """Write this flush (and the ones kept from failed flushes); False if it failed."""
@@ -78,36 +80,22 @@ class TensorBoardSink:
                 self.writer.close()
         self.writer = None
 
+    def _thin(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """The window tables of one flush cut to at most ``max_windows`` windows (evenly spaced, the last kept)."""
+        steps = sorted(set().union(*(tables[t]["step"].tolist() for t in WINDOW_TABLES if t in tables)))
+        if len(steps) <= self.max_windows:
+            return tables
+        stride = -(-len(steps) // self.max_windows)
+        keep = set(steps[::-1][::stride])
+        return {name: df[df["step"].isin(keep)] if name in WINDOW_TABLES else df for name, df in tables.items()}
+
     def _write(self, tables: dict[str, pd.DataFrame]) -> None:
-        for row in tables.get("gates", pd.DataFrame()).itertuples(index=False):
-            for metric in GATE_SCALARS:
-                self.scalar(f"gate/{row.gate}/{metric}", getattr(row, metric), row.step)
-        for row in tables.get("shares", pd.DataFrame()).itertuples(index=False):
-            self.scalar(f"gate/{row.gate}/share/{row.expert_name}", row.share, row.step)
-        experts = tables.get("experts", pd.DataFrame())
-        for row in experts.itertuples(index=False):
-            self.scalar(f"expert/{row.expert}/utilization", row.utilization, row.step)
-        for step, util in experts.groupby("step")["utilization"] if len(experts) else []:
-            mean = util.mean()
-            self.scalar("experts/load_cv", float(util.std(ddof=0) / mean) if mean > 0 else math.nan, step)
-        for row in tables.get("losses", pd.DataFrame()).itertuples(index=False):
-            self.scalar(f"loss/{row.task}", row.loss, row.step)
+        tables = self._thin(tables)
+        for tag, value, step in scalars(tables):
+            self.scalar(tag, value, step)
         hist = tables.get("hist", pd.DataFrame())
         for (step, gate), h in hist.groupby(["step", "gate"]) if len(hist) else []:
             self._histogram(f"gate/{gate}/weights", h, int(step))
-        self._conflict(tables)
-
-    def _conflict(self, tables: dict[str, pd.DataFrame]) -> None:
-        """Task conflict: per pair over all shared parameters and per module; purity over all of them."""
-        for row in tables.get("conflict", pd.DataFrame()).itertuples(index=False):
-            pair = f"{row.task_a}~{row.task_b}"
-            if row.scope == "all":
-                for metric in CONFLICT_SCALARS:
-                    self.scalar(f"conflict/{pair}/{metric}", getattr(row, metric), row.step)
-                self.scalar(f"conflict/norm/{row.task_a}", row.norm_a, row.step)
-                self.scalar(f"conflict/norm/{row.task_b}", row.norm_b, row.step)
-            elif row.scope == "module":
-                self.scalar(f"conflict/{pair}/module/{row.name}/cosine", row.cosine, row.step)
         purity = tables.get("purity", pd.DataFrame())
         purity = purity[purity["scope"] == "all"] if len(purity) else purity
         for step, h in purity.groupby("step") if len(purity) else []:
@@ -125,6 +113,6 @@ class TensorBoardSink:
             bucket_limits=h["hi"].tolist(), bucket_counts=counts.tolist(), global_step=step,
         )
 
-    def close(self) -> None:
+    def close(self, report: dict[str, Any] | None = None) -> None:
         """Flush and close the event file (never raises)."""
         self._drop_writer()

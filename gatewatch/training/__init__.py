@@ -1,25 +1,35 @@
-"""Training with GateWatch attached: data sets by name, the loop, evaluation, checkpoints, the demo."""
+"""Training with GateWatch attached: data sets by name, the loop, evaluation, checkpoints, the demo.
 
-from .checkpoint import CheckpointError, ModelInfo, load_model, read_model_info, save_model
-from .datasets import DATASETS, Splits, load_dataset, load_ref
-from .loop import MODELS, TrainConfig, TrainResult, build_model, train
-from .metrics import evaluate, roc_auc
+Importing this package loads no submodule: each name is imported from its module on first use, so
+``gatewatch.training.model_info`` (what a run saved, no torch) and the ``gatewatch demo`` options load
+without torch.
+"""
 
-__all__ = [
-    "DATASETS",
-    "MODELS",
-    "CheckpointError",
-    "ModelInfo",
-    "Splits",
-    "TrainConfig",
-    "TrainResult",
-    "build_model",
-    "evaluate",
-    "load_dataset",
-    "load_model",
-    "load_ref",
-    "read_model_info",
-    "roc_auc",
-    "save_model",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the submodule of this package that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["CheckpointError", "ModelInfo", "read_model_info"], "model_info"),
+    **dict.fromkeys(["load_model", "save_model"], "checkpoint"),
+    **dict.fromkeys(["DATASETS", "Splits", "load_dataset", "load_ref"], "datasets"),
+    **dict.fromkeys(["MODELS", "TrainConfig", "TrainResult", "build_model", "train"], "loop"),
+    **dict.fromkeys(["evaluate", "roc_auc"], "metrics"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first use (see the module docstring)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -23,6 +23,8 @@ its ``model.json`` is *not* trusted by default. :func:`load_model` imports and c
 
 Anything else raises :class:`CheckpointError` saying which of these to use. The dashboard follows the
 same rule: it rebuilds a run with a non-gatewatch factory only after the user explicitly allows it.
+
+Reading ``model.json`` and the trust rule need no torch: they live in :mod:`gatewatch.training.model_info`.
 """
 
 from __future__ import annotations
@@ -35,39 +37,33 @@ import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..sinks.run_dir import atomic_write_bytes, atomic_write_json
+from ..rundir import atomic_write_bytes, atomic_write_json
 from .metrics import check_task_types
+from .model_info import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    MODEL_FORMAT,
+    TRUSTED_PACKAGE,
+    CheckpointError,
+    ModelInfo,
+    is_trusted_factory,
+    read_model_info,
+)
 
-MODEL_FORMAT = "gatewatch-model/1"
-CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = "model.json"
-TRUSTED_PACKAGE = "gatewatch.models"
+__all__ = [
+    "CHECKPOINT_FILE", "MODEL_FILE", "MODEL_FORMAT", "TRUSTED_PACKAGE", "CheckpointError", "ModelInfo",
+    "check_state_dict", "is_trusted_factory", "load_model", "read_model_info", "read_state_dict", "resolve_factory",
+    "save_model",
+]
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _LISTED = 8  # keys listed per kind in a state-dict mismatch message
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be saved or rebuilt; the message says why and what to do."""
-
-
-@dataclass
-class ModelInfo:
-    """What ``model.json`` says about a saved model (plus where it came from)."""
-
-    path: Path
-    factory: str | None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)
-    task_types: list[str] = field(default_factory=list)
-    data: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -117,36 +113,6 @@ def save_model(
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def read_model_info(run_dir: str | os.PathLike[str]) -> ModelInfo | None:
-    """``model.json`` of a run directory, or None when there is none."""
-    path = Path(run_dir)
-    file = path / MODEL_FILE
-    if not file.is_file():
-        return None
-    try:
-        meta = json.loads(file.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("the top level is not a JSON object")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} is not readable JSON ({err}); rewrite it or pass factory= and kwargs=.") from err
-    kwargs = meta.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{file}: 'kwargs' must be a JSON object, got {type(kwargs).__name__}.")
-    factory = meta.get("factory")
-    return ModelInfo(
-        path=path, factory=factory if isinstance(factory, str) else None, kwargs=kwargs,
-        tasks=[str(t) for t in meta.get("tasks") or []], task_types=[str(t) for t in meta.get("task_types") or []],
-        data=meta.get("data") if isinstance(meta.get("data"), dict) else None,
-    )
-
-
-def is_trusted_factory(factory: str) -> bool:
-    """True when ``factory`` may be imported without permission: a public module of ``gatewatch.models``
-    (importing any other module, even of gatewatch, could run code a run directory chose)."""
-    module = factory.partition(":")[0].split(".")
-    return module[:2] == TRUSTED_PACKAGE.split(".") and not any(part.startswith("_") for part in module[2:])
-
-
 def resolve_factory(factory: str, *, trusted: bool) -> Any:
     """Import ``pkg.module:Attr`` and return the attribute; untrusted references must be gatewatch modules."""
     if not isinstance(factory, str) or not _FACTORY.match(factory):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..data import load_census, make_synthetic
+from ..validate import positive_int
 from .metrics import check_task_types
 
 
@@ -70,8 +71,8 @@ def synthetic_splits(
     seed: int = 0,
 ) -> Splits:
     """The MMoE paper's synthetic regression tasks with task correlation ``correlation``."""
-    if min(n_train, n_val, n_test) < 1:
-        raise ValueError(f"n_train, n_val and n_test must be >= 1, got {n_train}, {n_val}, {n_test}.")
+    n_train, n_val, n_test = (positive_int(name, n, unit="samples") for name, n in
+                              (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)))
     x, y = make_synthetic(n_train + n_val + n_test, correlation=correlation, n_tasks=n_tasks, dim=dim,
                           n_sin=n_sin, scale=scale, noise=noise, seed=seed)
     a, b = n_train, n_train + n_val
@@ -95,9 +96,9 @@ def census_splits(
     """UCI census-income (downloaded once, then cached); ``seed`` fixes the validation/test split and subset."""
     data = _census(tuple(tasks), cache_dir, archive, seed)
     x, y = data.x_train, data.y_train
+    if max_train is not None:
+        max_train = positive_int("max_train", max_train, unit="rows; None for all of them")
     if max_train is not None and max_train < len(x):
-        if max_train < 1:
-            raise ValueError(f"max_train must be >= 1 (or None for all rows), got {max_train}.")
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_train].sort().values
         x, y = x[keep], y[keep]
     return Splits(x, y, data.x_val, data.y_val, data.x_test, data.y_test, tasks=list(data.tasks),

@@ -14,7 +14,6 @@ test at the end, and leaves a complete run directory:
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import sys
@@ -32,9 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
-from ..schema import frame
-from ..sinks.run_dir import atomic_write_json
-from ..watch import GateWatch
+from ..rundir import atomic_write_json
+from ..validate import dropout_rate, positive_int
+from ..watch import GateWatch, quantity_keywords
 from .checkpoint import save_model
 from .datasets import Splits, load_dataset
 from .metrics import evaluate
@@ -72,9 +71,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "every", "flush_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+            positive_int(f"TrainConfig.{name}", getattr(self, name))
         if self.eval_every < 0:
             raise ValueError(f"TrainConfig.eval_every must be >= 0 (0: only at the end), got {self.eval_every}.")
         if self.model not in MODELS:
@@ -83,8 +80,7 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
-        if not 0 <= self.gate_dropout < 1:
-            raise ValueError(f"TrainConfig.gate_dropout is a probability in [0, 1), got {self.gate_dropout!r}.")
+        dropout_rate("gate_dropout", self.gate_dropout, owner="TrainConfig")
         if self.model == "shared_bottom" and (self.gate_dropout or self.watch):
             raise ValueError("shared_bottom has no gates: train it with watch=False and gate_dropout=0.")
         if "gate_dropout" in self.model_kwargs:
@@ -141,7 +137,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
 
 def supports_conflict() -> bool:
     """True when this GateWatch can log per-task gradient conflict (``conflict_every``)."""
-    return "conflict_every" in inspect.signature(GateWatch.__init__).parameters
+    return "conflict_every" in quantity_keywords()
 
 
 def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -164,11 +160,11 @@ def eval_rows(step: int, split: str, metrics: dict[str, dict[str, float]]) -> li
 class Unwatched:
     """Stands in for GateWatch when ``TrainConfig.watch`` is False: a plain backward pass, nothing logged."""
 
-    writer = None
-    tb = None
+    def log_metrics(self, step: int, metrics: dict[str, dict[str, float]], *, split: str = "val") -> None:
+        """Nothing to record."""
 
-    def __init__(self) -> None:
-        self.meta: dict[str, Any] = {}
+    def annotate(self, **fields: Any) -> None:
+        """Nothing to record."""
 
     def backward(self, losses: dict[str, Tensor]) -> None:
         sum(losses.values()).backward()  # type: ignore[union-attr]
@@ -181,13 +177,8 @@ class Unwatched:
 
 
 def log_eval(watch: GateWatch | Unwatched, step: int, split: str, metrics: dict[str, dict[str, float]]) -> None:
-    """Write one evaluation into the run directory's ``eval`` table and TensorBoard."""
-    if watch.writer is not None:
-        watch.writer.write({"eval": frame("eval", eval_rows(step, split, metrics))})
-    if watch.tb is not None:
-        for task, values in metrics.items():
-            for name, value in values.items():
-                watch.tb.scalar(f"eval/{split}/{task}/{name}", value, step)
+    """Record one evaluation: the run directory's ``eval`` table and TensorBoard's ``eval/...`` scalars."""
+    watch.log_metrics(step, metrics, split=split)
 
 
 def _postfix(running: dict[str, float], last_val: dict[str, dict[str, float]] | None) -> dict[str, str]:
@@ -276,7 +267,7 @@ def train(
         save_model(run_dir, model, factory=factory, data=splits.ref, tasks=tasks, task_types=kinds)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         if stopped_at is not None:
-            watch.meta["stopped_at"] = stopped_at
+            watch.annotate(stopped_at=stopped_at)
     except BaseException as err:
         bar.close()
         watch.close(error=err)

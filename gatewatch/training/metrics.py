@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validate import positive_int
+
 TASK_TYPES = ("binary", "regression")
 
 
@@ -58,8 +60,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 8192) -> list[Tensor]:
     """The model's raw outputs on ``x`` (one ``[N]`` float tensor per task, on the CPU), in eval mode."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = positive_int("batch_size", batch_size)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else x.device
     was_training = model.training

@@ -1,0 +1,42 @@
+"""Summaries of ablation results (pandas only, no torch): what ``gatewatch ablate`` prints and the Ablations
+page shows under its charts. Each takes the result table of one kind (see :mod:`gatewatch.ablation`)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+
+def knockout_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per task and metric: the most harmful knock-out, its harm, the total harm, and their ratio.
+
+    ``concentration`` = max harm / sum of positive harms: near 1 when one expert carries the task
+    (a polarized gate), small when the damage is spread.
+    """
+    rows = []
+    for (task, metric), g in df.groupby(["task", "metric"], sort=False):
+        worst = g.loc[g["harm"].idxmax()] if g["harm"].notna().any() else g.iloc[0]
+        positive = g["harm"].clip(lower=0).sum()
+        rows.append({"task": task, "metric": metric, "base": float(g["base"].iloc[0]), "worst_gate": worst["gate"],
+                     "worst_expert": worst["expert_name"], "max_harm": float(worst["harm"]),
+                     "total_harm": float(positive),
+                     "concentration": float(worst["harm"] / positive) if positive > 0 else math.nan})
+    return pd.DataFrame(rows, columns=["task", "metric", "base", "worst_gate", "worst_expert", "max_harm",
+                                       "total_harm", "concentration"])
+
+
+def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread over seeds of each task's metric at each rate, and the mean harm."""
+    g = df.groupby(["task", "metric", "rate"], sort=False)
+    out = g.agg(mean=("value", "mean"), std=("value", "std"), harm=("harm", "mean"), seeds=("seed", "nunique"))
+    return out.reset_index().sort_values(["task", "metric", "rate"], kind="stable").reset_index(drop=True)
+
+
+def comparison_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per rate, task and metric: mean and spread over seeds, with the mean gate health."""
+    g = df.groupby(["rate", "task", "metric"], sort=False)
+    out = g.agg(mean=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"),
+                polarized_gates=("polarized_gates", "mean"), dead_experts=("dead_experts", "mean"),
+                mean_entropy=("mean_entropy", "mean"), max_top_share=("max_top_share", "mean"))
+    return out.reset_index().sort_values(["task", "metric", "rate"], kind="stable").reset_index(drop=True)

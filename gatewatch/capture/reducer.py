@@ -1,0 +1,181 @@
+"""The one reducer of every quantity's declared state: gather, reduce across ranks, one transfer to the host.
+
+At a flush, each quantity hands over its states (:class:`~gatewatch.capture.quantity.State`); the
+reducer returns, per quantity, a host array for each key. In one process that is one concatenation
+and one device-to-host transfer. Under torch.distributed:
+
+* SUM, MIN and MAX states are laid out in one agreed order (every quantity's ``slots``); a slot a rank
+  has not filled yet (a gate it never ran) is filled with the reduction's identity. Until every slot's
+  width is known on some rank, each flush first agrees on the widths (one tiny collective).
+* The SUM buffer goes first, in one ``all_reduce``. It also carries the ``control`` values (rank 0's,
+  such as the step of the next flush) and, per MIN/MAX kind, how many entries differ from the identity,
+  so the MIN and MAX collectives run only when some rank holds such a value (a NaN's first step).
+* REPLICATED states are rank 0's own; CONCAT states are gathered from every rank in rank order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .distributed import agree_widths, others, steps_at_close, stragglers
+from .quantity import IDENTITY, Quantity, Reduction, State
+
+HostStates = dict[str, dict[str, np.ndarray]]
+WINDOWED = (Reduction.SUM, Reduction.MIN, Reduction.MAX)
+OPS = {Reduction.SUM: "SUM", Reduction.MIN: "MIN", Reduction.MAX: "MAX"}
+
+
+class Reducer:
+    """Reduces the states of ``quantities`` at each flush (see the module docstring)."""
+
+    def __init__(self, quantities: list[Quantity], *, distributed: bool = False, group: object = None) -> None:
+        self.quantities = quantities
+        self.distributed = distributed
+        self.group = group
+        self.widths: dict[tuple[str, str], int] | None = None  # agreed once every slot is known on some rank
+        self.degraded = ""  # why the ranks are no longer reduced together ('' while they are)
+        self._told = False
+
+    def reduce(self, windows: list[int], control: list[float] | None = None, *, local: bool = False
+               ) -> tuple[HostStates, list[float]]:
+        """Every quantity's states for the closed ``windows`` on the host, and the ``control`` values of rank 0.
+
+        ``local``: this rank's states only, with no collective (every rank must agree to skip it: nothing
+        windowed to reduce).
+        """
+        collected = {q.name: q.collect(windows) for q in self.quantities}
+        control = list(control or [])
+        if self.distributed and not local and not self.degraded:
+            try:
+                return self._reduce_across_ranks(collected, len(windows), control)
+            except (RuntimeError, ValueError) as err:  # a rank crashed, left early or timed out
+                if isinstance(err, ValueError) and "disagree" in str(err):
+                    raise
+                self.degrade(f"{others(self.group)} stopped answering gatewatch's flush collective "
+                             f"({type(err).__name__}: {str(err)[:160]})")
+        host = _to_host([(q, k, s.tensor) for q, states in collected.items() for k, s in states.items()])
+        return host, control
+
+    def settle_close(self, step: int) -> None:
+        """At close under DDP: wait (bounded) for every rank; go on alone when one is missing or stopped elsewhere."""
+        if not self.distributed or self.degraded:
+            return
+        steps, why = steps_at_close(self.group, step)
+        if steps is None or stragglers(steps):
+            self.degrade(why or f"the ranks stopped at different steps: {stragglers(steps or [])}")
+
+    def degrade(self, why: str) -> None:
+        """From now on, reduce this rank's states alone (rank 0 writes its own windows)."""
+        self.degraded = self.degraded or why
+
+    def news(self, step: int) -> list[dict[str, Any]]:
+        """Once, after the ranks fell apart: a warning, and the event marking the windows from ``step`` on as
+        holding rank 0's data only."""
+        if not self.degraded or self._told:
+            return []
+        self._told = True
+        me, world = dist.get_rank(self.group), dist.get_world_size(self.group)  # type: ignore[arg-type]
+        then = "it goes on writing its own windows" if me == 0 else "rank 0 writes its own windows"
+        warnings.warn(f"gatewatch (rank {me}): {self.degraded}; {then}.", RuntimeWarning, stacklevel=3)
+        return [{"step": step, "kind": "ranks_partial", "source": "ddp", "message": (
+            f"{self.degraded}; the windows from step {step} on hold rank 0's data only (1 of {world} ranks).")}]
+
+    # ---------------------------------------------------------------- several processes
+    def _slot_widths(self, collected: dict[str, dict[str, State]]) -> dict[tuple[str, str], int]:
+        """The width of every slot, agreed by all ranks (a collective until all are known)."""
+        if self.widths is not None:
+            return self.widths
+        keys = [(q.name, k) for q in self.quantities for k in q.slots]
+        local = [int(collected[q][k].tensor.shape[1]) if k in collected[q] else 0 for q, k in keys]
+        high, low = agree_widths(local, self.group)
+        differ = [f"{q}/{k}: {lo} vs {hi}" for (q, k), hi, lo in zip(keys, high, low, strict=True) if hi and hi != lo]
+        if differ:
+            raise ValueError(f"Ranks disagree on the size of the gatewatch state ({', '.join(differ)}): every rank "
+                             "must run the same model (same experts per gate) and log the same task losses.")
+        widths = dict(zip(keys, high, strict=True))
+        if all(high):
+            self.widths = widths
+        return widths
+
+    def _reduce_across_ranks(self, collected: dict[str, dict[str, State]], n_windows: int, control: list[float]
+                             ) -> tuple[HostStates, list[float]]:
+        widths = self._slot_widths(collected)
+        device = next((s.tensor.device for states in collected.values() for s in states.values()),
+                      torch.device("cpu"))  # built where the states are, then one copy per kind to the CPU (gloo)
+        layout: dict[Reduction, list[tuple[str, str, int]]] = {kind: [] for kind in WINDOWED}
+        parts: dict[Reduction, list[torch.Tensor]] = {kind: [] for kind in WINDOWED}
+        for q in self.quantities:
+            for key, kind in q.slots.items():
+                width = widths[(q.name, key)]
+                if not width:
+                    continue
+                state = collected[q.name].get(key)
+                tensor = (state.tensor.to(device, torch.float64) if state is not None else
+                          torch.full((n_windows, width), IDENTITY[kind], dtype=torch.float64, device=device))
+                layout[kind].append((q.name, key, width))
+                parts[kind].append(tensor.reshape(n_windows, width))
+        buffers = {kind: (torch.cat(p, dim=1) if p else torch.zeros(n_windows, 0, dtype=torch.float64)).cpu()
+                   for kind, p in parts.items()}
+        extremes = [(buffers[k] != IDENTITY[k]).sum().to(torch.float64).reshape(1) for k in (Reduction.MIN,
+                                                                                            Reduction.MAX)]
+        head = torch.cat([torch.tensor(control, dtype=torch.float64), *extremes])
+        summed = torch.cat([head, buffers[Reduction.SUM].reshape(-1)])
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)  # type: ignore[arg-type]
+        local = [(q, k, s.tensor) for q, states in collected.items() for k, s in states.items()
+                 if s.reduction is Reduction.REPLICATED]
+        flat = torch.cat([summed.cpu(), *(t.reshape(-1).to("cpu", torch.float64) for _, _, t in local)])
+        n = len(control)
+        control_out, flags = flat[:n].tolist(), flat[n : n + 2].tolist()
+        at = n + 2
+        host: HostStates = {q.name: {} for q in self.quantities}
+        sum_shape = buffers[Reduction.SUM].shape
+        windowed = {Reduction.SUM: flat[at : at + buffers[Reduction.SUM].numel()].reshape(sum_shape).numpy()}
+        at += buffers[Reduction.SUM].numel()
+        for kind, flag in zip((Reduction.MIN, Reduction.MAX), flags, strict=True):
+            windowed[kind] = self._extreme(buffers[kind], kind, flag > 0)
+        for kind, entries in layout.items():
+            col = 0
+            for q, key, width in entries:
+                host[q][key] = windowed[kind][:, col : col + width]
+                col += width
+        for q, key, tensor in local:
+            host[q][key] = flat[at : at + tensor.numel()].reshape(tensor.shape).numpy()
+            at += tensor.numel()
+        for q, states in collected.items():
+            for key, state in states.items():
+                if state.reduction is Reduction.CONCAT:
+                    host[q][key] = self._gather(state.tensor)
+        return host, control_out
+
+    def _extreme(self, buffer: torch.Tensor, kind: Reduction, needed: bool) -> np.ndarray:
+        """The MIN or MAX buffer reduced over ranks; no collective when every entry everywhere is the identity."""
+        if needed and buffer.numel():
+            buffer = buffer.contiguous()
+            dist.all_reduce(buffer, op=getattr(dist.ReduceOp, OPS[kind]), group=self.group)  # type: ignore[arg-type]
+        return buffer.cpu().numpy()
+
+    def _gather(self, tensor: torch.Tensor) -> np.ndarray:
+        """Rows of every rank, in rank order."""
+        gathered: list[np.ndarray | None] = [None] * dist.get_world_size(self.group)  # type: ignore[arg-type]
+        dist.all_gather_object(gathered, tensor.detach().to("cpu", torch.float64).numpy(), group=self.group)
+        return np.concatenate([g for g in gathered if g is not None and g.size], axis=0) if any(
+            g is not None and g.size for g in gathered) else tensor.detach().cpu().double().numpy()
+
+
+def _to_host(entries: list[tuple[str, str, torch.Tensor]]) -> HostStates:
+    """Every tensor on the host, in one transfer."""
+    host: HostStates = {}
+    if not entries:
+        return host
+    device = entries[0][2].device
+    flat = torch.cat([t.reshape(-1).to(device, torch.float64) for _, _, t in entries]).cpu().numpy()
+    at = 0
+    for q, key, tensor in entries:
+        host.setdefault(q, {})[key] = flat[at : at + tensor.numel()].reshape(tensor.shape)
+        at += tensor.numel()
+    return host

@@ -1,0 +1,76 @@
+"""The registered quantities. Each is one package that owns one measurement end to end:
+
+* ``capture.py`` (torch): its hooks, its device state (each tensor declared with its reduction) and the
+  rows it makes of a window's host copy - see :class:`gatewatch.capture.quantity.Quantity`;
+* ``read.py`` (pandas only): ``TABLES`` (its tables' schema), ``SECTIONS`` (its keys of the report JSON),
+  ``RULES`` (its finding rules) and ``REMEDIES`` (the remedy texts they print).
+
+Adding a quantity is its package plus one line: below for a package of gatewatch, or
+``gatewatch.quantities.register("my_pkg.my_quantity")`` for one of your own (docs/quantities.md).
+Everything that lists tables, sections, rules or remedies reads them from here, on use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from importlib import import_module
+from types import ModuleType
+from typing import Any
+
+QUANTITIES: list[str] = [
+    "gates",  # gate statistics: share, entropy, polarization, load ... per gate and window
+    "losses",  # per-task losses per window
+    "conflict",  # gradient conflict between tasks on the shared parameters
+]
+
+
+def register(package: str) -> None:
+    """Add the quantity package ``package`` (a dotted path holding ``capture.py`` and ``read.py``)."""
+    import_module(f"{package}.read")  # fail now, with the import error, rather than at the first flush
+    if package not in QUANTITIES:
+        QUANTITIES.append(package)
+
+
+def _module(name: str, half: str) -> ModuleType:
+    return import_module(f"{name if '.' in name else f'{__name__}.{name}'}.{half}")
+
+
+def read_halves() -> list[ModuleType]:
+    """The read half of every registered quantity, in registration order (no torch)."""
+    return [_module(name, "read") for name in QUANTITIES]
+
+
+def capture_halves() -> list[ModuleType]:
+    """The capture half of every registered quantity, in registration order (imports torch)."""
+    return [_module(name, "capture") for name in QUANTITIES]
+
+
+class Gathered(Mapping[str, Any]):
+    """The union of one dict (``TABLES``, ``SECTIONS``, ``REMEDIES``) over the read halves, kept up to date with
+    the registry."""
+
+    def __init__(self, attribute: str, first: Mapping[str, Any] | None = None, last: Mapping[str, Any] | None = None
+                 ) -> None:
+        self.attribute, self.first, self.last = attribute, dict(first or {}), dict(last or {})
+        self._cache: tuple[tuple[str, ...], dict[str, Any]] | None = None
+
+    def _items(self) -> dict[str, Any]:
+        key = tuple(QUANTITIES)
+        if self._cache is None or self._cache[0] != key:
+            merged = dict(self.first)
+            for half in read_halves():
+                merged.update(getattr(half, self.attribute))
+            self._cache = (key, {**merged, **self.last})
+        return self._cache[1]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __repr__(self) -> str:
+        return f"Gathered({self.attribute}: {list(self._items())})"

@@ -1,0 +1,1 @@
+"""See :mod:`gatewatch.quantities`: ``capture`` (torch) and ``read`` (pandas) halves."""

@@ -1,0 +1,326 @@
+"""Gradient conflict, capture half: each task's gradient on the shared parameters, on scheduled steps.
+
+A conflict step (K tasks, shared parameters holding M elements in all) runs:
+
+1. before the backward: a flat copy of the shared parameters' ``.grad`` when they already hold one
+   (gradient accumulation), then K-1 calls ``torch.autograd.grad(loss_k, shared, retain_graph=True,
+   allow_unused=True)`` - one extra backward through the shared part per extra task, which is the floor;
+2. the ordinary backward of ``sum(losses)``, untouched: the model's ``.grad`` ends up bit for bit what
+   it would be without gatewatch;
+3. the last task's gradient = ((``.grad`` after) - (``.grad`` before)) / (the factor the backward applied
+   to the total loss, read from the gradient reaching it) - (the other tasks' gradients).
+
+The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
+At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one matmul) and,
+per task pair, the count of elements with opposite signs; every module group gets the histogram of
+GradDrop's sign purity. All of it goes into one small device tensor, kept until the flush.
+
+Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
+over all trainable parameters, and a parameter that two or more tasks reach is shared. Under
+torch.distributed the last task's gradient cannot come from ``.grad`` (it is averaged over ranks), so
+every task gets its own ``autograd.grad``: the figures are those of the local rank's batch, and no extra
+collective runs (``autograd.grad`` does not fire DDP's gradient hooks; the final backward does).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...gates import unwrap
+from ...schedules import Schedule, as_schedule, describe
+from ...validate import non_negative_int
+from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
+from .maths import PURITY_BINS, stack_rows, task_statistics
+from .rows import conflict_tables
+
+PARAM_ROW_LIMIT = 256  # above this many shared tensors, rows per tensor are left out (modules and "all" stay)
+SHARED_NAMES_LIMIT = 2048  # run.json lists the shared tensors up to this many
+
+KEYWORDS: dict[str, Any] = {
+    "conflict_every": 0, "shared": None, "conflict_threshold": 0.0, "conflict_group": None,
+    "conflict_param_limit": PARAM_ROW_LIMIT,
+}
+
+
+def build(ctx: CaptureContext) -> ConflictGradients | None:
+    """The conflict quantity for GateWatch's conflict keywords (None when ``conflict_every`` is off)."""
+    o = ctx.options
+    schedule = as_schedule("conflict_every", o["conflict_every"])
+    if schedule is None:
+        return None
+    if ctx.tasks is not None and len(ctx.tasks) < 2:
+        raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
+                            "conflict_every=0.")
+    return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
+                             group=o["conflict_group"], param_limit=o["conflict_param_limit"],
+                             distributed=ctx.distributed)
+
+
+class ConflictGradients(Quantity):
+    """Per-task gradients on the shared parameters on scheduled steps, reduced on the device.
+
+    The watch drives it: :meth:`due`, then :meth:`before_backward` / :meth:`after_backward` around each
+    backward of a conflict step, :meth:`on_step` at ``watch.step()``. Its one state, ``"steps"``, holds a
+    row of statistics per measured step: REPLICATED, as under DDP each rank measures its own batch and
+    rank 0's figures are written (no collective).
+    """
+
+    name = "conflict"
+
+    def __init__(self, model: nn.Module, *, schedule: Schedule, shared: SharedSpec = None, threshold: float = 0.0,
+                 group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False) -> None:
+        if not -1.0 < threshold <= 0.0:
+            raise ConflictError(
+                f"conflict_threshold is a cosine S in (-1, 0] (a step counts as conflict when cosine < S); "
+                f"got {threshold}."
+            )
+        non_negative_int("conflict_param_limit", param_limit, unit="parameter tensors")
+        self.model = unwrap(model)
+        self.schedule = schedule
+        self.threshold = threshold
+        self.param_limit = param_limit
+        self.grouper = module_grouper(self.model, group)
+        self.shared_names = select_shared(self.model, shared)
+        self.exact = distributed  # every task by autograd.grad (no subtraction from .grad)
+        self.layout: SharedLayout | None = None
+        self.disabled: str | None = None
+        self._due: tuple[int, bool] = (-1, False)
+        self._step: int | None = None  # the step being measured, while its gradients are pending
+        self._tasks: list[str] = []
+        self._stack: torch.Tensor | None = None  # [stack_rows(K), M]: the step's task gradients, then scratch
+        self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
+        self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
+        self._filled = False  # the stack holds gradients of this step
+        self._current: torch.Tensor | None = None  # the micro-batch being measured
+        self._computed = 0  # tasks of the current micro-batch computed before the backward
+        self._probe: list[Sequence[torch.Tensor | None]] | None = None  # every task's gradient, discovery step
+        self._has_before = False
+        self._scale: torch.Tensor | None = None  # the factor the backward applied to the total loss
+        self._pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, tasks, statistics) until the flush
+        self._collected: list[tuple[int, list[str]]] = []
+        self._below: dict[tuple[str, str, str], np.ndarray] = {}  # (scope, task a, task b) -> count per name
+
+    # ------------------------------------------------------------------ schedule
+    def due(self, step: int) -> bool:
+        """Is ``step`` (counting from 1) a conflict step?"""
+        if self.disabled is not None:
+            return False
+        if self._due[0] != step:
+            self._due = (step, bool(self.schedule(step)))
+        return self._due[1]
+
+    # ------------------------------------------------------------------ gradients
+    @contextmanager
+    def around_backward(self, items: list[tuple[str, torch.Tensor]], total: torch.Tensor, step: int
+                        ) -> Iterator[None]:
+        """Measure the task gradients around the backward run inside the block, when ``step`` is a conflict step."""
+        measuring = self.due(step) and self.before_backward(items, total, step)
+        try:
+            yield
+        except BaseException:
+            if measuring:
+                self.abort()
+            raise
+        if measuring:
+            self.after_backward()
+
+    def before_backward(self, items: list[tuple[str, torch.Tensor]], total: torch.Tensor, step: int) -> bool:
+        """Compute the task gradients the backward of ``total`` cannot give. False: nothing is measured."""
+        tasks = [t for t, _ in items]
+        if len(items) < 2:
+            self._disable(f"conflict needs two or more task losses, got {tasks}")
+            return False
+        if not total.requires_grad:
+            return False
+        if self._step is not None and (self._step != step or tasks != self._tasks):
+            self.end_step()
+        if self.layout is None and not self._discover(items):
+            return False
+        layout = self.layout
+        assert layout is not None
+        k = len(items)
+        self._tasks, self._step = tasks, step
+        g = self._target(k)
+        exact = self.exact or self._probe is not None
+        self._computed = k if exact else k - 1
+        self._has_before = not exact and any(p.grad is not None for p in layout.params)
+        if self._has_before:
+            if self._before is None or self._before.numel() != layout.size:
+                self._before = torch.empty_like(g[0])
+            self._flat_grads(self._before, [p.grad for p in layout.params])
+        for i in range(self._computed):
+            grads = self._probe[i] if self._probe is not None else self._task_grads(items[i][1])
+            self._flat_grads(g[i], grads)
+        self._probe = None
+        self._current = g
+        self._scale = None
+        total.register_hook(self._seen)
+        return True
+
+    def _seen(self, grad: torch.Tensor) -> None:
+        """The gradient reaching ``total``: the factor the backward applied to it (AMP loss scale, 1/accumulation)."""
+        self._scale = grad.detach()
+
+    def after_backward(self) -> None:
+        """Finish the micro-batch after the backward: last task by subtraction, then add it to the step's sum."""
+        g, self._current = self._current, None
+        if g is None:
+            return
+        if self._scale is None:
+            raise RuntimeError(
+                "The backward of the total loss did not run inside `with watch.task_gradients(losses) as total:`. "
+                "Call your backward on `total` (or on a scaled `total`) inside the block."
+            )
+        layout = self.layout
+        assert layout is not None
+        k = g.shape[0]
+        if self._computed < k:
+            last = g[k - 1]
+            self._flat_grads(last, [p.grad for p in layout.params])
+            if self._has_before:
+                assert self._before is not None
+                last.sub_(self._before)
+            last.div_(self._scale)  # .grad holds scale * gradient; autograd.grad gave the loss's own
+            for i in range(k - 1):
+                last.sub_(g[i])
+            for i, (s, e) in enumerate(layout.bounds):
+                if not layout.reach[k - 1][i]:
+                    last[s:e].zero_()  # rounding noise on a parameter the last task cannot reach
+        if self._filled:
+            assert self._stack is not None
+            self._stack[:k].add_(g)
+        self._filled = True
+
+    def abort(self) -> None:
+        """Forget the micro-batch being measured (its backward raised)."""
+        self._current = None
+
+    def on_step(self, step: int) -> None:
+        self.end_step()
+
+    def end_step(self) -> None:
+        """Reduce the step's task gradients to one flat device tensor, kept until the next flush."""
+        step, self._step = self._step, None
+        filled, self._filled = self._filled, False
+        if not filled or step is None or self.layout is None or self._stack is None:
+            return
+        k = len(self._tasks)
+        flat = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS)
+        self._pending.append((step, list(self._tasks), flat))
+
+    # ------------------------------------------------------------------ helpers
+    def _target(self, k: int) -> torch.Tensor:
+        """Where this micro-batch's ``[K, M]`` task gradients go: the stack, or a second buffer after the first."""
+        assert self.layout is not None
+        p0 = self.layout.params[0]
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.layout.params) else torch.float32
+        if self._stack is None or self._stack.shape != (stack_rows(k), self.layout.size):
+            self._stack = torch.empty(stack_rows(k), self.layout.size, dtype=dtype, device=p0.device)
+            self._micro, self._before = None, None
+        if not self._filled:
+            return self._stack[:k]
+        if self._micro is None:
+            self._micro = torch.empty(k, self.layout.size, dtype=dtype, device=p0.device)
+        return self._micro
+
+    def _task_grads(self, loss: torch.Tensor) -> Sequence[torch.Tensor | None]:
+        """``loss``'s gradient on each shared parameter (None where it does not reach)."""
+        assert self.layout is not None
+        params = self.layout.params
+        if not loss.requires_grad:
+            return [None] * len(params)
+        active = [i for i, p in enumerate(params) if p.requires_grad]
+        if len(active) == len(params):
+            return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out: list[torch.Tensor | None] = [None] * len(params)
+        if active:
+            got = torch.autograd.grad(loss, [params[i] for i in active], retain_graph=True, allow_unused=True)
+            for i, grad in zip(active, got, strict=True):
+                out[i] = grad
+        return out
+
+    def _flat_grads(self, out: torch.Tensor, grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
+        """Write gradients (None: zeros) into the flat row ``out``."""
+        assert self.layout is not None
+        parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=out.dtype, device=out.device)
+                 for g, p in zip(grads, self.layout.params, strict=True)]
+        return torch.cat(parts, out=out)
+
+    def _discover(self, items: list[tuple[str, torch.Tensor]]) -> bool:
+        """Find the shared parameters (the first conflict step): every task's gradient, once."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.shared_names is not None:
+            wanted = set(self.shared_names)
+            named = [(n, p) for n, p in named if n in wanted]
+        names, params = [n for n, _ in named], [p for _, p in named]
+        grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad
+                 else (None,) * len(params) for _, loss in items]
+        reach = [[g is not None for g in task] for task in grads]
+        if self.shared_names is None:
+            keep = [i for i in range(len(params)) if sum(r[i] for r in reach) >= 2]
+        else:
+            keep = list(range(len(params)))
+        if not keep:
+            self._disable(
+                f"no parameter receives gradient from two or more of the tasks {[t for t, _ in items]}, so there "
+                "is nothing to compare. Pass shared= to name the parameters to compare"
+            )
+            return False
+        devices = {params[i].device for i in keep}
+        if len(devices) > 1:
+            self._disable(f"the shared parameters span several devices ({sorted(map(str, devices))}); pass "
+                          "shared= with parameters of one device")
+            return False
+        self.layout = SharedLayout.build(
+            [names[i] for i in keep], [params[i] for i in keep], [[r[i] for i in keep] for r in reach],
+            self.grouper, self.param_limit,
+        )
+        position = {n: i for i, n in enumerate(names)}
+        order = [position[n] for n in self.layout.names]
+        self._probe = [[task[i] for i in order] for task in grads]
+        return True
+
+    def _disable(self, why: str) -> None:
+        self.disabled = why
+        warnings.warn(f"gatewatch: task-conflict logging is off: {why}.", RuntimeWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ flush
+    def collect(self, windows: list[int]) -> dict[str, State]:
+        pending, self._pending = self._pending, []
+        self._collected = [(step, tasks) for step, tasks, _ in pending]
+        if not pending:
+            return {}
+        return {"steps": State(torch.stack([flat for _, _, flat in pending]), Reduction.REPLICATED)}
+
+    def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
+        if "steps" not in host or self.layout is None:
+            return {}
+        steps, tasks = [s for s, _ in self._collected], self._collected[0][1]
+        return conflict_tables(steps, tasks, self.layout, host["steps"], self.threshold, self._below)
+
+    def describe(self) -> dict[str, Any]:
+        return {"conflict": self.settings()}
+
+    def settings(self) -> dict[str, Any]:
+        """What run.json records about conflict logging."""
+        layout = self.layout
+        out: dict[str, Any] = {
+            "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
+            "method": "autograd.grad per task" if self.exact else "K-1 autograd.grad + subtraction",
+            "disabled": self.disabled,
+        }
+        if layout is not None:
+            out.update(
+                per_param=layout.per_param, tensors=len(layout.names), elements=layout.size,
+                groups={g: sum(1 for x in layout.group_of if x == i) for i, g in enumerate(layout.groups)},
+                shared=layout.names if len(layout.names) <= SHARED_NAMES_LIMIT else None,
+            )
+        return out

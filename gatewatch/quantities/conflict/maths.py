@@ -1,0 +1,119 @@
+"""Gradient-conflict maths on the device: the Gram matrices, sign disagreements and GradDrop purity of task
+gradients held as rows of one flat buffer (no host synchronisation), and the pair statistics on the host."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+PURITY_BINS = 10  # GradDrop purity histogram over [0, 1]
+
+
+def task_pairs(k: int) -> list[tuple[int, int]]:
+    """Index pairs ``(a, b)``, a < b, of K tasks in order: (0, 1), (0, 2), ..., (K-2, K-1)."""
+    return [(a, b) for a in range(k) for b in range(a + 1, k)]
+
+
+def stack_rows(k: int) -> int:
+    """Rows of the working buffer of K tasks: their gradients, then scratch rows."""
+    return k + max(2, len(task_pairs(k)))
+
+
+def purity_counts(g: torch.Tensor, bounds: Sequence[tuple[int, int]], bins: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Histogram ``[U, bins + 1]`` of GradDrop's sign purity P = (1 + sum_k g_k / sum_k |g_k|) / 2 per range.
+
+    ``g [K, M]`` are the task gradients, overwritten with their absolute values; ``scratch [2, M]`` (same
+    dtype) is working space, so that a conflict step allocates nothing of size M. P = 1 (every task pushes
+    the element up) lands in the last bin; elements no task touches (P undefined) are counted in the
+    extra column ``bins``.
+    """
+    if scratch is None:
+        scratch = torch.empty(2, g.shape[1], dtype=g.dtype, device=g.device)
+    total, norm = _row_sum(g, scratch[0]), _row_sum(g.abs_(), scratch[1])
+    half = torch.full((), bins / 2, dtype=g.dtype, device=g.device)  # a fill, not a host-to-device copy
+    scaled = torch.addcdiv(half, total, norm, value=bins / 2, out=total)  # bins * P, NaN where no task has one
+    scaled.clamp_(max=bins - 0.5).nan_to_num_(nan=float(bins))  # the bin is its integer part; undefined: bins
+    if scaled.is_cuda:  # bincount would synchronise with the host there (it reads the largest index)
+        def count(s: int, e: int) -> torch.Tensor:
+            return torch.histc(scaled[s:e], bins + 1, 0, bins + 1)
+    else:
+        index = norm.view(torch.int32 if norm.element_size() == 4 else torch.int64)[: g.shape[1]]
+        index.copy_(scaled)  # truncates to the bin; bincount is 4x faster than histc on CPU
+
+        def count(s: int, e: int) -> torch.Tensor:
+            return torch.bincount(index[s:e], minlength=bins + 1)
+
+    counts: list[torch.Tensor | None] = [None] * len(bounds)
+    for i, parts in histogram_plan(bounds):
+        counts[i] = count(*bounds[i]) if parts is None else torch.stack([counts[j] for j in parts]).sum(0)
+    return torch.stack(counts)
+
+
+def histogram_plan(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, list[int] | None]]:
+    """In which order to histogram each range, and from what: ``(i, None)`` counts range i's elements,
+    ``(i, [j, ...])`` adds up the counts of smaller ranges j that tile it end to end (e.g. "all" from the
+    modules), so that an element is binned once however many ranges hold it. Smaller ranges come first."""
+    plan: list[tuple[int, list[int] | None]] = []
+    for i, (s, e) in enumerate(bounds):
+        inner = sorted((b, j) for j, b in enumerate(bounds) if s <= b[0] and b[1] <= e and b != (s, e))
+        pos, parts = s, []
+        for (a, b), j in inner:
+            if a == pos:
+                parts.append(j)
+                pos = b
+        plan.append((i, parts if pos == e and len(parts) > 1 else None))
+    return sorted(plan, key=lambda item: (item[1] is not None, bounds[item[0]][1] - bounds[item[0]][0]))
+
+
+def _row_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rows.sum(0)`` into ``out`` with K-1 additions (a reduction over dim 0 is slow on CPU)."""
+    if len(rows) == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out.add_(row)
+    return out
+
+
+def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]],
+                    groups: Sequence[tuple[int, int]], bins: int) -> torch.Tensor:
+    """Everything a conflict step logs, as one flat device tensor (no host synchronisation).
+
+    ``stack [stack_rows(K), M]`` holds the K task gradients in its first K rows (left as their absolute
+    values); the rest is scratch space.
+    ``units`` are the element ranges that get statistics (each parameter tensor, or each group), ``groups``
+    the ranges that get a purity histogram. Layout of the result: the ``[U, K, K]`` Gram matrices of the
+    task gradients, the ``[U, pairs]`` counts of elements where a pair's gradients have opposite signs,
+    then the ``[G, bins + 1]`` purity counts.
+    """
+    g = stack[:k]
+    pairs = task_pairs(k)
+    opposite = stack[k : k + len(pairs)]
+    for row, (a, b) in zip(opposite, pairs, strict=True):
+        torch.mul(g[a], g[b], out=row)
+    opposite.lt_(0)  # 1 where the pair's gradients have opposite signs
+    grams = torch.stack([g[:, s:e] @ g[:, s:e].T for s, e in units])
+    disagree = torch.stack([opposite[:, s:e].sum(1) for s, e in units])
+    counts = purity_counts(g, groups, bins, scratch=stack[k : k + 2])
+    return torch.cat([grams.flatten(), disagree.flatten(), counts.flatten().to(g.dtype)])
+
+
+def pair_table(gram: np.ndarray, disagree: np.ndarray, elements: np.ndarray, a: int, b: int
+               ) -> dict[str, np.ndarray]:
+    """Cosine, sign conflict, norms and magnitude similarity of tasks ``a``, ``b``.
+
+    ``gram [..., K, K]`` are Gram matrices of the task gradients, ``disagree [...]`` the pair's counts of
+    elements with opposite signs, ``elements`` (broadcast against it) the element counts. A pair where a
+    task has no gradient gets cosine 0 and magnitude similarity 0 with ``zero_grad`` set.
+    """
+    sq_a, sq_b, dot = gram[..., a, a], gram[..., b, b], gram[..., a, b]
+    norm_a, norm_b = np.sqrt(sq_a), np.sqrt(sq_b)
+    zero = (norm_a == 0) | (norm_b == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosine = np.where(zero, 0.0, np.clip(dot / (norm_a * norm_b), -1.0, 1.0))
+        magnitude = np.where(zero, 0.0, 2 * norm_a * norm_b / (sq_a + sq_b))
+    return {"cosine": cosine, "sign_conflict": disagree / np.maximum(elements, 1), "norm_a": norm_a,
+            "norm_b": norm_b, "magnitude_sim": magnitude, "zero_grad": zero}

@@ -1,0 +1,135 @@
+"""Gradient conflict, read half: the ``conflict`` and ``purity`` tables, the report's ``conflict`` list and the
+rules for tasks that pull shared parameters apart (or whose gradient became NaN/Inf).
+
+One criterion throughout: a measured step counts as conflict when the pair's cosine is below the run's
+``conflict_threshold`` (stored in run.json; 0 by default), for the Recon-style ``below`` count and for
+the finding alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from ...rules import Finding, Thresholds, num, streak_start
+from ..losses.read import first_nonfinite, nonfinite_finding
+
+if TYPE_CHECKING:
+    from ...run import Run
+
+TABLES: dict[str, dict[str, str]] = {
+    # gradient conflict (GateWatch(conflict_every=...)): one row per conflict step x scope x name x task pair;
+    # scope "param" (one shared tensor), "module" (a group of them), "all" (every shared parameter, name "all").
+    # zero_grad: a task has no gradient there (cosine and magnitude_sim are then 0); below: measured steps so
+    # far whose cosine fell below conflict_threshold (Recon); elements: the number of parameter elements
+    "conflict": {
+        "step": "int64", "scope": "string", "name": "string", "task_a": "string", "task_b": "string",
+        "cosine": "float64", "sign_conflict": "float64", "norm_a": "float64", "norm_b": "float64",
+        "magnitude_sim": "float64", "below": "int64", "zero_grad": "bool", "elements": "int64",
+    },
+    # GradDrop sign purity P = (1 + sum_k g_k / sum_k |g_k|) / 2 over all tasks: element counts per bin of [0, 1]
+    # per conflict step x scope ("module" | "all") x name; elements no task touches are left out
+    "purity": {"step": "int64", "scope": "string", "name": "string", "bin": "int64", "lo": "float64",
+               "hi": "float64", "count": "float64"},
+}
+
+REMEDIES = {
+    "conflict": (
+        "The tasks pull these shared parameters in opposite directions (negative transfer). Give the tasks their "
+        "own experts where they fight (CGC/PLE task-specific experts, or make the hot-spot layers task-specific "
+        "as Recon does), project the conflicting gradients (PCGrad) or align them (GradVac), or re-weight the "
+        "losses (gw.remedies.UncertaintyWeighting)."
+    ),
+}
+
+
+def conflict_threshold(run: Run) -> float:
+    """The run's ``conflict_threshold`` (Recon's S) from run.json; 0 for runs that do not record it."""
+    described = run.meta.get("conflict")
+    value = described.get("threshold") if isinstance(described, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def conflict_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """One finding per task pair whose gradients point apart on shared modules in most recent measurements:
+    the cosine below the run's ``conflict_threshold`` (the same criterion as the ``below`` count)."""
+    limit = conflict_threshold(run)
+    table = run.table("conflict")
+    table = table[table["scope"].isin(["module", "all"])]
+    out: list[Finding] = []
+    for (a, b), rows in table.groupby(["task_a", "task_b"], sort=False):
+        steps = sorted(rows["step"].unique())[-max(1, int(th.conflict_steps)):]
+        if len(steps) < min(3, int(th.conflict_steps)):
+            continue
+        recent = rows[rows["step"].isin(steps)]
+        by_name = recent.assign(against=(recent["cosine"] < limit) & ~recent["zero_grad"]).groupby(
+            ["scope", "name"], sort=False, as_index=False).agg(
+            share=("against", "mean"), cosine=("cosine", "mean"), sign=("sign_conflict", "mean"))
+        hot = by_name[(by_name["share"] >= th.conflict_share) & (by_name["cosine"] <= th.conflict_cosine)
+                      & (by_name["cosine"] < limit)].sort_values("cosine")
+        if not len(hot):
+            continue
+        modules = hot[hot["scope"] == "module"]
+        worst = modules.iloc[0] if len(modules) else hot.iloc[0]
+        history = rows[(rows["scope"] == worst["scope"]) & (rows["name"] == worst["name"])].sort_values("step")
+        names = ", ".join(map(str, modules["name"].iloc[:3])) + (", ..." if len(modules) > 3 else "")
+        where = (f"{len(modules)} of {int((by_name['scope'] == 'module').sum())} shared modules ({names})"
+                 if len(modules) else "the shared parameters as a whole")
+        overall = by_name.loc[by_name["scope"] == "all", "cosine"]
+        tail = f"; over all shared parameters the mean cosine is {overall.iloc[0]:.2f}" if len(overall) else ""
+        out.append(Finding(
+            "conflict", "warning", None, None, streak_start(history["step"], history["cosine"] < limit),
+            f"tasks {a!r} and {b!r} pull against each other on {where}: on {worst['name']} the gradient cosine "
+            f"was below {limit:g} in {worst['share']:.0%} of the last {len(steps)} measured steps (mean "
+            f"{worst['cosine']:.2f}, {worst['sign']:.0%} of the elements with opposite signs){tail}.",
+            REMEDIES["conflict"], "conflict",
+        ))
+    return out
+
+
+def gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A task whose gradient on the shared parameters became NaN/Inf (non-finite norms on a conflict step)."""
+    conflict = run.table("conflict")
+    conflict = conflict[conflict["scope"] == "all"]
+    pairs: list[tuple[object, object]] = []
+    for side in ("a", "b"):
+        bad = conflict[~conflict[f"norm_{side}"].astype("float64").abs().lt(math.inf)]
+        pairs += list(zip(bad[f"task_{side}"], bad["step"], strict=True))
+    return [nonfinite_finding("gradient", task, step) for task, step in first_nonfinite(pairs).items()]
+
+
+HOT_SPOTS = 3  # modules listed per task pair in the report
+
+
+def conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The report's ``conflict`` list: per task pair, all shared parameters at the last measured step.
+
+    Each entry: ``tasks [a, b]``, ``step``, ``cosine``, ``sign_conflict``, ``magnitude_sim``, ``norm_a``,
+    ``norm_b``, ``zero_grad``, ``below`` (measured steps with cosine below the threshold), ``measured``
+    (conflict steps in the run) and ``hot_spots``: the modules where the pair's cosine fell below the
+    threshold most often (``name``, ``below``, ``cosine`` at the last step).
+    """
+    table = run.table("conflict")
+    if not len(table):
+        return []
+    out = []
+    for (a, b), rows in table.groupby(["task_a", "task_b"], sort=False):
+        total = rows[(rows["scope"] == "all") & (rows["step"] == rows["step"].max())]
+        if not len(total):
+            continue
+        row = total.iloc[-1]
+        modules = rows[(rows["scope"] == "module") & (rows["step"] == row["step"])]
+        hot = modules[modules["below"] > 0].sort_values(["below", "cosine"], ascending=[False, True])
+        out.append({
+            "tasks": [str(a), str(b)], "step": int(row["step"]), "cosine": num(row["cosine"]),
+            "sign_conflict": num(row["sign_conflict"]), "magnitude_sim": num(row["magnitude_sim"]),
+            "norm_a": num(row["norm_a"]), "norm_b": num(row["norm_b"]), "zero_grad": bool(row["zero_grad"]),
+            "below": int(row["below"]), "measured": int(rows.loc[rows["scope"] == "all", "step"].nunique()),
+            "hot_spots": [{"name": str(h["name"]), "below": int(h["below"]), "cosine": num(h["cosine"])}
+                          for _, h in hot.head(HOT_SPOTS).iterrows()],
+        })
+    return out
+
+
+RULES = [conflict_findings, gradient_findings]
+SECTIONS = {"conflict": conflict_summary}

@@ -1,0 +1,251 @@
+"""Gate statistics, capture half: every gate's outputs, reduced to additive window sums.
+
+A forward hook on each gate keeps a reference to its output (no copy, no op) until the flush. Then the
+held outputs of all windows are reduced together, one stacked pass of :func:`~gatewatch.functional.window_sums`
+per gate shape, and added to each gate's per-window sums. Held outputs are capped (``HOLD_ELEMENTS``):
+beyond that they are folded early, so memory stays bounded whatever the flush interval. Nothing here
+synchronises with the host between flushes (apart from the first output of each gate, checked once).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State, to_device
+from ...functional import window_sums
+from ...gates import GateOutputError, ResolvedGate
+from .metrics import Layout, js_bits, window_metrics
+
+KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
+HOLD_ELEMENTS = 4_000_000  # gate outputs held until the flush (16 MB of float32); above: fold early
+
+
+def build(ctx: CaptureContext) -> GateStatistics:
+    return GateStatistics(ctx)
+
+
+class GateStatistics(Quantity):
+    """Per-window sums of every gate (see the module docstring). Slots: ``"<i>"`` (the sums of gate i, SUM)
+    and ``"<i>.bad"`` (the first step with a NaN/Inf output in the window, MIN)."""
+
+    name = "gates"
+
+    def __init__(self, ctx: CaptureContext) -> None:
+        self.ctx = ctx
+        self.gates = ctx.gates
+        self.slots = {key: kind for i in range(len(self.gates))
+                      for key, kind in ((f"{i}", Reduction.SUM), (f"{i}.bad", Reduction.MIN))}
+        self._pending: list[tuple[int, torch.Tensor]] = []  # this step's outputs: (gate, probs)
+        self._held: list[tuple[int, int, torch.Tensor]] = []  # earlier steps: (step, gate, probs)
+        self._held_elements = 0
+        self._ends: list[int] = []  # last steps of the windows closed since the last flush
+        self._sums: dict[int, torch.Tensor] = {}  # gate -> [window slots, layout.size] float64
+        self._bad: dict[int, torch.Tensor] = {}  # gate -> [window slots] float64, first non-finite step (inf: none)
+        self._prev_share: dict[str, np.ndarray] = {}
+        self._nonfinite_seen: set[str] = set()
+        self._started: set[int] = set()  # gates that have had a window with samples (on some rank)
+        self._handles = [g.module.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+
+    # ------------------------------------------------------------------ capture
+    def _hook(self, index: int) -> Callable[..., None]:
+        gate = self.gates[index]
+
+        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not module.training:
+                return
+            p = gate.to_probs(output)
+            if gate.n_experts is None:
+                self._first_output(gate, p)
+            self._pending.append((index, p))
+            self._held_elements += p.numel()
+            if self._held_elements > HOLD_ELEMENTS or len(self._pending) > 64 * len(self.gates):
+                self._fold()  # big outputs, or forward passes without step(): stay bounded
+
+        return hook
+
+    def _first_output(self, gate: ResolvedGate, p: torch.Tensor) -> None:
+        """Check a gate's first output once (one host sync) and record its expert count."""
+        if gate.output == "probs":
+            rows = p.sum(-1)
+            rows = rows[torch.isfinite(rows)]
+            # 1e-2: a bfloat16 softmax (CPU autocast) sums to 1 only within ~4e-3; logits are far further off
+            if rows.numel() and ((rows - 1).abs().max() > 1e-2 or (p[torch.isfinite(p)] < 0).any()):
+                raise GateOutputError(
+                    f"Gate {gate.name!r} ({gate.path}) output rows sum to {float(rows.min()):.4g}.."
+                    f"{float(rows.max()):.4g}, not 1: it does not look like probabilities. If the module emits "
+                    f'logits (softmax applied later), pass gw.Gate("{gate.path}", output="logits").'
+                )
+        self._set_experts(gate, p.shape[-1])
+
+    def _set_experts(self, gate: ResolvedGate, e: int) -> None:
+        """Record a gate's expert count (from its output, or from another rank) and label its experts."""
+        if gate.experts is not None and len(gate.experts) != e:
+            raise GateOutputError(f"Gate {gate.name!r} has {e} outputs but {len(gate.experts)} expert names were "
+                                  "given.")
+        if gate.experts is None and gate.task is None and sum(g.task is None for g in self.gates) > 1:
+            gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
+        gate.n_experts = e
+        self.ctx.meta_changed = True
+
+    def on_step(self, step: int) -> None:
+        self._held += [(step, index, p) for index, p in self._pending]
+        self._pending = []
+
+    def on_window(self, step: int) -> None:
+        self._ends.append(step)
+
+    def _fold(self) -> None:
+        """Add every held output to its window's sums: one stacked ``window_sums`` per gate shape."""
+        self.on_step(self.ctx.step + 1)
+        held, self._held, self._held_elements = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[int, int, int, torch.Tensor]]] = {}  # (window slot, step, gate, p)
+        for step, index, p in held:
+            key = (tuple(p.shape), p.device, p.dtype, self.gates[index].top_k)
+            groups.setdefault(key, []).append((bisect_left(self._ends, step), step, index, p))
+        for (_, device, _, top_k), items in groups.items():
+            stacked = torch.stack([p for *_, p in items]) if len(items) > 1 else items[0][3].unsqueeze(0)
+            upd = window_sums(stacked, threshold=self.ctx.threshold, bins=self.ctx.bins, top_k=top_k,
+                              margin=self.ctx.margin).to(torch.float64)
+            for index in dict.fromkeys(item[2] for item in items):
+                mine = [n for n, item in enumerate(items) if item[2] == index]
+                self._ensure(index, max(items[n][0] for n in mine) + 1, upd.shape[1], device)
+                rows = upd if len(mine) == len(items) else upd[to_device(mine, torch.int64, device)]
+                at = to_device([items[n][0] for n in mine], torch.int64, device)
+                steps = to_device([float(items[n][1]) for n in mine], torch.float64, device)
+                self._sums[index].index_add_(0, at, rows)
+                self._bad[index].scatter_reduce_(0, at, torch.where(rows[:, -1] > 0, steps, math.inf), "amin")
+
+    def _ensure(self, index: int, slots: int, size: int, device: torch.device) -> None:
+        """Room for ``slots`` windows in the sums of gate ``index``."""
+        have = self._sums.get(index)
+        if have is not None and have.shape[0] >= slots:
+            return
+        grow = slots - (0 if have is None else have.shape[0])
+        sums = torch.zeros(grow, size, dtype=torch.float64, device=device)
+        bad = torch.full((grow,), math.inf, dtype=torch.float64, device=device)
+        self._sums[index] = sums if have is None else torch.cat([have, sums])
+        self._bad[index] = bad if have is None else torch.cat([self._bad[index], bad])
+
+    # ------------------------------------------------------------------ flush
+    def collect(self, windows: list[int]) -> dict[str, State]:
+        self._fold()
+        n = len(windows)
+        states: dict[str, State] = {}
+        for index in sorted(self._sums):
+            sums, bad = self._sums[index], self._bad[index]
+            self._ensure(index, n + 1, sums.shape[1], sums.device)
+            sums, bad = self._sums[index], self._bad[index]
+            states[f"{index}"] = State(sums[:n], Reduction.SUM)
+            states[f"{index}.bad"] = State(bad[:n, None], Reduction.MIN)
+            self._sums[index] = torch.cat([sums[n:], torch.zeros_like(sums[:n])])  # the open window comes first
+            self._bad[index] = torch.cat([bad[n:], torch.full_like(bad[:n], math.inf)])
+        self._ends = self._ends[n:]
+        return states
+
+    def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
+        """The ``gates``, ``shares``, ``hist`` and ``experts`` rows of every window, computed per gate at once."""
+        steps = np.asarray(windows, dtype=np.int64)
+        tables: dict[str, list[pd.DataFrame]] = {"gates": [], "shares": [], "hist": [], "mix": []}
+        events: list[dict[str, Any]] = []
+        for i, gate in enumerate(self.gates):
+            if f"{i}" not in host:
+                continue
+            if gate.n_experts is None:  # seen on another rank only
+                self._set_experts(gate, Layout.experts_in(host[f"{i}"].shape[1], self.ctx.bins))
+            layout = Layout(gate.n_experts or 0, self.ctx.bins)
+            m = window_metrics(host[f"{i}"], layout)
+            keep = self._from_first_sample(i, m)
+            if not keep.any():
+                continue
+            m = {k: v[keep] for k, v in m.items()}
+            bad = host[f"{i}.bad"][keep, 0]
+            first_bad = pd.array(np.where(np.isfinite(bad), bad, 0).astype(np.int64), dtype="Int64")
+            first_bad[~np.isfinite(bad)] = pd.NA
+            self._gate_tables(gate, steps[keep], m, first_bad, tables)
+            if np.isfinite(bad).any() and gate.name not in self._nonfinite_seen:
+                self._nonfinite_seen.add(gate.name)
+                at = int(bad[np.isfinite(bad)][0])
+                events.append({"step": at, "kind": "nonfinite", "source": gate.name, "message": (
+                    f"gate {gate.name!r} produced NaN/Inf weights first at step {at}; those samples are left out of "
+                    "its statistics.")})
+        mix = tables.pop("mix")
+        out: Rows = {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items() if dfs}
+        if mix:
+            out["experts"] = _expert_rows(pd.concat(mix, ignore_index=True))
+        out["events"] = events
+        return out
+
+    def _from_first_sample(self, index: int, m: dict[str, np.ndarray]) -> np.ndarray:
+        """Which windows get rows: a gate's rows start with the first window it saw a sample in (on any rank)."""
+        seen = (m["samples"] + m["nonfinite"]) > 0
+        if index in self._started:
+            return np.ones_like(seen)
+        if seen.any():
+            self._started.add(index)
+        return np.cumsum(seen) > 0
+
+    def _gate_tables(self, gate: ResolvedGate, steps: np.ndarray, m: dict[str, np.ndarray], first_bad: Any,
+                     tables: dict[str, list[pd.DataFrame]]) -> None:
+        """Append one gate's rows over several windows, column by column."""
+        w, e = m["share"].shape
+        valid = m["samples"] > 0
+        share = m["share"]
+        drift = np.full(w, np.nan)
+        prev = self._prev_share.get(gate.name)
+        for k in range(w):  # drift against the last window that had samples
+            if valid[k]:
+                if prev is not None:
+                    drift[k] = float(js_bits(prev, share[k]))
+                prev = share[k]
+        if prev is not None:
+            self._prev_share[gate.name] = prev
+        names = gate.expert_names() or [str(i) for i in range(e)]
+        selected = m["selected"] if gate.top_k else np.full_like(share, np.nan)
+        tables["gates"].append(pd.DataFrame({
+            "step": steps, "gate": gate.name, "task": gate.task, "level": gate.level, "experts": e,
+            **{k: m[k] for k in ("samples", "entropy", "entropy_of_mean", "mutual_info", "effective_experts",
+                                 "polarization", "max_weight")},
+            "top_share": np.where(valid, share.max(1, initial=-np.inf), np.nan), "spread": m["spread"],
+            "drift": drift, "small_margin": m["small_margin"] if gate.top_k else np.nan,
+            "nonfinite": m["nonfinite"], "first_nonfinite_step": first_bad,
+        }))
+        tables["shares"].append(pd.DataFrame({
+            "step": np.repeat(steps, e), "gate": gate.name, "expert": np.tile(np.arange(e), w),
+            "expert_name": np.tile(np.array(names, dtype=object), w), "share": share.ravel(),
+            "std": m["std"].ravel(), "top1": m["top1"].ravel(), "selected": selected.ravel(),
+        }))
+        edges = np.linspace(0, 1, self.ctx.bins + 1)
+        tables["hist"].append(pd.DataFrame({
+            "step": np.repeat(steps, self.ctx.bins), "gate": gate.name, "bin": np.tile(np.arange(self.ctx.bins), w),
+            "lo": np.tile(edges[:-1], w), "hi": np.tile(edges[1:], w), "count": m["hist"].ravel(),
+        }))
+        tables["mix"].append(pd.DataFrame({
+            "step": np.repeat(steps[valid], e), "expert": np.tile(np.array(names, dtype=object), int(valid.sum())),
+            "utilization": share[valid].ravel(), "reference": 1.0 / e, "selected": selected[valid].ravel(),
+        }))
+
+    def describe(self) -> dict[str, Any]:
+        return {"gates": [g.describe() for g in self.gates]}
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending, self._held = [], []
+
+
+def _expert_rows(mix: pd.DataFrame) -> pd.DataFrame:
+    """Utilization of each expert label per window: its share averaged over the gates that mix it."""
+    mix = mix.sort_values("step", kind="stable")
+    grouped = mix.groupby(["step", "expert"], sort=False)
+    out = grouped[["utilization", "reference", "selected"]].mean()
+    out["gates"] = grouped.size()
+    return out.reset_index()

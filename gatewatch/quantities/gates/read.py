@@ -1,0 +1,254 @@
+"""Gate statistics, read half: the tables, the report sections and the finding rules of every gate.
+
+Pure pandas. Rules look at the last window for "what is the state now" and report the step where the
+current streak of the condition began. Two different things hide behind "a sharp gate" and get
+different codes:
+
+* ``polarization`` (error): the task's *mean* gate puts at least ``collapse_share`` on one expert;
+  MMoE has degenerated into one tower for that task (YouTube's "gating network polarization");
+* ``sharp_routing`` (info): most samples are routed confidently, but to different experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ...rules import Finding, Thresholds, gate_unit, num, streak_start, who
+from ...stats import load_cv
+
+if TYPE_CHECKING:
+    from ...run import Run
+
+TABLES: dict[str, dict[str, str]] = {
+    # one row per gate per window
+    "gates": {
+        "step": "int64", "gate": "string", "task": "string", "level": "int64", "experts": "int64",
+        "samples": "float64", "entropy": "float64", "entropy_of_mean": "float64", "mutual_info": "float64",
+        "effective_experts": "float64", "polarization": "float64", "max_weight": "float64",
+        "top_share": "float64", "spread": "float64", "drift": "float64", "small_margin": "float64",
+        "nonfinite": "float64", "first_nonfinite_step": "Int64",
+    },
+    # one row per gate per expert per window
+    "shares": {
+        "step": "int64", "gate": "string", "expert": "int64", "expert_name": "string", "share": "float64",
+        "std": "float64", "top1": "float64", "selected": "float64",
+    },
+    # gate-weight histogram: one row per gate per bin per window
+    "hist": {"step": "int64", "gate": "string", "bin": "int64", "lo": "float64", "hi": "float64", "count": "float64"},
+    # one row per expert label per window, averaged over the gates that mix that expert
+    "experts": {"step": "int64", "expert": "string", "utilization": "float64", "reference": "float64",
+                "selected": "float64", "gates": "int64"},
+}
+
+REMEDIES = {
+
+    "polarization": (
+        "Drop gate outputs while training: gw.remedies.GateDropout(0.1) masks 10% of experts per sample and "
+        "renormalises (YouTube's fix, which removed polarization for all gates). Softening the gate helps "
+        "too: a softmax temperature above 1, LayerNorm inside the gate, or a smaller gate init."
+    ),
+    "sharp_routing": (
+        "Usually healthy: the gate specialises. If one expert's failure would hurt, gate dropout "
+        "(gw.remedies.GateDropout(0.1)) makes routing more robust; check the Ablations page."
+    ),
+    "collapse": (
+        "A few experts carry every task. Use gate dropout (gw.remedies.GateDropout(0.1)), a smaller gate init "
+        "or a softmax temperature above 1 to spread the weight, or give tasks their own experts (CGC/PLE)."
+    ),
+    "dead_expert": (
+        "Gate dropout routes samples through the expert again; a smaller gate init or a temperature above 1 "
+        "spreads weight early. If it never recovers, the expert can be removed."
+    ),
+    "input_independent": (
+        "The gate gives every input the same mixture, so it learns nothing from the input. Check that the gate "
+        "sees informative features, lower its weight decay or raise its learning rate; a fixed learned mixture "
+        "would do the same job."
+    ),
+    "unstable": (
+        "Lower the gate learning rate, add LayerNorm inside the gate, or stop updating the gates after a "
+        "warm-up (gw.remedies.GateFreezer)."
+    ),
+    "nonfinite": (
+        "NaN/Inf reached the gate. Check the gate logits: clip gradients, lower the learning rate, add LayerNorm "
+        "inside the gate, or keep the gate in float32 under mixed precision."
+    ),
+}
+
+
+def gate_findings(run: Run, th: Thresholds) -> list[Finding]:
+    out: list[Finding] = []
+    gates = run.gates.dropna(subset=["samples"])
+    gates = gates[gates["samples"] > 0]
+    shares = run.shares
+    for name, g in gates.groupby("gate", sort=False):
+        g = g.sort_values("step")
+        last = g.iloc[-1]
+        task = None if pd.isna(last["task"]) else str(last["task"])
+        label = who(run, str(name), task)
+        polarized = g["top_share"] >= th.collapse_share
+        if bool(polarized.iloc[-1]) and int(last["experts"]) > 1:
+            top = shares[(shares["gate"] == name) & (shares["step"] == last["step"])].sort_values("share")
+            expert = str(top["expert_name"].iloc[-1]) if len(top) else "?"
+            meaning = ("the task uses one expert, so MMoE has degenerated into a single tower for it" if task else
+                       "one expert does the work of all, and the others hardly get any gradient")
+            out.append(_finding(
+                "polarization", "error", name, task, streak_start(g["step"], polarized),
+                f"{label} is polarized: its mean gate puts {last['top_share']:.0%} of the weight on expert {expert} "
+                f"(effective experts {last['effective_experts']:.2f} of {int(last['experts'])}); {meaning}.", "gates",
+            ))
+        elif last["polarization"] >= th.sharp_samples and int(last["experts"]) > 1:
+            sharp = g["polarization"] >= th.sharp_samples
+            out.append(_finding(
+                "sharp_routing", "info", name, task, streak_start(g["step"], sharp),
+                f"{label} routes sharply: {last['polarization']:.0%} of samples put most of their weight on one "
+                f"expert, but different samples use different experts (largest mean share {last['top_share']:.0%}, "
+                f"input-expert information {last['mutual_info']:.2f}). This is specialisation, not collapse.",
+                "gates",
+            ))
+        independent = (g["spread"] < th.independent_spread) & (g["mutual_info"] < th.independent_mi) & ~polarized
+        if bool(independent.iloc[-1]) and int(last["experts"]) > 1:
+            out.append(_finding(
+                "input_independent", "warning", name, task, streak_start(g["step"], independent),
+                f"{label} ignores its input: every sample gets almost the same weights (spread across samples "
+                f"{last['spread']:.3f}, mutual information {last['mutual_info']:.3f}).", "gates",
+            ))
+        out += _unstable(g, name, task, label, th)
+        bad = g[g["nonfinite"] > 0]
+        if len(bad):
+            first = bad["first_nonfinite_step"].dropna()
+            step = int(first.min()) if len(first) else int(bad["step"].iloc[0])
+            out.append(_finding(
+                "nonfinite", "error", name, task, step,
+                f"{label} produced NaN/Inf weights ({int(bad['nonfinite'].sum())} samples), first at step {step}; "
+                "they were left out of the statistics.", "gates",
+            ))
+    return out
+
+
+def _unstable(g: pd.DataFrame, name: str, task: str | None, label: str, th: Thresholds) -> list[Finding]:
+    second_half = g.iloc[len(g) // 2 :]
+    drift = second_half["drift"].dropna()
+    if len(drift) < 4:
+        return []
+    jumpy = drift > th.unstable_drift
+    if jumpy.mean() < th.unstable_windows:
+        return []
+    first = int(second_half.loc[jumpy[jumpy].index, "step"].iloc[0])
+    return [_finding(
+        "unstable", "warning", name, task, first,
+        f"{label} keeps swinging: its mean gate moved by more than {th.unstable_drift} bits (Jensen-Shannon) between "
+        f"windows in {jumpy.mean():.0%} of the second half of training.", "gates",
+    )]
+
+
+def expert_findings(run: Run, th: Thresholds) -> list[Finding]:
+    experts = run.experts.dropna(subset=["utilization"])
+    if not len(experts):
+        return []
+    out: list[Finding] = []
+    last_step = experts["step"].max()
+    last = experts[experts["step"] == last_step]
+    dead_at = experts["utilization"] < th.dead_fraction * experts["reference"]
+    for name, rows in experts.assign(dead=dead_at).groupby("expert", sort=False):
+        rows = rows.sort_values("step")
+        if bool(rows["dead"].iloc[-1]):
+            util = rows["utilization"].iloc[-1]
+            out.append(_finding(
+                "dead_expert", "warning", None, None, streak_start(rows["step"], rows["dead"]),
+                f"expert {name} is dead: it gets {util:.2%} of the gate weight on average, far below the "
+                f"{rows['reference'].iloc[-1]:.0%} of an even split, so it hardly receives any gradient.",
+                "experts", expert=str(name),
+            ))
+    util = last["utilization"].sort_values(ascending=False)
+    n = len(util)
+    if n >= 3 and util.sum() > 0:
+        holding = int((util.cumsum() / util.sum() < 0.9).sum()) + 1
+        if holding <= max(1, math.floor(th.collapse_experts * n)):
+            names = ", ".join(str(x) for x in last.loc[util.index[:holding], "expert"])
+            out.append(_finding(
+                "collapse", "error", None, None, int(last_step),
+                f"experts have collapsed: {holding} of {n} experts ({names}) take 90% of all gate weight across "
+                f"{gate_unit(run)}s; the others are idle.", "experts",
+            ))
+    return out
+
+
+def last_windows(run: Run) -> list[tuple[str, pd.Series, pd.DataFrame]]:
+    """Each gate's last window with samples: (name, its ``gates`` row, its ``shares`` rows by expert), in run.json's
+    gate order."""
+    gates = run.gates.dropna(subset=["samples"])
+    gates = gates[gates["samples"] > 0]
+    if not len(gates):
+        return []
+    last = gates.sort_values("step").groupby("gate", sort=False).tail(1).set_index("gate")
+    shares = run.shares
+    out = []
+    for name in [n for n in run.gate_names if n in last.index] + [n for n in last.index if n not in run.gate_names]:
+        row = last.loc[name]
+        mine = shares[(shares["gate"] == name) & (shares["step"] == row["step"])]
+        out.append((name, row, mine.sort_values("expert")))
+    return out
+
+
+def gate_summaries(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The last window of each gate, in run.json's gate order."""
+    out = []
+    for name, row, sh in last_windows(run):
+        out.append({
+            "name": name, "task": None if pd.isna(row["task"]) else str(row["task"]), "level": int(row["level"]),
+            "experts": int(row["experts"]), "expert_names": sh["expert_name"].astype(str).tolist(),
+            "expert_share": [num(v) for v in sh["share"]], "entropy": num(row["entropy"]),
+            "polarization": num(row["polarization"]), "max_weight": num(row["max_weight"]),
+            "top_share": num(row["top_share"]), "effective_experts": num(row["effective_experts"]),
+            "mutual_info": num(row["mutual_info"]), "step": int(row["step"]),
+        })
+    return out
+
+
+def gate_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """Load balance of each gate's own experts in its last window: per layer for sparse routers.
+
+    ``load`` is, per expert, the share of tokens that pick it among their top k for a router (``top_k`` set;
+    the shares add up to k), the mean gate weight otherwise; ``load_cv`` is its coefficient of variation;
+    ``dead`` names the experts whose mean weight is below ``dead_fraction`` of an even split; ``small_margin``
+    is the share of tokens whose k-th and (k+1)-th weights are closer than the watch's margin (routers only).
+    """
+    top_k = {g["name"]: g.get("top_k") for g in run.meta.get("gates") or [] if isinstance(g, dict) and "name" in g}
+    out = []
+    for name, row, sh in last_windows(run):
+        routed = bool(top_k.get(name)) and bool(sh["selected"].notna().all())
+        load = sh["selected"] if routed else sh["share"]
+        dead = sh["share"] < thresholds.dead_fraction / max(len(sh), 1)
+        out.append({
+            "gate": name, "top_k": top_k.get(name), "expert_names": sh["expert_name"].astype(str).tolist(),
+            "load": [num(v) for v in load], "load_cv": load_cv(load),
+            "dead": sh.loc[dead, "expert_name"].astype(str).tolist(), "small_margin": num(row["small_margin"]),
+            "step": int(row["step"]),
+        })
+    return out
+
+
+def expert_summary(run: Run, thresholds: Thresholds) -> dict[str, Any]:
+    """Utilization of each expert in the last window, the dead ones, and the load's coefficient of variation."""
+    experts = run.experts.dropna(subset=["utilization"])
+    if not len(experts):
+        return {"names": [], "utilization": [], "dead": [], "load_cv": None}
+    last = experts[experts["step"] == experts["step"].max()].reset_index(drop=True)
+    util = last["utilization"]
+    dead = last.index[util < thresholds.dead_fraction * last["reference"]].tolist()
+    return {
+        "names": last["expert"].astype(str).tolist(), "utilization": [num(v) for v in util],
+        "dead": [int(i) for i in dead], "load_cv": load_cv(util),
+    }
+
+
+def _finding(code: str, severity: str, gate: str | None, task: str | None, step: int, message: str,
+             chart: str, expert: str | None = None) -> Finding:
+    return Finding(code, severity, gate, task, int(step), message, REMEDIES[code], chart, expert)
+
+
+RULES = [gate_findings, expert_findings]
+SECTIONS = {"gates": gate_summaries, "balance": gate_balance, "experts": expert_summary}
