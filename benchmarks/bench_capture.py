@@ -39,6 +39,7 @@ from _common import (
 )
 
 import gatewatch as gw
+from gatewatch.capture.flush import FINDINGS_COST_RATIO
 from gatewatch.functional import window_sums
 
 CONFIGS = {
@@ -102,6 +103,13 @@ def op_costs(plain_step_s: float, log_root: Path, n: int, profile: bool) -> None
         us = micro(run, max(5, n // 50))
         label = f"100 steps + flush, every={every}{' +TensorBoard' if tb else ''}"
         print(f"  {label:<52} {us / 1e3:9.2f} ms  {us / 1e6 / plain_step_s / 100:7.2%} of a step")
+        if every == 1 and not tb:  # the finding rules over the recent windows (the run summary's findings)
+            recent = watch._recent
+            us = micro(lambda r=recent, w=watch: r.findings(w.log_dir, w.meta, force=True), max(5, n // 50))
+            flush_s = plain_step_s * 100
+            print(f"  {'finding rules on the 100 recent windows, one run':<52} {us / 1e3:9.2f} ms  "
+                  f"{us / 1e6 / flush_s:7.2%} of 100 steps; run at most every {FINDINGS_COST_RATIO} x their "
+                  f"cost ({FINDINGS_COST_RATIO * us / 1e6:.1f} s): <= {1 / FINDINGS_COST_RATIO:.0%} of the time")
         if profile and every == 1 and tb:
             with torch.profiler.profile() as prof:
                 run()

@@ -7,11 +7,13 @@ the ratios are printed for:
   targets: at most 1.7x for 2 tasks, 1 + 0.6 (K - 1) for K tasks;
 * ``conflict_every=50``: the cost over a run (mean ratio, conflict steps and flushes included); target
   at most 1.02x, against the gate-capture watch alone as well as against the plain step;
-* for comparison, the naive method: one ``autograd.grad`` per task, then the ordinary backward.
+* for comparison, the naive method: one ``autograd.grad`` per task, then the ordinary backward;
+* the floor: K-1 ``autograd.grad`` calls with the graph kept, then the ordinary backward (no statistics),
+  and the conflict step against it (target at most 1.05x).
 
 Then the cost of the reduction of one conflict step (``task_statistics``) on the census shapes.
 
-    python benchmarks/bench_conflict.py [--steps 300] [--block 50] [--threads 2] [--quick]
+    python benchmarks/bench_conflict.py [--steps 300] [--block 50] [--threads 2] [--quick] [--per-step-only]
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, ratio_report, setup, time_steps
-from gatewatch.conflict import PURITY_BINS, task_statistics
 
 import gatewatch as gw
 from gatewatch.models import MMoE
+from gatewatch.quantities.conflict.maths import PURITY_BINS, task_statistics
 
 AMORTISED_EVERY = 50
 
@@ -90,11 +92,24 @@ def naive_step(model: MMoE) -> Callable[[], None]:
     return step_fn(model, backward)
 
 
+def floor_step(model: MMoE) -> Callable[[], None]:
+    """The floor of an exact conflict step: K-1 autograd.grad on the experts (graph kept), then the ordinary
+    backward; no statistics."""
+    shared = list(model.experts.parameters())
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        for loss in list(losses.values())[:-1]:
+            torch.autograd.grad(loss, shared, retain_graph=True)
+        sum(losses.values()).backward()
+
+    return step_fn(model, backward)
+
+
 def show(label: str, base: list[float], monitored: list[float]) -> None:
     print(ratio_report(label, base, monitored), flush=True)
 
 
-def compare(k: int, steps: int, block: int, log_root: Path) -> float:
+def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = True) -> float:
     """Print the ratio lines for ``k`` tasks; return the median plain step (s)."""
     tasks = [f"task{i}" for i in range(k)]
     print(f"\n{k} tasks", flush=True)
@@ -105,12 +120,17 @@ def compare(k: int, steps: int, block: int, log_root: Path) -> float:
 
     every_step, every_step_watch = watch("every1", conflict_every=1)
     times = interleaved({"plain": plain_step(mmoe(tasks)), "conflict": watched_step(every_step, every_step_watch),
-                         "naive": naive_step(mmoe(tasks))}, steps=steps, block=block)
+                         "naive": naive_step(mmoe(tasks)), "floor": floor_step(mmoe(tasks))},
+                        steps=steps, block=block)
     every_step_watch.close()
     target = 1 + 0.6 * (k - 1) if k > 2 else 1.7
     show(f"conflict step (target {target:.1f}x)", times["plain"], times["conflict"])
     show("  naive: autograd.grad per task", times["plain"], times["naive"])
+    show("  floor: K-1 autograd.grad + backward", times["plain"], times["floor"])
+    show("conflict step vs its floor (target 1.05x)", times["floor"], times["conflict"])
     plain = statistics.median(times["plain"])
+    if not amortised:
+        return plain
 
     gates_model, gates_watch = watch("gates")
     amortised_model, amortised_watch = watch("every50", conflict_every=AMORTISED_EVERY)
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=25, help="steps per interleaved block (conflict_every=1)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps")
+    parser.add_argument("--per-step-only", action="store_true",
+                        help="only the conflict step against the plain step and the floor (no conflict_every=50)")
     args = parser.parse_args(argv)
     steps = 40 if args.quick else args.steps
     setup(args.threads)
@@ -160,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{steps} steps per side, torch {torch.__version__}, denormals flushed", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for k in (2, 4):
-            plain = compare(k, steps, min(args.block, steps), Path(tmp))
+            plain = compare(k, steps, min(args.block, steps), Path(tmp), amortised=not args.per_step_only)
             reduction_cost(k, plain)
 
 

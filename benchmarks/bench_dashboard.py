@@ -11,7 +11,11 @@ Compare page), then prints:
 
 Target: every page under 2 s warm.
 
-    python benchmarks/bench_dashboard.py [--steps 100000] [--repeat 3] [--dir DIR]
+Then a folder of ``--runs`` runs (default 1,000: hard-linked copies of the sample runs, each with the
+``summary.json`` a watch writes) and the Runs page's first (cold) render on it under a fresh AppTest, and
+the cost per run of a run without a summary (read in full, once). Target: the cold Runs page within 3 s.
+
+    python benchmarks/bench_dashboard.py [--steps 100000] [--repeat 3] [--dir DIR] [--runs 1000] [--runs-only]
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from gatewatch.app import state  # noqa: E402
 from gatewatch.app.main import PAGES  # noqa: E402
 
 TARGET_S = 2.0
+RUNS_TARGET_S = 3.0
+SAMPLE_RUNS = REPO / "sample_runs"
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -118,15 +124,79 @@ def page_times(root: Path, run_id: str, repeat: int) -> dict[str, tuple[float, f
     return out
 
 
+def many_runs(root: Path, n: int) -> Path:
+    """``root/many``: ``n`` hard-linked copies of the sample runs (tables, run.json and a summary.json each)."""
+    import shutil
+
+    from gatewatch.rundir import atomic_write_json
+    from gatewatch.summary import SUMMARY_FILE, summary_from_run
+
+    folder = root / "many"
+    if len(state.discover(folder)) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    sources = []
+    for src in sorted(p for p in SAMPLE_RUNS.iterdir() if (p / "run.json").is_file()):
+        dst = root / "sources" / src.name
+        if not dst.exists():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint.pt", "ablations"))
+            run = gw.load_run(dst)
+            atomic_write_json(dst / SUMMARY_FILE, summary_from_run(run, gw.find(run)))
+        sources.append(dst)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        shutil.copytree(src, folder / f"{src.name}-{i:04d}", copy_function=os.link)
+    return folder
+
+
+def runs_page_cold(folder: Path) -> float:
+    """The Runs page's first render on ``folder`` under a fresh AppTest (empty caches)."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ[state.ENV_ROOT] = str(folder)
+    at = AppTest.from_file(str(Path(state.__file__).with_name("main.py")), default_timeout=600)
+    seconds, _ = timed(at.run)
+    if at.exception:
+        raise SystemExit(f"the Runs page raised: {at.exception[0].value}")
+    shown = at.dataframe[0].value
+    if len(shown) != len(state.discover(folder)):
+        raise SystemExit(f"the Runs page shows {len(shown)} runs of {len(state.discover(folder))}")
+    return seconds
+
+
+def runs_folder(root: Path, n: int) -> None:
+    seconds, folder = timed(lambda: many_runs(root, n))
+    print(f"\n{n:,} runs in {folder} (hard-linked copies of the sample runs, with summaries): built in "
+          f"{seconds:.1f} s")
+    cold = runs_page_cold(folder)
+    print(f"  Runs page, cold (fresh AppTest, empty caches): {cold:.2f} s for {n:,} runs "
+          f"(target < {RUNS_TARGET_S:g} s){'  SLOW' if cold >= RUNS_TARGET_S else ''}")
+    old = root / "old"
+    if not old.exists():
+        for src in sorted(p for p in SAMPLE_RUNS.iterdir() if (p / "run.json").is_file()):
+            import shutil
+
+            shutil.copytree(src, old / src.name, ignore=shutil.ignore_patterns("checkpoint.pt", "ablations"))
+    k = len(state.discover(old))
+    per = runs_page_cold(old) / k
+    print(f"  runs without a summary (read in full once, then cached): {per:.2f} s per run ({k} runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3, help="warm renders per page (the median is printed)")
     parser.add_argument("--dir", type=Path, help="keep the runs here (reused when present); default: a temp dir")
+    parser.add_argument("--runs", type=int, default=1000, help="runs in the folder for the Runs page (0: skip)")
+    parser.add_argument("--runs-only", action="store_true", help="only the folder of many runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.dir or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
+        if args.runs:
+            runs_folder(root, args.runs)
+        if args.runs_only:
+            return
         paths = build(root, args.steps)
         load_s, run = timed(lambda: gw.load_run(paths[0]))
         rows = {name: len(df) for name, df in run.tables.items() if len(df)}

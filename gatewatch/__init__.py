@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _NAMES = {
-    "GateWatch": "watch", "Gate": "gates", "GateDiscoveryError": "gates", "GateOutputError": "gates",
+    "GateWatch": "watch", "Gate": "gates", "Router": "quantities.routers.table", "GateDiscoveryError": "gates",
+    "GateOutputError": "gates",
     "NonFiniteGateError": "gates", "Finding": "rules", "Thresholds": "rules", "find": "findings",
     "build_report": "report", "Run": "run", "RunReadError": "runs", "list_runs": "runs", "load_run": "runs",
+    "run_summaries": "runs", "Guard": "guard",
 }
 _SUBMODULES = ("remedies", "masking", "models", "data", "training", "ablation", "integrations", "sinks", "figures",
                "quantities", "schema", "findings", "report", "runs")
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .gates import GateDiscoveryError as GateDiscoveryError
     from .gates import GateOutputError as GateOutputError
     from .gates import NonFiniteGateError as NonFiniteGateError
+    from .guard import Guard as Guard
+    from .quantities.routers.table import Router as Router
     from .report import build_report as build_report
     from .rules import Finding as Finding
     from .rules import Thresholds as Thresholds
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from .runs import RunReadError as RunReadError
     from .runs import list_runs as list_runs
     from .runs import load_run as load_run
+    from .runs import run_summaries as run_summaries
     from .watch import GateWatch as GateWatch
 
 
@@ -53,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Finding", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "NonFiniteGateError", "Run",
-    "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
+    "Finding", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard", "NonFiniteGateError", "Router",
+    "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
+    "run_summaries",
 ]

@@ -13,7 +13,10 @@ A gate is any module whose output gives, per sample (or token), a distribution o
 Discovery (``gates=None``) uses, in this order:
 
 1. the model's own ``gatewatch_gates()`` method, when it has one;
-2. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
+2. every module whose class is a known sparse router (transformers' Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
+   GLM-4-MoE, GPT-OSS, Switch: :data:`gatewatch.quantities.routers.table.KNOWN`), one shared gate per layer
+   named by its path, read as its :class:`~gatewatch.quantities.routers.table.Router` says;
+3. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
 
    * by name: a candidate whose dotted path contains a task name as a component
      (``gates.ctr``, ``gate_ctr.1``) belongs to that task, and candidates naming no task are shared
@@ -31,13 +34,16 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .expert_map import explicit_expert_modules
+from .quantities.routers.table import Router, affinity, find_routers
 from .validate import positive_int
+from .wrappers import unwrap
 
 Output = Literal["probs", "logits"]
 
@@ -66,6 +72,8 @@ class Gate:
     experts: Sequence[str] | None = None
     top_k: int | None = None
     inject: Callable[[Any, torch.Tensor], Any] | None = None
+    router: Router | None = None  # a sparse router: its scoring, choice and dispatch (sets extract, top_k, inject)
+    expert_modules: Sequence[str | nn.Module] | None = None  # the module of each gate column (gatewatch.expert_map)
 
     def __post_init__(self) -> None:
         if self.output not in ("probs", "logits"):
@@ -88,6 +96,9 @@ class ResolvedGate:
     experts: list[str] | None = None
     top_k: int | None = None
     inject: Callable[[Any, torch.Tensor], Any] | None = None
+    expert_modules: list[str] | None = None  # module path per column: explicit, or inferred at the first output
+    expert_map: str | None = None  # how expert_modules was found ("explicit", "inferred ...") or why not
+    router: Router | None = None
     n_experts: int | None = field(default=None, init=False)
 
     def describe(self) -> dict[str, Any]:
@@ -96,6 +107,8 @@ class ResolvedGate:
             "name": self.name, "task": self.task, "level": self.level, "path": self.path,
             "output": self.output, "experts": self.n_experts, "expert_names": self.expert_names(),
             "top_k": self.top_k, "module_class": type(self.module).__name__,
+            "expert_modules": self.expert_modules, "expert_map": self.expert_map,
+            "scoring": None if self.router is None else self.router.scoring,
         }
 
     def expert_names(self) -> list[str] | None:
@@ -119,18 +132,9 @@ class ResolvedGate:
         t = t.detach().reshape(-1, t.shape[-1])
         if t.dtype not in (torch.float32, torch.float64):
             t = t.float()
+        if self.router is not None:
+            return affinity(self.router, t)
         return torch.softmax(t, dim=-1) if self.output == "logits" else t
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / FSDP / compiled wrappers."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule"
-        ):
-            return unwrap(inner)
-    return model
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str:
@@ -180,7 +184,9 @@ def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _near_misses(model: nn.Module) -> list[str]:
     """Linear layers whose name suggests a gate or router (for functional-softmax models)."""
     pattern = re.compile(r"gate|gating|router|routing", re.IGNORECASE)
-    return [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(p)]
+    mlp = re.compile(r"(gate|up|down)_proj$|shared_expert_gate$")  # SwiGLU projections, Qwen2-MoE's 1-output gate
+    return [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(p)
+            and not mlp.search(p) and m.out_features > 1]
 
 
 def _discovery_error(model: nn.Module, tasks: Sequence[str] | None, why: str) -> GateDiscoveryError:
@@ -248,6 +254,10 @@ def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate
     own = getattr(model, "gatewatch_gates", None)
     if callable(own):
         return resolve(model, tasks, own())
+    routers = find_routers(model)
+    if routers:  # known sparse routers, one per MoE layer: shared gates named by their path
+        return resolve(model, None, {path: Gate(module, router=router, level=level)
+                                     for level, (path, module, router) in enumerate(routers)})
     found = candidates(model)
     if not found:
         raise _discovery_error(model, tasks, "it has no nn.Softmax module.")
@@ -265,6 +275,14 @@ def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate
         )
     gates = [ResolvedGate(name="", module=m, path=p, task=t) for (p, m), t in zip(found, owners, strict=True)]
     return _with_levels(gates)
+
+
+def router_spec(spec: Gate, module: nn.Module) -> Gate:
+    """``spec`` reading the router ``module`` as ``spec.router`` describes it: its logits, top k and inject."""
+    router = spec.router
+    assert router is not None
+    return replace(spec, output="logits", extract=router.logits, top_k=router.top_k,
+                   inject=spec.inject or (lambda out, new: router.inject(module, out, new)))
 
 
 def _as_gate(spec: Any) -> Gate:
@@ -308,11 +326,16 @@ def resolve(
             task = name
         if task is not None and tasks and task not in tasks:
             raise GateDiscoveryError(f"Gate {name or path!r} names task {task!r}, which is not in tasks={tasks}.")
+        if spec.router is not None:
+            spec = router_spec(spec, module)
         resolved.append(ResolvedGate(
             name=name or "", module=module, path=path, output=spec.output, extract=spec.extract, task=task,
             level=spec.level if spec.level is not None else 0,
             experts=list(spec.experts) if spec.experts is not None else None, top_k=spec.top_k,
-            inject=spec.inject,
+            inject=spec.inject, router=spec.router,
+            expert_modules=None if spec.expert_modules is None else explicit_expert_modules(
+                model, spec.expert_modules, name or path),
+            expert_map=None if spec.expert_modules is None else "explicit",
         ))
     _name_unnamed(resolved, explicit_levels=[_as_gate(g).level is not None for _, g in items])
     names = [g.name for g in resolved]

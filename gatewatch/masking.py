@@ -118,15 +118,19 @@ class GateMasks:
         gates: GateSpecs = None,
         tasks: Sequence[str] | None = None,
         prepend: bool = False,
+        training_only: bool = False,
     ) -> None:
         self.gates = resolve_gates(model, tasks, gates)
+        self.training_only = training_only  # leave outputs of gates in eval mode untouched
         self._by_name = gates_by_name(self.gates, masks)
         self.masks = dict(masks)
         self.prepend = prepend
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, gate: ResolvedGate, keep_fn: KeepFn) -> Callable[..., Any]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        def hook(module: nn.Module, _inputs: Any, output: Any) -> Any:
+            if self.training_only and not module.training:
+                return None
             t = gate.extract(output) if gate.extract is not None else output
             if not isinstance(t, torch.Tensor) or t.dim() < 1:
                 raise GateOutputError(

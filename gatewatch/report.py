@@ -8,11 +8,19 @@ Schema (stable; other tools build on it)::
                 "entropy", "polarization", "max_weight", "top_share", "effective_experts",
                 "mutual_info", "step"}],                                  # the last window of each gate
      "balance": [{"gate", "top_k", "expert_names", "load": [float]*E, "load_cv", "dead": [str],
-                  "small_margin", "step"}],               # per gate (layer) load balance, see gate_balance()
+                  "small_margin", "step", "max_violation", "dropped": [float]*E|null, "bias": [float]*E|null,
+                  "bias_changed"}],   # per gate (layer) load balance; routers: the dispatch view, see router_balance()
      "experts": {"names": [str], "utilization": [float], "dead": [int], "load_cv": float},
      "conflict": [{"tasks": [a, b], "cosine": float, "sign_conflict": float, "magnitude_sim", "norm_a", "norm_b",
                    "zero_grad", "below", "measured", "step", "hot_spots": [{"name", "below", "cosine"}]}],
                                             # per task pair, all shared parameters, last conflict step
+     "expert_conflict": [{"expert", "module", "tasks": [a, b], "mode": "exact"|"proxy", "cosine", "below",
+                          "measured", "share": {a: float, b: float}, "step", "window_step"}],
+                                            # per expert module and task pair (docs/conflict.md)
+     "guard": [{"step", "rule", "gate", "action", "rate", "why", "before", "after"}],  # the online guard's actions
+     "similarity": {pool: {"step", "mean_cka", "max_cka", "most_similar": [a, b]}},   # last similarity step
+     "seesaw": [{"task", "metric", "slope", "se", "first_step", "last_step", "evaluations",
+                 "trend": "improving"|"worsening"|"flat"}],   # each task's recent validation trend
      "findings": [{"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart"}],
      "thresholds": {...}, "problems": [str],
      "coverage": {"first_step": int|null, "last_step": int|null, "skipped_files": [str]}}
@@ -95,7 +103,8 @@ def render_text(report: dict[str, Any]) -> str:
         if b["top_k"]:
             load = " ".join(f"{v:.2f}" if v is not None else " nan" for v in b["load"])
             lines.append(f"  {b['gate']:<16} top-{b['top_k']} tokens=[{load}] load CV {_fmt(b['load_cv'])}, "
-                         f"small margin {_fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}")
+                         f"small margin {_fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}"
+                         + (f", MaxVio {_fmt(b['max_violation'])}" if b.get("max_violation") is not None else ""))
     ex = report["experts"]
     if ex["names"]:
         util = " ".join(f"{n}:{_fmt(u)}" for n, u in zip(ex["names"], ex["utilization"], strict=True))

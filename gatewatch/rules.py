@@ -45,6 +45,24 @@ class Thresholds:
                                     "(a count)")
     conflict_cosine: float = _th(-0.1, "task conflict: the mean recent cosine must be at or below this (cosines "
                                        "near 0 are noise)")
+    router_max_violation: float = _th(1.0, "imbalanced router layer: MaxVio (max dispatch load / mean load - 1) "
+                                           "above this")
+    router_imbalanced_share: float = _th(0.6, "imbalanced router layer: in at least this share of the recent "
+                                              "windows")
+    router_windows: float = _th(10, "router findings: how many of the last windows are looked at (a count)")
+    contested_share: float = _th(0.2, "contested expert: both tasks' gates give the expert at least this mean "
+                                      "weight in the last window")
+    contested_below: float = _th(0.6, "contested expert: the pair's cosine on the expert is below the run's "
+                                      "conflict_threshold in at least this share of its last conflict_steps "
+                                      "measured steps")
+    redundant_cka: float = _th(0.97, "redundant experts: linear CKA of two experts' outputs at or above this in "
+                                     "each recent similarity measurement (healthy sample runs reach 0.94)")
+    redundant_steps: float = _th(3, "redundant experts: how many of the last similarity measurements are looked "
+                                    "at (a count)")
+    seesaw_evals: float = _th(6, "seesaw: how many of each task's last validation evaluations the trend is fitted "
+                                 "on (a count, at least 3)")
+    seesaw_se: float = _th(2.0, "seesaw: a trend counts when its slope is at least this many standard errors from "
+                                "0 (a count of SE)")
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Thresholds:

@@ -40,6 +40,9 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
     data = {}
     for col, dtype in columns.items():
         values = df[col] if col in df.columns else pd.Series([None] * len(df), index=df.index, dtype="object")
+        if values.dtype == dtype:  # already right (the writers build most columns so): no copy
+            data[col] = values
+            continue
         if dtype == "int64" and values.isna().any():
             dtype = "Int64"
         data[col] = values.astype(dtype)

@@ -78,14 +78,14 @@ class GateWatch:
                             threshold=threshold, bins=bins, margin=margin, on_nonfinite=on_nonfinite, options=options)
         self.model, self.tasks, self.on_nonfinite, self.every, self.flush_every = (
             model, st.tasks, on_nonfinite, st.every, st.flush_every)
-        self.log_dir, self.rank, self.closed = Path(log_dir), rank(), False
+        self.log_dir, self.rank, self.closed, self.closing = Path(log_dir), rank(), False, False
         distributed = world_size() > 1
         self.ctx = CaptureContext(model, st.tasks, resolve(model, st.tasks, gates), st.every, threshold, st.bins,
                                   margin, distributed, options=st.options)
         run_meta.claim(self.log_dir, self, writer=self.rank == 0)
         self.quantities: list[Quantity] = [q for half in capture_halves() if (q := half.build(self.ctx)) is not None]
         self._losses = next(q for q in self.quantities if isinstance(q, TaskLosses))
-        self.conflict: Any = next((q for q in self.quantities if q.name == "conflict"), None)
+        self.conflict, self.guard = map({q.name: q for q in self.quantities}.get, ("conflict", "guard"))
         self.reducer = Reducer(self.quantities, distributed=distributed, group=own_group() if distributed else None)
         self.clock = FlushClock(self.flush_every, flush_secs, distributed=distributed)
         self.sinks: list[Sink] = []
@@ -186,12 +186,13 @@ class GateWatch:
         self.clock.flushed(self.ctx.step, control[0] if control else None)
         parts = [q.rows(windows, host.get(q.name, {})) for q in self.quantities]
         tables = merge([*parts, {"events": self.reducer.news(windows[0] if windows else self.ctx.step)}])
+        tables = merge([tables, *(q.after(tables) for q in self.quantities)])
         for sink in self.sinks:
             sink.write(tables)
         self._write_meta()
         if self._recent is not None:
             self._recent.add(tables)
-            findings = self._recent.findings(self.log_dir, self.meta)
+            findings = self._recent.findings(self.log_dir, self.meta, force=self.closing)
             for sink in (s for s in self.sinks if s.wants_findings and findings is not None):
                 sink.log_findings(self.ctx.step, findings)
         check_nonfinite(tables["events"], self.on_nonfinite)
@@ -208,6 +209,7 @@ class GateWatch:
         most ``CLOSE_TIMEOUT_S`` for the other ranks; ranks that stopped elsewhere are named in a warning."""
         if self.closed:
             return
+        self.closing = True  # the last flush evaluates the findings whatever their schedule
         try:
             for q in self.quantities:
                 q.on_step(self.ctx.step)  # what ran after the last step() joins the last window

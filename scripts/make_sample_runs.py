@@ -22,6 +22,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
+from router_sample import EXPECT as ROUTER_EXPECT
+from router_sample import NAME as ROUTER_RUN
+from router_sample import SHOWS as ROUTER_SHOWS
+from router_sample import make as make_router_run
 
 import gatewatch as gw
 from gatewatch.data.census import fetch_archive
@@ -80,6 +84,10 @@ RUNS = [
               "collapse, most of them dead",
               census(model="mmoe", model_kwargs={"n_experts": 8, "gate_temperature": 0.1}, lr=1e-2, seed=1),
               expect=frozenset({"collapse", "dead_expert"}), forbid=frozenset()),
+    SampleRun("mmoe-stale-polarized", "census MMoE, 8 experts, lr 1e-3 (healthy when synchronous) trained 1,000 "
+              "steps on gradients 32 steps stale (gatewatch.training.staleness): the income gate polarizes",
+              config(model="mmoe", data="census", data_kwargs={}, steps=1000, eval_every=500, staleness=32),
+              expect=frozenset({"polarization"}), forbid=frozenset()),
 ]
 
 
@@ -119,6 +127,10 @@ def write_index(out: Path, runs: list[SampleRun]) -> None:
             continue
         codes = ", ".join(sorted({f.code for f in gw.find(gw.load_run(path))})) or "none"
         lines.append(f"| `{run.name}` | {run.shows} | {codes} | {folder_size(path) / 1e6:.2f} MB |")
+    if (out / ROUTER_RUN).is_dir():
+        codes = ", ".join(sorted({f.code for f in gw.find(gw.load_run(out / ROUTER_RUN))}))
+        lines.append(f"| `{ROUTER_RUN}` | {ROUTER_SHOWS} (no checkpoint) | {codes} | "
+                     f"{folder_size(out / ROUTER_RUN) / 1e6:.2f} MB |")
     lines += ["", "Open them with `gatewatch dashboard sample_runs`, or `gatewatch report sample_runs/<run>`.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
@@ -126,7 +138,7 @@ def write_index(out: Path, runs: list[SampleRun]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO / "sample_runs", help="folder of the sample runs")
-    p.add_argument("--only", nargs="+", choices=[r.name for r in RUNS], help="make only these runs")
+    p.add_argument("--only", nargs="+", choices=[r.name for r in RUNS] + [ROUTER_RUN], help="make only these runs")
     p.add_argument("--workers", type=int, default=2, help="processes (at most 2)")
     args = p.parse_args()
     runs = [r for r in RUNS if not args.only or r.name in args.only]
@@ -145,6 +157,11 @@ def main() -> int:
             if missing or unwanted:
                 problems.append(f"{name}: expected {sorted(run.expect)} and none of {sorted(run.forbid)}, "
                                 f"got {findings}")
+    if not args.only or ROUTER_RUN in args.only:  # a transformers DeepSeek-V3 with its own loop (router_sample.py)
+        findings, seconds = make_router_run(args.out)
+        print(f"{ROUTER_RUN:<24} {seconds:5.0f}s  findings: {', '.join(findings)}", flush=True)
+        if ROUTER_EXPECT - set(findings):
+            problems.append(f"{ROUTER_RUN}: expected {sorted(ROUTER_EXPECT)}, got {findings}")
     write_index(args.out, RUNS)
     total = sum(folder_size(args.out / r.name) for r in RUNS if (args.out / r.name).is_dir())
     print(f"done in {time.perf_counter() - started:.0f}s; sample runs take {total / 1e6:.1f} MB in {args.out}")

@@ -362,6 +362,7 @@ def polarized_and_healthy() -> dict[str, tuple[MMoE, object]]:
             "healthy": (trained_mmoe(polarized=False, gate_dropout_rate=0.1), evaluate)}
 
 
+@pytest.mark.slow
 def test_knockout_of_the_dominant_expert_hurts_the_polarized_task_most(polarized_and_healthy):
     results = {name: knockout(model, evaluate) for name, (model, evaluate) in polarized_and_healthy.items()}
     pol = results["polarized"]
@@ -489,6 +490,7 @@ def test_stopping_a_job_writes_no_result(tmp_path):
     assert job_state(run, "knockout").status == "stopped"
 
 
+@pytest.mark.slow
 def test_train_comparison_trains_real_child_runs(tmp_path):
     parent = tmp_path / "run"
     config = TrainConfig(model="mmoe", model_kwargs=SMALL, data="synthetic", data_kwargs=SPLITS, steps=10, every=5,
@@ -520,6 +522,7 @@ def test_train_comparison_of_a_run_saved_outside_the_loop_uses_masking_hooks(tmp
 
 
 # ------------------------------------------------------------------------------------------- figures
+@pytest.mark.slow
 def test_figures_draw_every_result_and_say_when_there_is_none(polarized_and_healthy):
     from gatewatch.figures.ablation import comparison_figure, knockout_heatmap, sweep_curves
 
@@ -557,6 +560,7 @@ def render_page(run: str, root: str) -> None:
     render(Path(run), root=Path(root), selected=[Path(run)])
 
 
+@pytest.mark.slow
 def test_page_shows_saved_results_and_guards_foreign_factories(tmp_path):
     from streamlit.testing.v1 import AppTest
 
@@ -564,7 +568,8 @@ def test_page_shows_saved_results_and_guards_foreign_factories(tmp_path):
     run_knockout(run)
     app = AppTest.from_function(render_page, args=(str(run), str(tmp_path)), default_timeout=30).run()
     assert not app.exception
-    assert [t.label for t in app.tabs] == ["Expert knock-out", "Gate-dropout sweep", "Training with gate dropout"]
+    assert [t.label for t in app.tabs] == ["Expert knock-out", "Gate-dropout sweep", "Training with gate dropout",
+                                           "Task removal"]
     assert len(app.dataframe) == 1  # the knock-out summary; the other tabs say there is nothing yet
     assert any("No gate-dropout sweep results" in i.value for i in app.info)
     assert not any(b.disabled for b in app.button)

@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from _runs_factory import make_bad_roots, train_mmoe
 from streamlit.testing.v1 import AppTest
@@ -100,6 +101,7 @@ def test_bad_folders_show_a_message(bad: dict[str, Path], monkeypatch: pytest.Mo
     assert charts(at) == 0
 
 
+@pytest.mark.slow
 def test_polarization_finding_shows_for_the_polarized_run_only(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     polarized = open_app(root, monkeypatch, "overview", run="polarized")
     said = texts(polarized)
@@ -121,10 +123,12 @@ def test_every_page_renders_every_sample_run(monkeypatch: pytest.MonkeyPatch, pa
     at = open_app(SAMPLE_RUNS, monkeypatch, page, run=run)
     no_exception(at)
     assert not at.error, [e.value for e in at.error]
-    if page in ("overview", "gates", "experts", "conflict"):
+    multitask = len(json.loads((SAMPLE_RUNS / run / "run.json").read_text()).get("tasks") or []) > 1
+    if page in ("overview", "gates", "experts") or (page == "conflict" and multitask):
         assert charts(at) >= 1
 
 
+@pytest.mark.slow
 def test_sample_runs_show_the_findings_they_were_made_for(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"mmoe-polarized", "mmoe-collapsed", "mmoe-p0.5"} <= set(SAMPLES)
     polarized = texts(open_app(SAMPLE_RUNS, monkeypatch, "overview", run="mmoe-polarized"))
@@ -167,7 +171,8 @@ def test_runs_page_lists_runs_with_findings(root: Path, monkeypatch: pytest.Monk
     assert list(row.loc["healthy", "findings"]) == ["healthy"]
     assert row.loc["cut_off", "status"] == "cut off" and row.loc["live", "status"] == "live"
     assert row.loc["routers", "tasks / layers"] == "layers: layer0, layer1"
-    assert row.loc["corrupt", "problems"] == 2
+    # unreadable files are counted by a full read: the corrupt run has a summary, so its row does not read them
+    assert pd.isna(row.loc["corrupt", "problems"]) and row.loc["corrupt", "steps"] > 0
 
 
 def test_choosing_runs_sets_the_run_shown(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,10 +207,12 @@ def test_unreadable_files_are_listed(root: Path, monkeypatch: pytest.MonkeyPatch
     assert "part-900001.parquet" in said and "part-900002.parquet" in said
 
 
+@pytest.mark.slow
 def test_conflict_page(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(root, monkeypatch, "conflict", run="healthy")
     no_exception(at)
-    assert charts(at) == 6
+    assert charts(at) == 7  # six of exact conflict, then conflict meets routing (one point per expert)
+    assert at.selectbox(key="expert_pair").options == ["ctr ~ like"]
     at = open_app(root, monkeypatch, "conflict", run="one_task")
     assert "no conflict data: run with GateWatch(conflict_every=50)" in texts(at)
     assert charts(at) == 0
@@ -224,6 +231,7 @@ def test_live_run_offers_refresh(root: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "switch on 'Refresh live runs'" in texts(at)
 
 
+@pytest.mark.slow
 def test_live_run_is_read_again_when_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = train_mmoe(tmp_path / "growing", steps=40)
     at = open_app(tmp_path, monkeypatch, "overview", run="growing")

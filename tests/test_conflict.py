@@ -208,6 +208,7 @@ def test_ple_shared_gate_makes_first_level_task_experts_shared(tmp_path: Path) -
                       "levels.1.shared.0"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_task", ["like", "ctr"])  # the last task (by subtraction) or a computed one
 def test_zero_gradient_is_flagged_not_nan(tmp_path: Path, zero_task: str) -> None:
     model = tiny_mmoe(in_dim=6, n_experts=3, hidden=4)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+from _distributed import launch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -80,9 +78,10 @@ def watch_for(model: nn.Module, log_dir: Path) -> gw.GateWatch:
                         on_nonfinite="ignore")  # the NaN rows are on purpose
 
 
-def worker(rank: int, port: int, root: str) -> None:
+def worker(root: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)  # MASTER_ADDR / MASTER_PORT from the launcher
     try:
         train_ddp(rank, root)
         conflict_runs(rank, root)
@@ -148,32 +147,6 @@ def single_process(log_dir: Path) -> None:
     watch.close()
 
 
-def launch(root: Path) -> None:
-    """Run :func:`worker` in WORLD fresh interpreters, as torchrun would: independent of this process's
-    ``__main__``, which spawn-based launchers re-run in the children and which other tests may replace."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    logs = [root / f"worker-{rank}.log" for rank in range(WORLD)]
-    procs = []
-    for rank, log in enumerate(logs):
-        with open(log, "w") as out:
-            code = f"import test_ddp; test_ddp.worker({rank}, {port}, {str(root)!r})"
-            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        codes = [proc.wait(timeout=150) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    failed = [f"rank {rank} exited with {code}:\n{logs[rank].read_text()}" for rank, code in enumerate(codes) if code]
-    assert not failed, "\n".join(failed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 KEYS = {"gates": ["step", "gate"], "shares": ["step", "gate", "expert"], "hist": ["step", "gate", "bin"],
         "experts": ["step", "expert"], "losses": ["step", "task"], "events": ["step", "source"]}
 
@@ -193,7 +166,7 @@ def assert_same_table(name: str, got: pd.DataFrame, want: pd.DataFrame) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[gw.Run, gw.Run, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    launch(root)
+    launch("test_ddp", "worker", root, world=WORLD, timeout=150)
     single_process(root / "single")
     return gw.load_run(root / "rank0"), gw.load_run(root / "single"), root
 

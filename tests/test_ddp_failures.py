@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_ddp import free_port
+from _distributed import launch
 
 import gatewatch as gw
 from gatewatch.capture import distributed
@@ -29,10 +27,11 @@ STEPS, STOP_AT, EVERY, FLUSH_EVERY, BATCH = 12, 6, 2, 4, 8
 CLOSE_TIMEOUT_S, FLUSH_TIMEOUT_S = 5.0, 10.0  # short, so that the test is quick
 
 
-def worker(rank: int, port: int, root: str, scenario: str) -> None:
+def worker(root: str) -> None:
     torch.set_num_threads(1)
+    rank, scenario = int(os.environ["RANK"]), (Path(root) / "scenario").read_text()
     distributed.CLOSE_TIMEOUT_S, distributed.FLUSH_TIMEOUT_S = CLOSE_TIMEOUT_S, FLUSH_TIMEOUT_S
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2)  # MASTER_ADDR / MASTER_PORT from the launcher
     torch.manual_seed(0)
     model = MMoE(in_dim=6, n_experts=3, expert_hidden=(), expert_dim=4, tasks=["a", "b"])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -61,30 +60,20 @@ def worker(rank: int, port: int, root: str, scenario: str) -> None:
     os._exit(0)  # no destroy_process_group: the other rank may be gone
 
 
-def launch(root: Path, scenario: str) -> dict[int, dict]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    procs, logs = [], [root / f"worker-{rank}.log" for rank in range(2)]
-    for rank, log in enumerate(logs):
-        with open(log, "w") as out:
-            code = f"import test_ddp_failures as t; t.worker({rank}, {port}, {str(root)!r}, {scenario!r})"
-            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        codes = [proc.wait(timeout=120) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert codes == [0, 0], "\n".join(log.read_text() for log in logs)
+def results(root: Path, scenario: str) -> dict[int, dict]:
+    """Run the scenario on 2 ranks; what each rank saw (its time to finish, its warnings)."""
+    (root / "scenario").write_text(scenario)
+    launch("test_ddp_failures", "worker", root, world=2, timeout=120)
     return {rank: json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)}
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("scenario", ["stops early", "raises"])
 def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, scenario: str) -> None:
-    results = launch(tmp_path, scenario)
-    assert results[0]["seconds"] < FLUSH_TIMEOUT_S + CLOSE_TIMEOUT_S + 20, results[0]
-    assert any("rank 1 stopped answering" in w for w in results[0]["warnings"]), results[0]["warnings"]
-    assert any("rank(s) 0 did not reach close()" in w for w in results[1]["warnings"]), results[1]["warnings"]
+    seen = results(tmp_path, scenario)
+    assert seen[0]["seconds"] < FLUSH_TIMEOUT_S + CLOSE_TIMEOUT_S + 20, seen[0]
+    assert any("rank 1 stopped answering" in w for w in seen[0]["warnings"]), seen[0]["warnings"]
+    assert any("rank(s) 0 did not reach close()" in w for w in seen[1]["warnings"]), seen[1]["warnings"]
     run = gw.load_run(tmp_path / "run")
     assert run.status == "finished" and run.steps == STEPS
     partial = run.events[run.events["kind"] == "ranks_partial"]

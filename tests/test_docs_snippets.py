@@ -163,6 +163,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], list[dict]], bool]] = {
     "docs/conflict.md": lambda ns, shown: ns["watch"].closed and conflict_steps(gw.load_run("runs/exp1")) == [50, 100],
     "docs/ablations.md": lambda ns, shown: len(ns["df"]) > 0 and Path("runs/mmoe/ablations/train.parquet").is_file(),
     "docs/dashboard.md": lambda ns, shown: len(shown) == 6,
+    "docs/guard.md": lambda ns, shown: ns["watch"].closed and ns["watch"].guard.active == [],
     "docs/quantities.md": lambda ns, shown: "input_range" in [q.name for q in ns["watch"].quantities],
 }
 
@@ -186,11 +187,18 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return renderer.figures
 
 
+SLOW_DOCS = {"docs/ablations.md"}  # trains short runs: in the full suite only
+
+
 def runnable_docs() -> list[str]:
     return [rel(p) for p in DOCS if rel(p) not in RUN_ELSEWHERE]
 
 
-@pytest.mark.parametrize("doc", runnable_docs())
+def doc_params() -> list[Any]:
+    return [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DOCS else d for d in runnable_docs()]
+
+
+@pytest.mark.parametrize("doc", doc_params())
 def test_doc_python_blocks_run_as_typed(doc: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         shown: list[dict]) -> None:
     monkeypatch.chdir(tmp_path)

@@ -93,6 +93,7 @@ def a_x(axis: object) -> bool:
     return type(axis).__name__ == "XAxis"
 
 
+@pytest.mark.slow
 def test_conflict_figures_need_conflict_data(runs: dict[str, gw.Run]) -> None:
     drawn = all_figures(runs["one_task"])
     for key in ("cosine_all", "cosine_heatmap", "conflict_ranking", "sign_conflict"):

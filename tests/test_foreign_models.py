@@ -194,6 +194,7 @@ def ple_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[gw.Run
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ORDERS)
 def test_expert_names_flow_into_run_json_and_tables(ple_runs: dict, order: str) -> None:
     run, seen, model = ple_runs[order]
@@ -359,6 +360,7 @@ def guide_snippets() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_guide_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     snippets = guide_snippets()
     assert len(snippets) >= 5

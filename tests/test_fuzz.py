@@ -158,6 +158,7 @@ def test_a_foreign_parquet_file_is_named_or_valid(real_run, pick, columns) -> No
         assert_named_or_valid(run, victim)
 
 
+@pytest.mark.slow
 def test_a_step_column_of_strings_is_named(real_run, tmp_path) -> None:
     path = tmp_path / "run"
     shutil.copytree(real_run, path)

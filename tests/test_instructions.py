@@ -146,6 +146,7 @@ def test_the_scanner_finds_the_remedies_and_the_examples() -> None:
     assert any(module == "gatewatch.ablation" for module, _, _ in example_imports())
 
 
+@pytest.mark.slow
 def test_every_gw_name_resolves_after_import_gatewatch_as_gw(resolved: dict[str, list[str]]) -> None:
     """``gw.a.b`` resolves by attribute access alone on ``import gatewatch as gw``, as a user types it."""
     where = gw_names()

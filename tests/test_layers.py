@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RUN = REPO / "sample_runs" / "mmoe-p0.5"
@@ -121,6 +122,7 @@ def test_report_command_loads_no_torch() -> None:
     assert loaded_after(script, str(SAMPLE_RUN)) == []
 
 
+@pytest.mark.slow
 def test_dashboard_loads_no_torch() -> None:
     """The dashboard, drawn on a sample run saved with a checkpoint, loads no torch: ablations run in a separate
     ``gatewatch ablate`` process. The import-linter contract already keeps every module of ``gatewatch.app`` off

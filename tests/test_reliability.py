@@ -212,6 +212,7 @@ def test_a_crash_at_any_file_operation_of_a_flush_loses_and_duplicates_nothing(t
         assert run.status == "cut off" and assert_complete_flushes(run) in (7, 8)
 
 
+@pytest.mark.slow
 def test_parts_and_chunks_left_by_a_crashed_merge_are_read_once(tmp_path) -> None:
     path = tmp_path / "run"
     model = tiny_mmoe()
@@ -257,6 +258,7 @@ def finished_run(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, why", [
     (lambda data: data[: len(data) // 2], "not a readable Parquet file"),
     (lambda data: b"", "not a readable Parquet file"),
@@ -271,6 +273,7 @@ def test_a_damaged_part_is_named_and_skipped(finished_run, damage: Callable[[byt
     assert sorted(set(run.gates["step"])) == list(range(2, 17, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns, why", [
     ({"step": ["a", "b"], "gate": ["ctr", "like"], "share": [0.5, 0.5]}, "columns of the wrong type"),
     ({"user": [1, 2], "comment": ["x", "y"]}, "not a gatewatch 'shares' table"),
@@ -284,6 +287,7 @@ def test_a_foreign_parquet_file_is_named_and_skipped(finished_run, columns: dict
     assert sorted(set(run.gates["step"])) == list(range(2, 17, 2))
 
 
+@pytest.mark.slow
 def test_run_json_of_wrong_types_is_named_and_the_tables_still_load(finished_run) -> None:
     meta = json.loads((finished_run / "run.json").read_text())
     meta.update(steps="many", tasks={"ctr": 1}, pid=2**80, gates=[1, {"name": ["x"]}, {"name": "ctr"}])
@@ -334,6 +338,7 @@ def forward_only(model: nn.Module, watch: gw.GateWatch, steps: int, drop_rows_at
         watch.step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_gate_rows_are_left_out_of_the_window_and_reported_at_their_step(tmp_path, value) -> None:
     poisoned, reference = tiny_mmoe(), tiny_mmoe()
@@ -364,6 +369,7 @@ def test_nonfinite_gate_rows_are_left_out_of_the_window_and_reported_at_their_st
     assert [(f.gate, f.step, f.severity) for f in found] == [("ctr", 37, "error")]
 
 
+@pytest.mark.slow
 def test_nan_that_wrecks_the_model_never_stops_training(tmp_path) -> None:
     model = tiny_mmoe()
     with warnings.catch_warnings():
@@ -404,6 +410,7 @@ def train_with_nan_loss(model: nn.Module, watch: gw.GateWatch, *, poison_loss: b
         watch.step()
 
 
+@pytest.mark.slow
 def test_nan_loss_is_an_event_and_a_finding_at_its_step_and_spares_the_gate_statistics(tmp_path) -> None:
     with pytest.warns(RuntimeWarning, match="the loss of task 'ctr' was NaN/Inf first at step 37"):
         nan_loss_run(tmp_path / "bad", poison_loss=True)
@@ -417,6 +424,7 @@ def test_nan_loss_is_an_event_and_a_finding_at_its_step_and_spares_the_gate_stat
             if f.code == "nonfinite"] == [("nonfinite", "ctr", 37)]
 
 
+@pytest.mark.slow
 def test_nan_gradient_shows_in_the_conflict_table_and_becomes_a_finding(tmp_path) -> None:
     model = tiny_mmoe()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -496,6 +504,7 @@ def while_steps(watch: gw.GateWatch, first: int, last: int) -> Callable[[], bool
     return lambda: first <= watch.step_count <= last
 
 
+@pytest.mark.slow
 def test_disk_full_is_reported_once_and_nothing_is_lost(tmp_path) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
     caught = train_through(tmp_path / "run", lambda w: failing(rundir.pq, "write_table", full, while_steps(w, 11, 40)))
@@ -507,6 +516,7 @@ def test_disk_full_is_reported_once_and_nothing_is_lost(tmp_path) -> None:
     assert not list((tmp_path / "run").rglob(".*.tmp-*"))  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_permission_denied_is_reported_once_per_file_kind_and_nothing_is_lost(tmp_path) -> None:
     path = tmp_path / "run"
     denied = PermissionError(errno.EACCES, "Permission denied")
@@ -516,6 +526,7 @@ def test_permission_denied_is_reported_once_per_file_kind_and_nothing_is_lost(tm
     assert assert_complete_flushes(run, every=5) == 60 and run.meta["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_run_directory_removed_mid_run_is_recreated_and_the_run_goes_on(tmp_path) -> None:
     path = tmp_path / "run"
 
@@ -547,6 +558,7 @@ def tensorboard_steps(folder: Path, tag: str) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_tensorboard_failures_are_reported_once_and_retried(tmp_path) -> None:
     path = tmp_path / "run"
     broken = OSError(errno.EIO, "Input/output error")
@@ -558,6 +570,7 @@ def test_tensorboard_failures_are_reported_once_and_retried(tmp_path) -> None:
     assert assert_complete_flushes(gw.load_run(path), every=5) == 60
 
 
+@pytest.mark.slow
 def test_rows_kept_through_a_long_outage_are_bounded_and_the_loss_is_recorded(tmp_path) -> None:
     path = tmp_path / "run"
     model = tiny_mmoe()
@@ -639,6 +652,7 @@ def test_bad_arguments_fail_at_construction(tmp_path, kwargs, match) -> None:
         watch_for(tiny_mmoe(), tmp_path, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_watches_on_one_model_are_independent(tmp_path) -> None:
     model = tiny_mmoe()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -675,6 +689,7 @@ def test_a_second_open_watch_on_the_same_folder_is_refused(tmp_path) -> None:
         watch_for(model, tmp_path / "run").close()
 
 
+@pytest.mark.slow
 def test_attaching_again_after_close_works_and_the_closed_watch_stays_closed(tmp_path) -> None:
     model = tiny_mmoe()
     old = watch_for(model, tmp_path / "old", every=2, flush_every=2)

@@ -45,6 +45,7 @@ def report_json(capsys, path: Path, *args: str) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_broken_run_is_read_by_load_run_tensorboard_and_report(runs, capsys) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -69,6 +69,7 @@ def test_sink_to_load_run_round_trip(tmp_path) -> None:
     assert run.gates["first_nonfinite_step"].dtype == "Int64"
 
 
+@pytest.mark.slow
 def test_close_compacts_into_one_chunk_per_table(tmp_path) -> None:
     model = tiny_mmoe()
     with gw.GateWatch(model, tasks=TASKS, log_dir=tmp_path, every=5, flush_every=10, tensorboard=False) as watch:
@@ -81,6 +82,8 @@ def test_close_compacts_into_one_chunk_per_table(tmp_path) -> None:
     assert run.meta["gates"][0] | {"module_class": None} == {
         "name": "ctr", "task": "ctr", "level": 0, "path": "gates.ctr.2", "output": "probs", "experts": 4,
         "expert_names": ["0", "1", "2", "3"], "top_k": None, "module_class": None,
+        "expert_modules": ["experts.0", "experts.1", "experts.2", "experts.3"],
+        "expert_map": "inferred: children of experts", "scoring": None,
     }
 
 
@@ -117,12 +120,14 @@ def mid_run(mid_run_snapshot, tmp_path):
     return shutil.copytree(mid_run_snapshot, tmp_path / "copy")
 
 
+@pytest.mark.slow
 def test_load_run_of_a_live_run(mid_run) -> None:
     run = gw.load_run(mid_run)
     assert run.status == "live" and run.meta["pid"] == os.getpid()
     assert run.steps == 200 and run.gates["step"].max() == 200 and len(run.gates) == 2 * 20
 
 
+@pytest.mark.slow
 def test_run_cut_off_mid_write_reads_up_to_the_last_complete_flush(mid_run) -> None:
     before = {name: gw.load_run(mid_run).table(name) for name in TABLES}
     for name in ("gates", "shares"):

@@ -77,6 +77,7 @@ def gate_values(run: gw.Run, gate: str, metric: str) -> list[tuple[int, float]]:
 
 
 # ---------------------------------------------------------------------------------------------- shared scalars
+@pytest.mark.slow
 def test_the_sinks_package_imports_no_tracker_and_no_torch() -> None:
     code = ("import sys, gatewatch.sinks as s\n"
             "assert not {'torch', 'mlflow', 'wandb'} & set(sys.modules), sorted(sys.modules)\n"
@@ -131,6 +132,7 @@ def only_run(client: Any, experiment: str) -> Any:
     return runs[0]
 
 
+@pytest.mark.slow
 def test_mlflow_sink_logs_every_window_findings_and_report(tmp_path: Path, mlflow_store: str) -> None:
     from mlflow import MlflowClient
 
@@ -177,6 +179,7 @@ def test_mlflow_sink_logs_every_window_findings_and_report(tmp_path: Path, mlflo
     assert sink.failures == 0 and sink.pending == []
 
 
+@pytest.mark.slow
 def test_mlflow_sink_joins_the_active_run_and_chunks_batches(tmp_path: Path, mlflow_store: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
@@ -208,6 +211,7 @@ def test_mlflow_sink_joins_the_active_run_and_chunks_batches(tmp_path: Path, mlf
     assert sorted(m.step for m in history) == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_a_failing_mlflow_never_stops_training(tmp_path: Path, mlflow_store: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """log_batch raises for a while: training goes on, one warning, the run directory is complete, and the
@@ -298,6 +302,7 @@ def record_logs(run: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any
     return calls
 
 
+@pytest.mark.slow
 def test_wandb_sink_logs_every_window_against_its_own_step(tmp_path: Path, wandb_offline: ModuleType,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = wandb_offline
@@ -347,6 +352,7 @@ def test_wandb_sink_logs_every_window_against_its_own_step(tmp_path: Path, wandb
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_wandb_sink_starts_and_finishes_its_own_run(tmp_path: Path, wandb_offline: ModuleType) -> None:
     wandb = wandb_offline
     from gatewatch.sinks import WandbSink
@@ -360,6 +366,7 @@ def test_wandb_sink_starts_and_finishes_its_own_run(tmp_path: Path, wandb_offlin
     assert sink.run.name == "run"
 
 
+@pytest.mark.slow
 def test_a_failing_wandb_never_stops_training(tmp_path: Path, wandb_offline: ModuleType,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = wandb_offline
@@ -413,6 +420,7 @@ def test_lightning_callback_passes_sinks_through(tmp_path: Path) -> None:
     assert sink.report["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_huggingface_callback_passes_sinks_through(tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="transformers is an optional dependency")
     from test_huggingface import GateWatchTrainerCallback, MultiTask

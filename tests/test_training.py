@@ -346,7 +346,7 @@ def test_a_custom_model_without_config_is_saved_without_factory(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"model": "transformer"}, "unknown model"),
     ({"steps": 0}, "steps must be a positive integer"),
-    ({"gate_dropout": 1.0}, "probability"),
+    ({"gate_dropout": 1.0}, r"gate_dropout must be a number with 0 <= gate_dropout < 1"),
     ({"model": "shared_bottom", "gate_dropout": 0.1, "watch": False}, "no gates"),
     ({"model": "shared_bottom"}, "watch=False"),
     ({"optimizer": "lbfgs"}, "unknown optimizer"),
@@ -374,9 +374,11 @@ def test_every_reference_model_trains_and_reloads(tmp_path, model, cls, kwargs):
 
 
 # ---------------------------------------------------------------- the demo
+@pytest.mark.slow
 def test_demo_cli_trains_and_prints_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--steps", "20", "--no-dashboard", "--out", str(out), "--gate-dropout", "0.1"]) == 0
+    assert cli.main(["demo", "--single", "--steps", "20", "--no-dashboard", "--out", str(out),
+                     "--gate-dropout", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "test t1: loss" in printed and "gatewatch report: demo" in printed
     assert (out / "checkpoint.pt").is_file() and gw.load_run(out).steps == 20

@@ -68,6 +68,7 @@ def test_a_slow_run_killed_before_step_100_keeps_all_but_its_last_seconds(tmp_pa
     assert "cut off" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_heartbeat_is_refreshed_at_each_time_based_flush(tmp_path: Path) -> None:
     model = MMoE(in_dim=8, n_experts=3, expert_hidden=(), expert_dim=4, tasks=TASKS)
     with gw.GateWatch(model, tasks=TASKS, log_dir=tmp_path, every=1, flush_every=1000, flush_secs=0.2,

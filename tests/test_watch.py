@@ -39,6 +39,7 @@ def np_softmax(z: list[float]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- training is untouched
+@pytest.mark.slow
 @pytest.mark.parametrize("use_backward", [True, False])
 def test_training_is_exactly_as_without_gatewatch(tmp_path, use_backward: bool) -> None:
     plain = train(tiny_mmoe(), None, 30)
@@ -244,6 +245,7 @@ def test_no_cuda_sync_between_flushes(tmp_path) -> None:
     assert run.gates["samples"].sum() == 2 * 10 * 64 and run.losses["step"].tolist() == [3, 3, 6, 6, 9, 9, 10, 10]
 
 
+@pytest.mark.slow
 def test_memory_stays_constant_over_a_run(tmp_path) -> None:
     model = tiny_mmoe()
     watch = watch_of(model, tmp_path, every=10, flush_every=50)

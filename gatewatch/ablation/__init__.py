@@ -9,7 +9,9 @@ Evaluation time, on any model (the masks go through :mod:`gatewatch.masking`'s h
   seed, task, metric, value, base (rate 0), delta, harm.
 
 Training time: :func:`train_comparison` trains short runs of a run's model and data at several gate
-dropout rates and seeds, with GateWatch attached, and compares their metrics and gate health.
+dropout rates and seeds, with GateWatch attached, and compares their metrics and gate health;
+:func:`task_removal` / :func:`run_task_removal` retrain without one task at a time (its loss weight 0) and
+compare the remaining tasks' metrics with the full model's at the same seeds and budget (negative transfer).
 
 On a run directory (a checkpoint saved by :mod:`gatewatch.training`): :func:`run_knockout`,
 :func:`run_dropout_sweep`, :func:`train_comparison` load the model and data, validate everything,
@@ -44,12 +46,14 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["KNOCKOUT_COLUMNS", "knockout", "run_knockout"], "expert_knockout"),
     **dict.fromkeys(["Job", "JobState", "Progress", "StopFn", "Tracking", "job_dir", "job_state", "request_stop"],
                     "jobs"),
-    **dict.fromkeys(["DEFAULT_RATES", "DEFAULT_SEEDS", "TRAIN_RATES", "TRAIN_SEEDS", "TRAIN_STEPS", "check_rates",
+    **dict.fromkeys(["DEFAULT_RATES", "DEFAULT_SEEDS", "REMOVAL_SEEDS", "TRAIN_RATES", "TRAIN_SEEDS", "TRAIN_STEPS",
+                     "check_rates",
                      "check_seeds", "parse_rates"], "rates"),
     **dict.fromkeys(["Target", "load_target", "run_gates"], "saved_run"),
     **dict.fromkeys(["KINDS", "META_KEY", "ablations_dir", "read_result", "result_path", "write_result"], "store"),
-    **dict.fromkeys(["comparison_summary", "knockout_summary", "sweep_summary"], "summaries"),
+    **dict.fromkeys(["comparison_summary", "knockout_summary", "removal_summary", "sweep_summary"], "summaries"),
     **dict.fromkeys(["SWEEP_COLUMNS", "dropout_sweep", "run_dropout_sweep"], "sweep"),
+    **dict.fromkeys(["REMOVAL_COLUMNS", "check_drop", "run_task_removal", "task_removal"], "task_removal"),
 }
 # which way a metric is worse: shared with the figures, so it lives outside this package
 _OUTSIDE = {"HIGHER_IS_BETTER": "gatewatch.metric_direction", "PRIMARY_METRICS": "gatewatch.metric_direction",

@@ -20,9 +20,9 @@ from ..metric_direction import primary_metric
 from ..validate import positive_int
 from .errors import AblationError, AblationStopped
 from .jobs import Progress, Tracking
-from .rates import DEFAULT_SEEDS, TRAIN_SEEDS, TRAIN_STEPS, parse_rates
+from .rates import DEFAULT_SEEDS, REMOVAL_SEEDS, TRAIN_SEEDS, TRAIN_STEPS, parse_rates
 from .store import result_path
-from .summaries import comparison_summary, knockout_summary, sweep_summary
+from .summaries import comparison_summary, knockout_summary, removal_summary, sweep_summary
 
 
 def add_ablate(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,8 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
                       "0,0.05,0.1,0.2,0.3,0.5")
     what.add_argument("--train-compare", metavar="RATES", help="train short runs with gate dropout at these rates, "
                       "e.g. 0,0.1,0.2, and compare metrics and gate health")
+    what.add_argument("--drop-task", nargs="*", metavar="TASK", help="retrain without each named task (each task in "
+                      "turn when none is named) and compare the other tasks' metrics with the full model's")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {len(DEFAULT_SEEDS)} for a sweep, "
                    f"{len(TRAIN_SEEDS)} for training)")
     p.add_argument("--steps", type=int, default=None,
@@ -80,7 +82,8 @@ def _check_seeds(seeds: int | None) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Run one ablation on a saved run; exit 0 done, 1 stopped, 2 bad input."""
-    kind = "knockout" if args.knockout else "dropout_sweep" if args.dropout_sweep else "train"
+    kind = ("knockout" if args.knockout else "dropout_sweep" if args.dropout_sweep else
+            "task_removal" if args.drop_task is not None else "train")
     progress, close = _cli_bar(kind)
     options = [f"{k}={v}" for k, v in vars(args).items() if k not in ("func", "command") and v not in (None, False)]
     tracking = Tracking(track=True, args=options, progress=progress)
@@ -99,6 +102,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             df = run_dropout_sweep(args.run_dir, rates=parse_rates(args.dropout_sweep),
                                    seeds=range(args.seeds or len(DEFAULT_SEEDS)), **common)
             summary = sweep_summary(df)
+        elif kind == "task_removal":
+            from .task_removal import run_task_removal
+
+            df = run_task_removal(args.run_dir, drop=args.drop_task, seeds=range(args.seeds or len(REMOVAL_SEEDS)),
+                                  steps=args.steps, **common)
+            summary = removal_summary(df)
         else:
             from .comparison import train_comparison
 
@@ -141,6 +150,9 @@ def render_summary(kind: str, df: pd.DataFrame, summary: pd.DataFrame, run_dir: 
         sel = summary[[metrics[t] == m for t, m in zip(summary["task"], summary["metric"], strict=True)]]
         lines += ["mean over seeds at each gate dropout rate (harm: + = worse than rate 0):",
                   sel.to_string(index=False)]
+    elif kind == "task_removal":
+        lines += ["each remaining task's metric without the dropped task, against the full model (same seeds and "
+                  "steps; spread: standard error over seeds):", *summary["sentence"]]
     else:
         lines += ["metrics and gate health per gate dropout rate (mean over seeds):", summary.to_string(index=False)]
     lines += ["", f"written: {written}"]

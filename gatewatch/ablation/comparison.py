@@ -128,6 +128,19 @@ def _dropout_on_first_forward(model: nn.Module, specs: GateSpecs, tasks: Sequenc
     handle = model.register_forward_pre_hook(attach)
 
 
+def check_retraining(steps: int | None, split: str, what: str) -> int | None:
+    """``steps`` (None: the run's own) checked as a positive int, and ``split`` as 'val' or 'test';
+    AblationError otherwise (``what`` names the ablation in the message)."""
+    if split not in ("val", "test"):
+        raise AblationError(f"{what} reports 'val' or 'test' metrics, got split {split!r}.")
+    if steps is None:
+        return None
+    try:
+        return positive_int("steps", steps, unit="per training run")
+    except ValueError as err:
+        raise AblationError(str(err)) from None
+
+
 def _step_reporter(progress: Progress, offset: int, total: int, name: str) -> Callable[[int, Any], None]:
     return lambda step, _info: progress(offset + step, total, f"training {name}")
 
@@ -153,13 +166,7 @@ def train_comparison(
     is retrained with ``TrainConfig.gate_dropout``; any other model gets gate dropout through masking hooks.
     """
     rates, seeds = check_rates(rates), check_seeds(seeds)
-    if steps is not None:
-        try:
-            steps = positive_int("steps", steps, unit="per training run")
-        except ValueError as err:
-            raise AblationError(str(err)) from None
-    if split not in ("val", "test"):
-        raise AblationError(f"The comparison reports 'val' or 'test' metrics, got split {split!r}.")
+    steps = check_retraining(steps, split, "The comparison")
     target = load_target(run_dir, factory=factory, allow_factory=allow_factory, split=split)
     plan = _comparison_plan(target, steps, factory, allow_factory)
     try:

@@ -12,6 +12,7 @@ DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # evaluation-time sweep
 DEFAULT_SEEDS = (0, 1, 2)
 TRAIN_RATES = (0.0, 0.1, 0.2)  # training comparison
 TRAIN_SEEDS = (0, 1)
+REMOVAL_SEEDS = (0, 1, 2)  # seeds of a task removal: its spread is the standard error over them
 TRAIN_STEPS = 1000  # default length of a comparison run (capped by the run's own length)
 
 

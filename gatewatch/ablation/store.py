@@ -1,7 +1,9 @@
-"""Result files: ``RUN/ablations/<kind>.parquet``, written atomically with the settings in its metadata."""
+"""Result files: ``RUN/ablations/<kind>.parquet``, written atomically with the settings in its metadata (for the
+committed sample runs, in a results folder outside the repository: :func:`ablations_dir`)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..rundir import atomic_write_bytes
 
-KINDS = ("knockout", "dropout_sweep", "train")
+KINDS = ("knockout", "dropout_sweep", "train", "task_removal")
 META_KEY = b"gatewatch.ablation"
 
 
@@ -26,13 +28,36 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+RESULTS_ENV = "GATEWATCH_RESULTS"
+PACKAGE = Path(__file__).resolve().parents[1]  # gatewatch/
+SAMPLE_RUNS = PACKAGE.parent / "sample_runs"  # the committed sample runs of a source checkout
+
+
+def results_root() -> Path:
+    """Where ablations of runs that must stay untouched are written: ``$GATEWATCH_RESULTS``, else
+    ``results/`` in the cache directory (``$GATEWATCH_CACHE`` or ``~/.cache/gatewatch``)."""
+    if chosen := os.environ.get(RESULTS_ENV):
+        return Path(chosen).expanduser()
+    return Path(os.environ.get("GATEWATCH_CACHE") or Path.home() / ".cache" / "gatewatch").expanduser() / "results"
+
+
+def read_only_run(run_dir: str | os.PathLike[str]) -> bool:
+    """True for a run inside the gatewatch package or the checkout's ``sample_runs/`` (committed files)."""
+    path = Path(run_dir).resolve()
+    return path.is_relative_to(PACKAGE) or path.is_relative_to(SAMPLE_RUNS)
+
+
 def ablations_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """``RUN/ablations``: where every ablation of a run keeps its results and jobs."""
-    return Path(run_dir) / "ablations"
+    """Where every ablation of a run keeps its results and jobs: ``RUN/ablations``, or, for a committed run
+    (:func:`read_only_run`), ``<results_root>/<run name>-<hash of its path>/ablations`` outside the repository."""
+    if not read_only_run(run_dir):
+        return Path(run_dir) / "ablations"
+    path = Path(run_dir).resolve()
+    return results_root() / f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}" / "ablations"
 
 
 def result_path(run_dir: str | os.PathLike[str], kind: str) -> Path:
-    """``RUN/ablations/<kind>.parquet``."""
+    """``<ablations_dir(RUN)>/<kind>.parquet``."""
     return ablations_dir(run_dir) / f"{check_kind(kind)}.parquet"
 
 

@@ -7,6 +7,8 @@ import math
 
 import pandas as pd
 
+from ..metric_direction import primary_metric
+
 
 def knockout_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per task and metric: the most harmful knock-out, its harm, the total harm, and their ratio.
@@ -40,3 +42,27 @@ def comparison_summary(df: pd.DataFrame) -> pd.DataFrame:
                 polarized_gates=("polarized_gates", "mean"), dead_experts=("dead_experts", "mean"),
                 mean_entropy=("mean_entropy", "mean"), max_top_share=("max_top_share", "mean"))
     return out.reset_index().sort_values(["task", "metric", "rate"], kind="stable").reset_index(drop=True)
+
+
+def removal_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per dropped task and remaining task (its primary metric): the mean change over seeds of the remaining
+    task's metric without the dropped one, its spread (standard error over seeds; NaN with one seed), the verdict
+    (``hurts`` when the remaining task does better without it by at least two standard errors, ``helps`` when
+    worse, else ``no clear effect``; with one seed the sign decides) and the sentence."""
+    rows = []
+    for (dropped, task), g in df.groupby(["dropped", "task"], sort=False):
+        metric = primary_metric(g["metric"])
+        sel = g[g["metric"] == metric]
+        n, mean, harm = len(sel), float(sel["delta"].mean()), float(sel["harm"].mean())
+        se = float(sel["delta"].std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+        clear = abs(mean) >= 2 * se if n > 1 else mean != 0
+        verdict = "no clear effect" if not clear or harm == 0 else "hurts" if harm < 0 else "helps"
+        name = metric.upper() if metric.lower() in ("auc", "mse") else metric
+        spread = f"+-{se:.3g}" if n > 1 else "one seed"
+        effect = {"hurts": f"{dropped} hurts {task} (negative transfer)", "helps": f"{dropped} helps {task}",
+                  "no clear effect": f"no clear effect of {dropped} on {task}"}[verdict]
+        rows.append({"dropped": dropped, "task": task, "metric": metric, "full": float(sel["full"].mean()),
+                     "delta": mean, "se": se, "seeds": n, "verdict": verdict,
+                     "sentence": f"without {dropped}, {task} {name} {mean:+.3g} ({spread}): {effect}"})
+    return pd.DataFrame(rows, columns=["dropped", "task", "metric", "full", "delta", "se", "seeds", "verdict",
+                                       "sentence"])

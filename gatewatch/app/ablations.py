@@ -34,20 +34,22 @@ from ..ablation.jobs import JobState, job_state, request_stop
 from ..ablation.rates import (
     DEFAULT_RATES,
     DEFAULT_SEEDS,
+    REMOVAL_SEEDS,
     TRAIN_RATES,
     TRAIN_SEEDS,
     TRAIN_STEPS,
     format_rates,
     parse_rates,
 )
-from ..ablation.store import KINDS, check_kind, read_result
-from ..ablation.summaries import comparison_summary, knockout_summary, sweep_summary
-from ..figures.ablation import comparison_figure, knockout_heatmap, sweep_curves
+from ..ablation.store import KINDS, ablations_dir, check_kind, read_result
+from ..ablation.summaries import comparison_summary, knockout_summary, removal_summary, sweep_summary
+from ..figures.ablation import comparison_figure, knockout_heatmap, removal_figure, sweep_curves
 from ..runs import read_meta
 from ..training.model_info import CHECKPOINT_FILE, CheckpointError, is_trusted_factory, read_model_info
 from . import ui
 
-TITLES = {"knockout": "Expert knock-out", "dropout_sweep": "Gate-dropout sweep", "train": "Training with gate dropout"}
+TITLES = {"knockout": "Expert knock-out", "dropout_sweep": "Gate-dropout sweep", "train": "Training with gate dropout",
+          "task_removal": "Task removal"}
 POLL_S = 1.0
 
 
@@ -61,18 +63,20 @@ class Options:
     seeds: int | None = None
     steps: int | None = None
     allow_factory: bool = False
+    drop: list[str] = field(default_factory=list)  # task removal: the tasks to leave out (none: each in turn)
 
 
 def ablate_command(run_path: Path, kind: str, options: Options) -> list[str]:
     """The ``gatewatch ablate`` command line of one job."""
     check_kind(kind)
-    flag = {"knockout": ["--knockout"], "dropout_sweep": ["--dropout-sweep"], "train": ["--train-compare"]}[kind]
-    if kind != "knockout":
+    flag = {"knockout": ["--knockout"], "dropout_sweep": ["--dropout-sweep"], "train": ["--train-compare"],
+            "task_removal": ["--drop-task", *options.drop]}[kind]
+    if kind in ("dropout_sweep", "train"):
         flag.append(format_rates(options.rates))
     cmd = [sys.executable, "-m", "gatewatch.cli", "ablate", str(run_path), *flag, "--split", options.split]
     if options.seeds is not None and kind != "knockout":
         cmd += ["--seeds", str(options.seeds)]
-    if options.steps is not None and kind == "train":
+    if options.steps is not None and kind in ("train", "task_removal"):
         cmd += ["--steps", str(options.steps)]
     if options.allow_factory:
         cmd.append("--allow-factory")
@@ -154,11 +158,40 @@ def factory_check(run_path: Path) -> tuple[str | None, bool, str | None]:
     return info.factory, is_trusted_factory(info.factory), None
 
 
+REMEDY_CODES = ("polarization", "collapse", "dead_expert")  # findings whose remedy is gate dropout
+
+
+def remedy_button(run_path: Path, run_id: str, status: str, codes: Sequence[str]) -> None:
+    """On a finished run with a saved model and a finding that gate dropout remedies: a button that starts the
+    gate-dropout sweep on that model, and a link to the Ablations page, where its progress and result show."""
+    if status != "finished" or not set(codes) & set(REMEDY_CODES) or not (run_path / CHECKPOINT_FILE).is_file():
+        return
+    _, trusted, problem = factory_check(run_path)
+    if problem is not None or not trusted:
+        return
+    st.markdown("#### Test the remedy")
+    st.caption("Does gate dropout help this model? The sweep evaluates the saved model with gate outputs dropped at "
+               f"rates {format_rates(DEFAULT_RATES)} ({len(DEFAULT_SEEDS)} seeds each).")
+    if st.button("Run the gate-dropout sweep on this run", key=f"remedy:{run_path}", type="primary",
+                 icon=":material/science:", disabled=_running(job_state(run_path, "dropout_sweep"),
+                                                            last_launch(run_path, "dropout_sweep"))):
+        try:
+            launch(run_path, "dropout_sweep", Options(rates=list(DEFAULT_RATES), seeds=len(DEFAULT_SEEDS)))
+        except AblationError as err:
+            st.error(str(err))
+            return
+        st.success("The gate-dropout sweep is running on the saved model.", icon=":material/science:")
+    if last_launch(run_path, "dropout_sweep") is not None or job_state(run_path, "dropout_sweep") is not None:
+        st.page_link(ui.page_file("ablations"), label="Follow it and see the result on the Ablations page",
+                     icon=":material/science:", query_params={"run": run_id})
+
+
 # ------------------------------------------------------------------------------------------- the page
 def render(run_path: Path, *, root: Path, selected: Sequence[Path]) -> None:
     """Draw the Ablations page for ``run_path`` (inside ``root``); ``selected``: the runs chosen on the Runs page."""
     st.markdown("What is each expert worth to each task, and does gate dropout help? Knock experts out, sweep "
-                "gate dropout at evaluation, or retrain with gate dropout and compare gate health.")
+                "gate dropout at evaluation, or retrain with gate dropout and compare gate health. Does a task hurt "
+                "the others? Retrain without it and compare (task removal).")
     factory, trusted, problem = factory_check(run_path)
     allow = False
     if problem is None and not trusted:
@@ -179,16 +212,21 @@ def _controls(run_path: Path, kind: str, blocked: str | None, allow: bool) -> No
     key = f"{kind}:{run_path}"
     cols = st.columns(4, vertical_alignment="bottom")
     options = Options(allow_factory=allow)
-    help_text = ("Whose final metrics the runs are compared on." if kind == "train" else
+    help_text = ("Whose final metrics the runs are compared on." if kind in ("train", "task_removal") else
                  "The data the model is evaluated on.")
     options.split = cols[0].radio("Split", ["val", "test"], horizontal=True, key=f"split:{key}", help=help_text)
     rates_text = ""
-    if kind != "knockout":
+    if kind == "task_removal":
+        tasks = [str(t) for t in read_meta(run_path)[0].get("tasks") or []]
+        options.drop = cols[1].multiselect("Tasks to leave out", tasks, key=f"drop:{key}",
+                                           help="Each in turn; none chosen: every task in turn.")
+        options.seeds = int(cols[2].number_input("Seeds", 1, 20, len(REMOVAL_SEEDS), key=f"seeds:{key}"))
+    elif kind != "knockout":
         default = DEFAULT_RATES if kind == "dropout_sweep" else TRAIN_RATES
         rates_text = cols[1].text_input("Gate dropout rates", format_rates(default), key=f"rates:{key}")
         seeds = DEFAULT_SEEDS if kind == "dropout_sweep" else TRAIN_SEEDS
         options.seeds = int(cols[2].number_input("Seeds", 1, 20, len(seeds), key=f"seeds:{key}"))
-    if kind == "train":
+    if kind in ("train", "task_removal"):
         options.steps = int(cols[3].number_input("Steps per run", 1, 1_000_000, default_steps(run_path), step=100,
                                                  key=f"steps:{key}"))
     state, launched = job_state(run_path, kind), last_launch(run_path, kind)
@@ -199,7 +237,7 @@ def _controls(run_path: Path, kind: str, blocked: str | None, allow: bool) -> No
                       type="primary", icon=":material/play_arrow:")
     if start:
         try:
-            if kind != "knockout":
+            if kind in ("dropout_sweep", "train"):
                 options.rates = parse_rates(rates_text)
             launch(run_path, kind, options)
         except AblationError as err:
@@ -268,12 +306,17 @@ def _results(run_path: Path, kind: str, root: Path, selected: Sequence[Path]) ->
                               + [d.assign(run=_label(p, root)) for p, d in others.items()], ignore_index=True)
         ui.chart(sweep_curves(shown), key=f"sweep:{run_path}")
         st.dataframe(sweep_summary(df), hide_index=True)
+    elif kind == "task_removal":
+        summary = removal_summary(df)
+        ui.chart(removal_figure(summary), key=f"removal:{run_path}")
+        st.markdown("\n".join(f"- {s}" for s in summary["sentence"]))
+        st.dataframe(summary.drop(columns="sentence"), hide_index=True)
     else:
         ui.chart(comparison_figure(df), key=f"train:{run_path}")
         st.dataframe(comparison_summary(df), hide_index=True)
         for child in df["run_dir"].drop_duplicates():
-            path = run_path / child
-            if path.is_dir():
+            path = ablations_dir(run_path).parent / child
+            if path.is_dir() and path.resolve().is_relative_to(root.resolve()):
                 st.page_link(ui.page_file("overview"), label=f"Open {child}", icon=":material/open_in_new:",
                              query_params={"run": _label(path, root)})
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import streamlit as st
 
 from ..findings import Finding, Thresholds, find
+from ..liveness import run_status
 from ..report import build_report
 from ..runs import Run, RunReadError, load_run
-from .state import OutsideRoot, RunRef, change_token, check_inside, run_row
+from ..summary import SUMMARY_FILE, read_summary
+from .state import OutsideRoot, RunRef, change_token, check_inside, inside, run_row, summary_row
 
 
 class RunUnavailable(Exception):
@@ -84,7 +86,14 @@ def findings(ref: RunRef, tok: tuple, thresholds: Thresholds) -> list[Finding]:
 
 
 def summary(root: Path, ref: RunRef, thresholds: Thresholds) -> dict[str, object]:
-    """The Runs page's row of a run (cached, so listing many runs does not keep them all in memory)."""
+    """The Runs page's row of a run: from its ``summary.json`` alone (findings at the default thresholds, as the
+    run recorded them), else from a full read under ``thresholds``, cached per change token."""
+    for p in (ref.path, ref.path / SUMMARY_FILE, ref.path / "run.json"):
+        if (p.exists() or p.is_symlink()) and not inside(root, p):
+            raise RunUnavailable(f"{p} points outside the dashboard's folder {root}; it is not shown.")
+    recorded = read_summary(ref.path)
+    if recorded is not None:
+        return summary_row(ref.id, recorded, run_status(recorded, ref.path))
     tok = token(root, ref)
     with _readable(ref):
         return _row(ref.id, str(ref.path), tok, _key(thresholds))

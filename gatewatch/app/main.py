@@ -34,6 +34,7 @@ PAGES = [  # (script name in views/, title, icon)
     ("overview", "Overview", ":material/summarize:"),
     ("gates", "Gates", ":material/call_split:"),
     ("experts", "Experts", ":material/groups:"),
+    ("routers", "Routers", ":material/alt_route:"),
     ("conflict", "Conflict", ":material/compare_arrows:"),
     ("compare", "Compare", ":material/stacked_line_chart:"),
     ("ablations", "Ablations", ":material/science:"),

@@ -14,10 +14,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..findings import Finding, Thresholds, gate_unit
 from ..liveness import last_heard
 from ..runs import Run, list_runs
+from ..summary import flat_config, summary_from_run, worst_severity
 
 ENV_ROOT = "GATEWATCH_RUNS"
 SEVERITY_COLOURS = {"error": "red", "warning": "orange", "info": "blue"}
@@ -129,7 +131,7 @@ def describe_units(run: Run) -> str:
     return "tasks: " + (", ".join(run.tasks) or "-")
 
 
-def finding_badges(findings: Sequence[Finding]) -> list[str]:
+def finding_badges(findings: Sequence[Finding] | Sequence[_Badge]) -> list[str]:
     """One short badge per finding code, e.g. ``"polarization x2 (error)"``, most severe first."""
     counts = Counter((f.severity, f.code) for f in findings)
     order = {"error": 0, "warning": 1, "info": 2}
@@ -140,14 +142,48 @@ def finding_badges(findings: Sequence[Finding]) -> list[str]:
 
 
 def run_row(ref: RunRef, run: Run, findings: Sequence[Finding]) -> dict[str, object]:
-    """The Runs page's row for one run."""
-    experts = sorted({int(e) for e in run.gates["experts"].dropna()}) if len(run.gates) else []
+    """The Runs page's row for a run read in full (one without ``summary.json``)."""
+    return summary_row(ref.id, summary_from_run(run, findings), run.status, len(run.problems))
+
+
+CONFIG_PREFIX = "config: "  # the Runs page's columns of config values
+
+
+def summary_row(run_id: str, summary: Mapping[str, Any], status: str, problems: int | None = None
+                ) -> dict[str, object]:
+    """The Runs page's row of a run from its summary (:mod:`gatewatch.summary`): identity, status, worst
+    severity, finding badges, shape, the last window's headline, and one column per config value."""
+    gates = [g for g in summary.get("gates") or [] if isinstance(g, Mapping)]
+    tasks = [g.get("task") for g in gates]
+    layers = len(tasks) > 1 and all(t is None for t in tasks)
+    units = [str(g.get("name")) for g in gates] if layers else [str(t) for t in summary.get("tasks") or []]
+    experts = sorted({int(g["experts"]) for g in gates if isinstance(g.get("experts"), int)})
+    found = summary.get("findings") if isinstance(summary.get("findings"), Mapping) else None
+    counts = found.get("counts") if found and isinstance(found.get("counts"), Mapping) else {}
+    head = summary.get("headline") if isinstance(summary.get("headline"), Mapping) else {}
+    polar = [v.get("polarization") for v in (head.get("gates") or {}).values() if isinstance(v, Mapping)]
+    polar = [p for p in polar if isinstance(p, (int, float))]
     return {
-        "run": ref.id, "status": run.status,
-        "tasks / layers": describe_units(run), "gates": len(run.gate_names),
-        "experts": ", ".join(str(e) for e in experts) or "-", "steps": run.steps,
-        "findings": finding_badges(findings) or ["healthy"], "problems": len(run.problems),
+        "run": run_id, "status": status, "severity": worst_severity(summary),
+        "findings": count_badges(counts) or (["healthy"] if found is not None else ["not evaluated yet"]),
+        "codes": sorted(counts), "tasks / layers": ("layers: " if layers else "tasks: ") + (", ".join(units) or "-"),
+        "gates": len(gates), "experts": ", ".join(str(e) for e in experts) or "-", "steps": summary.get("steps"),
+        "max polarization": max(polar) if polar else None, "updated": summary.get("updated"),
+        "problems": problems,
+        **{CONFIG_PREFIX + k: v for k, v in flat_config(summary.get("config")).items()},
     }
+
+
+def count_badges(counts: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """One badge per finding code from a summary's counts, most severe first (as :func:`finding_badges`)."""
+    return finding_badges([_Badge(code, severity) for code, by in counts.items() for severity, n in by.items()
+                           for _ in range(int(n))])
+
+
+@dataclass(frozen=True)
+class _Badge:
+    code: str
+    severity: str
 
 
 def cut_off_message(run: Run) -> str | None:
@@ -161,11 +197,11 @@ def cut_off_message(run: Run) -> str | None:
 
 
 def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
-    """The page (``gates`` / ``experts`` / ``conflict``) and query parameters that show a finding."""
+    """The page (``gates`` / ``experts`` / ``conflict`` / ``routers``) and query parameters that show a finding."""
     params = {}
     if finding.gate:
         params["gate"] = finding.gate
-    return finding.chart if finding.chart in ("gates", "experts", "conflict") else "overview", params
+    return finding.chart if finding.chart in ("gates", "experts", "conflict", "routers") else "overview", params
 
 
 def env_with_root(root: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:

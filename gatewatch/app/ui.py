@@ -163,6 +163,8 @@ def header(ctx: Context, ref: RunRef, run: Run, tok: tuple) -> None:
         st.badge(run.status, color=STATUS_COLOURS.get(run.status, "gray"))
     cols[1].caption(f"{run.steps:,} steps")
     cols[2].caption(f"{describe_units(run)} - {len(run.gate_names)} gate(s) - `{ref.id}`")
+    if isinstance(note := run.meta.get("note"), str) and note:
+        st.info(note, icon=":material/info:")
     if msg := cut_off_message(run):
         st.warning(msg, icon=":material/warning:")
     if run.status == "live":
@@ -189,7 +191,8 @@ def _watch(root: Path, ref: RunRef, tok: tuple) -> None:
 
 
 SEVERITY_TITLES = {"error": "Error", "warning": "Warning", "info": "Note"}
-CHART_TITLES = {"gates": "Gates", "experts": "Experts", "conflict": "Conflict", "overview": "Overview"}
+CHART_TITLES = {"gates": "Gates", "experts": "Experts", "conflict": "Conflict", "routers": "Routers",
+                "overview": "Overview"}
 
 
 def finding_card(finding: Finding, ref: RunRef, index: int) -> None:

@@ -3,6 +3,7 @@ windows the finding rules look at while training."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from .quantity import Rows
 ON_NONFINITE = ("warn", "ignore", "raise")
 NONFINITE_EVENTS = ("nonfinite", "nonfinite_loss")
 RECENT_WINDOWS = 100  # windows of history kept in memory for the finding rules (only when a sink asks for them)
+# The rules run at a flush only when the time since they last ran is at least this many times what they took
+# then, so they never take more than 1 / FINDINGS_COST_RATIO of the training time (benchmarks/bench_capture.py).
+FINDINGS_COST_RATIO = 100
 
 
 def merge(parts: list[Rows]) -> dict[str, pd.DataFrame]:
@@ -46,10 +50,13 @@ def check_nonfinite(events: pd.DataFrame, policy: str) -> None:
 class RecentWindows:
     """The tables of the last ``RECENT_WINDOWS`` windows, as a :class:`~gatewatch.run.Run` for the finding rules."""
 
-    def __init__(self, windows: int = RECENT_WINDOWS) -> None:
+    def __init__(self, windows: int = RECENT_WINDOWS, cost_ratio: float = FINDINGS_COST_RATIO) -> None:
         self.windows = windows
+        self.cost_ratio = cost_ratio
         self.flushes: list[dict[str, pd.DataFrame]] = []
         self.failed = False
+        self.ran_at: float | None = None  # time.monotonic() when the rules last ran
+        self.took = 0.0  # seconds they took then
 
     def add(self, tables: dict[str, pd.DataFrame]) -> None:
         self.flushes.append(tables)
@@ -65,12 +72,22 @@ class RecentWindows:
                   if self.flushes else frame(name) for name in TABLES}
         return Run(path=path, meta=dict(meta), tables=tables, status=run_status(meta, path))
 
-    def findings(self, path: Path, meta: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The findings of the recent windows (the pure rules of the quantities' read halves); None, with one
-        warning, when a rule fails: a rule never stops training."""
+    def due(self) -> bool:
+        """Whether the rules may run now: at most ``1 / cost_ratio`` of the time goes to them."""
+        return self.ran_at is None or time.monotonic() - self.ran_at >= self.cost_ratio * self.took
+
+    def findings(self, path: Path, meta: dict[str, Any], *, force: bool = False) -> list[dict[str, Any]] | None:
+        """The findings of the recent windows (the pure rules of the quantities' read halves), or None when they
+        are not :meth:`due` yet (unless ``force``), or (with one warning) when a rule fails: a rule never stops
+        training."""
         from ..findings import find
 
-        return self._guarded(lambda: [f.to_dict() for f in find(self.run(path, meta))])
+        if not (force or self.due()):
+            return None
+        start = time.monotonic()
+        out = self._guarded(lambda: [f.to_dict() for f in find(self.run(path, meta))])
+        self.ran_at, self.took = time.monotonic(), time.monotonic() - start
+        return out
 
     def report(self, path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
         """The report of the recent windows (same keys as ``gatewatch report --json``); None when it fails."""

@@ -100,6 +100,11 @@ class Quantity:
         """
         return {}
 
+    def after(self, tables: dict[str, pd.DataFrame]) -> Rows:
+        """Rows made from every quantity's rows of this flush (reduced, so equal on every rank), e.g. decisions
+        taken on them (the guard)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """This quantity's fields of run.json."""
         return {}

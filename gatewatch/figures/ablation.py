@@ -180,3 +180,26 @@ def comparison_figure(df: pd.DataFrame, *, metric: str | None = None) -> go.Figu
         fig.update_xaxes(title_text="gate dropout rate", type="category", **place)
         fig.update_yaxes(title_text=y_title, **place)
     return layout(fig, title=title, x=None, height=90 + 300 * n_rows, legend="gate dropout", hover="closest")
+
+
+def removal_figure(summary: pd.DataFrame) -> go.Figure:
+    """Task removal (the table of ``gatewatch.ablation.removal_summary``): one bar per (task left out, remaining
+    task), the change of the remaining task's metric signed so that + = better without the other task, with
+    two standard errors over seeds as error bars. Red: it hurts (negative transfer); blue: it helps."""
+    title = "Each task without another (+ = better without it: negative transfer)"
+    if not len(summary):
+        return no_data(title, "no task-removal results yet")
+    gain = [d if str(m).lower() in HIGHER_IS_BETTER else -d
+            for d, m in zip(summary["delta"], summary["metric"], strict=True)]
+    colours = {"hurts": "#B2182B", "helps": "#2166AC", "no clear effect": "#999"}
+    labels = [f"{t} without {d}" for d, t in zip(summary["dropped"], summary["task"], strict=True)]
+    errors = [2 * s if s == s else 0.0 for s in summary["se"]]
+    fig = go.Figure(go.Bar(
+        x=labels, y=gain, marker_color=[colours[v] for v in summary["verdict"]],
+        error_y={"type": "data", "array": errors, "visible": True, "color": "#444"},
+        customdata=list(zip(summary["sentence"], summary["seeds"], strict=True)),
+        hovertemplate="%{customdata[0]}<br>%{customdata[1]} seed(s); bar: +-2 SE<extra></extra>", showlegend=False,
+    ))
+    fig.add_hline(y=0, line_color="#444", line_width=1)
+    return layout(fig, title=title, x="remaining task, without the task left out",
+                  y="metric change (+ = better), +-2 SE", height=380, hover="closest")

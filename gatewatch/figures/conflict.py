@@ -15,6 +15,7 @@ from ._style import (
     MAX_COLUMNS,
     MAX_POINTS,
     downsample,
+    expert_colours,
     layout,
     natural_key,
     nearest_step,
@@ -189,3 +190,67 @@ def purity_distribution(purity: pd.DataFrame, step: int | None = None, *, scope:
 
 __all__ = ["NO_CONFLICT", "conflict_counts", "conflict_ranking", "cosine_heatmap", "cosine_over_time", "pairs",
            "purity_distribution", "sign_conflict_over_time"]
+
+
+CONTESTED_FILL = "rgba(214, 39, 40, 0.10)"
+MAX_FRAMES = 60  # conflict steps the slider can show; longer runs keep evenly spaced steps and the last
+
+
+def expert_conflict_map(table: pd.DataFrame, pair: str | None = None, *, contested_share: float = 0.2,
+                        threshold: float = 0.0, mode: str | None = None) -> go.Figure:
+    """Conflict x routing for one task pair: each expert a point, its gradient cosine against the smaller of the
+    two tasks' gate shares on it, for one ``mode`` (``"exact"`` by default when the run has it, else ``"proxy"``).
+    The shaded corner (both shares >= ``contested_share``, cosine below
+    ``threshold``) is where the pair fights over an expert both use. A slider steps through the conflict steps.
+
+    ``table``: rows of :func:`gatewatch.quantities.conflict.read.expert_table` (step, window_step, mode, expert,
+    module, task_a, task_b, cosine, below, measured, share_a, share_b, zero_grad)."""
+    title = "Do the tasks that fight share experts?"
+    if not len(table):
+        return no_data(title, "no per-expert conflict: run with GateWatch(conflict_every=...) on a model whose gates "
+                              "mix expert modules (see docs/conflict.md)")
+    modes = list(dict.fromkeys(table["mode"]))
+    table = table[table["mode"] == (mode if mode in modes else ("exact" if "exact" in modes else modes[0]))]
+    labels = [pair_label(a, b) for a, b in table[["task_a", "task_b"]].itertuples(index=False)]
+    pair = pair if pair in set(labels) else labels[0]
+    rows = table[[lab == pair for lab in labels]].assign(used=lambda d: d[["share_a", "share_b"]].min(axis=1))
+    a, b = rows["task_a"].iloc[0], rows["task_b"].iloc[0]
+    mode = str(rows["mode"].iloc[0])
+    steps = sorted(rows["step"].unique())
+    if len(steps) > MAX_FRAMES:
+        keep = {steps[round(i * (len(steps) - 1) / (MAX_FRAMES - 1))] for i in range(MAX_FRAMES)}
+        steps = [s for s in steps if s in keep]
+    colours = expert_colours(rows["expert"])
+
+    def traces(step: int) -> list[go.Scatter]:
+        now = rows[rows["step"] == step].sort_values("expert", key=lambda s: s.map(natural_key))
+        return [go.Scatter(
+            x=now["used"], y=now["cosine"], mode="markers+text", text=now["expert"], textposition="middle right",
+            marker={"size": 14, "color": [colours[str(e)] for e in now["expert"]], "line": {"width": 1,
+                                                                                          "color": "#333"}},
+            customdata=now[["module", "share_a", "share_b", "below", "measured", "window_step"]].to_numpy(),
+            hovertemplate=(f"expert %{{text}} (%{{customdata[0]}})<br>cosine %{{y:.2f}} ({mode})<br>share {a} "
+                           f"%{{customdata[1]:.0%}}, {b} %{{customdata[2]:.0%}} (window %{{customdata[5]}})<br>below "
+                           "threshold in %{customdata[3]} of %{customdata[4]} measured steps<extra></extra>"),
+            showlegend=False,
+        )]
+
+    fig = go.Figure(data=traces(steps[-1]), frames=[go.Frame(data=traces(s), name=str(s)) for s in steps])
+    fig.add_shape(type="rect", x0=contested_share, x1=1.0, y0=-1.0, y1=threshold, fillcolor=CONTESTED_FILL,
+                  line={"width": 0}, layer="below")
+    fig.add_annotation(x=1.0, y=-1.0, xanchor="right", yanchor="bottom", showarrow=False,
+                       text="contested: both tasks use it, their gradients point apart",
+                       font={"size": 12, "color": "#B22222"})
+    fig.add_hline(y=threshold, line={"dash": "dot", "color": "#888", "width": 1})
+    fig.update_xaxes(range=[-0.02, 1.02], tickformat=".0%")
+    fig.update_yaxes(range=[-1.05, 1.05])
+    fig.update_layout(sliders=[{
+        "active": len(steps) - 1, "currentvalue": {"prefix": "conflict step "}, "pad": {"t": 40},
+        "steps": [{"label": str(s), "method": "animate",
+                   "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
+                                       "transition": {"duration": 0}}]} for s in steps],
+    }])
+    layout(fig, title=f"{title} {pair} ({mode})", x=f"how much both use the expert: min(share {a}, share {b})",
+           y=f"gradient cosine on the expert ({mode})", height=520, hover="closest")
+    fig.update_layout(margin={"l": 60, "r": 20, "t": 60, "b": 120})
+    return fig

@@ -21,6 +21,11 @@ QUANTITIES: list[str] = [
     "gates",  # gate statistics: share, entropy, polarization, load ... per gate and window
     "losses",  # per-task losses per window
     "conflict",  # gradient conflict between tasks on the shared parameters
+    "proxy",  # conflict proxy per expert: gate weight x gradient at each task's tower input, every step
+    "guard",  # opt-in online guard: gate dropout when polarization / collapse is found at a flush
+    "routers",  # sparse routers: dispatch load, MaxVio, margin, dropped tokens, expert bias per layer
+    "similarity",  # linear CKA and mean-output cosine between the experts of each gate
+    "seesaw",  # one task's validation metric improving while another's worsens (reads the eval table)
 ]
 
 

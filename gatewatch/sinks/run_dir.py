@@ -36,11 +36,16 @@ from ..rundir import (
     table_files,
 )
 from ..schema import frame
+from ..summary import SUMMARY_FILE, build_summary, digest, headline
 from . import Sink
 
 
 class RunDirWriter(Sink):
-    """Writes tables and metadata into a run directory (see the module docstring)."""
+    """Writes tables, metadata and the run summary (:mod:`gatewatch.summary`) into a run directory (see the
+    module docstring). The summary is rewritten with run.json at each flush and at close; its findings are
+    those of the recent windows, evaluated by the watch (``wants_findings``) and at close."""
+
+    wants_findings = True
 
     def __init__(
         self, path: str | os.PathLike[str], *, compact_every: int = 64, max_pending_rows: int = 200_000,
@@ -57,6 +62,9 @@ class RunDirWriter(Sink):
         self.failures = 0
         self.notes: list[dict[str, Any]] = []  # events rows, written once writing works
         self.dropped: list[int] | None = None  # [first step, last step, flushes] dropped in this outage
+        self.head: dict[str, Any] = headline(pd.DataFrame(), pd.DataFrame())  # the last window's numbers
+        self.found: dict[str, Any] | None = None  # findings digest (None: not evaluated yet)
+        self.meta: dict[str, Any] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         self.seq = self._last_seq()
 
@@ -75,16 +83,34 @@ class RunDirWriter(Sink):
             self._ensure_dir(meta.get("steps"))
             atomic_write_json(self.path / "run.json", meta, self.durable)
 
-        return self._guard(write, "run.json", meta.get("steps"))
+        self.meta = meta
+        return self._guard(write, "run.json", meta.get("steps")) and self._write_summary()
+
+    def _write_summary(self) -> bool:
+        summary = build_summary(self.meta, self.head, self.found)
+        return self._guard(lambda: atomic_write_json(self.path / SUMMARY_FILE, summary, self.durable), SUMMARY_FILE)
+
+    def log_findings(self, step: int, findings: list[dict[str, Any]]) -> None:
+        """Rewrite the summary with the findings of the recent windows at ``step``."""
+        self.found = digest(findings, step)
+        self._write_summary()
 
     def write(self, tables: dict[str, pd.DataFrame]) -> bool:
         """Queue one flush worth of rows and write everything queued. False if the write failed."""
+        self._update_head(tables)
         if any(len(df) for df in tables.values()):
             self.seq += 1
             self.pending.append((self.seq, tables))
             self._bound_pending()
         first = _first_step(self.pending[0][1]) if self.pending else None
         return self._guard(self._write_pending, "tables", first)
+
+    def _update_head(self, tables: dict[str, pd.DataFrame]) -> None:
+        fresh = headline(tables.get("gates", pd.DataFrame()), tables.get("losses", pd.DataFrame()))
+        if fresh["step"] is not None:
+            self.head.update(step=fresh["step"], gates=fresh["gates"])
+        if fresh["losses"]:
+            self.head["losses"] = fresh["losses"]
 
     def _bound_pending(self) -> None:
         """Drop the oldest queued flushes beyond ``max_pending_rows`` rows, and record the loss."""
@@ -173,7 +199,10 @@ class RunDirWriter(Sink):
         pa.default_memory_pool().release_unused()  # hand the merge's buffers back to the system
 
     def close(self, report: dict[str, Any] | None = None) -> bool:
-        """Write what is queued and merge each table into one file; the watch writes the final run.json after."""
+        """Write what is queued and merge each table into one file; the watch writes the final run.json (and with
+        it the summary, whose findings are the report's) after."""
+        if report is not None and isinstance(report.get("findings"), list):
+            self.found = digest(report["findings"], self.meta.get("steps"))
         ok = self._guard(self._write_pending, "tables")
         return self._guard(self.compact, "compaction") and ok
 

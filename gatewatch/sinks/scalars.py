@@ -1,9 +1,11 @@
 """Which scalars of a flush's tables a tracker charts: one choice shared by TensorBoard, MLflow and W&B.
 
-Tags are hierarchical so the trackers group them: ``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>``,
+Tags are hierarchical so the trackers group them: ``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>`` (while
+gates x experts <= 256), sparse routers' ``router/...`` and ``routers/...`` (:mod:`.router_scalars`),
 ``expert/<expert>/utilization``, ``experts/load_cv``, ``loss/<task>``, ``eval/<split>/<task>/<metric>``;
 task conflict ``conflict/<a>~<b>/{cosine,sign_conflict,magnitude_sim}`` over all shared parameters,
-``conflict/<a>~<b>/module/<module>/cosine`` and ``conflict/norm/<task>``. Rows per shared tensor, histograms
+``conflict/<a>~<b>/module/<module>/cosine``, ``conflict/norm/<task>`` and the proxy's
+``conflict_proxy/<a>~<b>/module/<module>/cosine``. Rows per shared tensor, histograms
 and events stay in the run directory (TensorBoard also draws the histograms).
 """
 
@@ -15,11 +17,13 @@ from typing import Any
 import pandas as pd
 
 from ..stats import load_cv
+from .router_scalars import per_expert_ok, router_scalars
 
 GATE_SCALARS = ("entropy", "entropy_of_mean", "mutual_info", "effective_experts", "polarization",
                 "max_weight", "top_share", "spread", "drift")
 CONFLICT_SCALARS = ("cosine", "sign_conflict", "magnitude_sim")
-WINDOW_TABLES = ("gates", "shares", "hist", "experts", "losses")  # one row set per statistics window
+WINDOW_TABLES = ("gates", "shares", "hist", "experts", "losses", "routers", "router_experts")  # one row set per
+# statistics window
 
 Scalar = tuple[str, float, int]  # (tag, value, step)
 
@@ -37,8 +41,10 @@ def scalars(tables: dict[str, pd.DataFrame]) -> list[Scalar]:
     for row in _rows(tables, "gates"):
         for metric in GATE_SCALARS:
             add(f"gate/{row.gate}/{metric}", getattr(row, metric), row.step)
-    for row in _rows(tables, "shares"):
+    per_expert = per_expert_ok(tables)
+    for row in _rows(tables, "shares") if per_expert else ():
         add(f"gate/{row.gate}/share/{row.expert_name}", row.share, row.step)
+    router_scalars(tables, add, per_expert)  # per layer, percentiles across layers, top/bottom experts
     experts = tables.get("experts")
     for row in _rows(tables, "experts"):
         add(f"expert/{row.expert}/utilization", row.utilization, row.step)
@@ -59,6 +65,8 @@ def scalars(tables: dict[str, pd.DataFrame]) -> list[Scalar]:
             add(f"conflict/norm/{row.task_b}", row.norm_b, row.step)
         elif row.scope == "module":
             add(f"conflict/{pair}/module/{row.name}/cosine", row.cosine, row.step)
+    for row in _rows(tables, "conflict_proxy"):  # the conflict proxy, every step: labelled as such
+        add(f"conflict_proxy/{row.task_a}~{row.task_b}/module/{row.name}/cosine", row.cosine, row.step)
     return out
 
 

@@ -1,8 +1,10 @@
-"""``gatewatch demo``: train a small model with GateWatch attached, print its report, open the dashboard.
+"""``gatewatch demo``: open the dashboard, then train a healthy MMoE and one that polarizes side by side, live.
 
-Also ``python -m gatewatch.training``. The default trains an 8-expert MMoE on the MMoE paper's
-synthetic data (task correlation 0.5) for 3,000 steps, about a minute on 2 CPU cores, into
-``runs/demo-<timestamp>``.
+Also ``python -m gatewatch.training``. The default is the story of :mod:`gatewatch.training.story` (census-income,
+2,000 steps per run, into ``runs/demo-<timestamp>/``, the sample runs copied to ``runs/sample_runs``);
+``--quick`` trains 300 steps per run. ``--single`` trains one model of your choice (``--model``, ``--data``,
+``--steps``, default an 8-expert MMoE on the MMoE paper's synthetic data for 3,000 steps) into
+``runs/demo-<timestamp>`` and prints its report.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .loop import TrainConfig
 
 DEFAULT_STEPS = 3000
+STORY_STEPS, QUICK_STEPS = 2000, 300
 DATA_KWARGS = {"synthetic": {"correlation": 0.5, "n_train": 10_000}, "census": {}}
 # The models the demo trains: the keys of gatewatch.training.loop.MODELS that have gates (a test keeps the two
 # in step). Named here so that building the command line does not load torch.
@@ -34,12 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model to train (default mmoe)")
     parser.add_argument("--data", default="synthetic", choices=sorted(DATA_KWARGS),
                         help="data set: the MMoE paper's synthetic tasks (p=0.5) or UCI census-income (downloaded)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default {STORY_STEPS} per run; {DEFAULT_STEPS} with --single)")
     parser.add_argument("--gate-dropout", type=float, default=0.0, metavar="P",
                         help="drop each expert from the gate output with probability P and renormalise (e.g. 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init and batch order")
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default runs/demo-<timestamp>)")
+    parser.add_argument("--single", action="store_true",
+                        help="train one model (--model, --data, --steps ...) instead of the two-run story")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the story with {QUICK_STEPS} steps per run (a short check, e.g. in tests)")
     parser.add_argument("--no-dashboard", action="store_true", help="only train and print the report")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"dashboard port (default {DEFAULT_PORT})")
 
@@ -55,8 +63,33 @@ def demo_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def run_story_demo(args: argparse.Namespace) -> int:
+    """The two-run story (:mod:`gatewatch.training.story`); the dashboard keeps serving until Ctrl+C."""
+    from .story import run_story
+
+    steps = QUICK_STEPS if args.quick else STORY_STEPS if args.steps is None else args.steps
+    try:
+        positive_int("--steps", steps)
+        outcome = run_story(args.out or Path("runs"), steps=steps, port=args.port, dashboard=not args.no_dashboard)
+    except (ValueError, RuntimeError) as err:
+        print(f"gatewatch demo: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    server = outcome["server"]
+    if server is None:
+        return EXIT_OK
+    print(f"the dashboard keeps serving at {outcome['link']}; stop it with Ctrl+C")
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        return EXIT_OK
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """Train, print the report, then open the dashboard on the run's folder unless --no-dashboard."""
+    """The story, or with --single: train, print the report, then open the dashboard unless --no-dashboard."""
+    if not args.single:
+        return run_story_demo(args)
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         positive_int("--steps", args.steps)
@@ -89,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     """Register ``gatewatch demo`` (nothing heavy is imported until it runs)."""
-    p = sub.add_parser("demo", help="train a small MMoE with gatewatch attached and open the dashboard on it")
+    p = sub.add_parser("demo", help="open the dashboard and train a healthy and a polarizing MMoE side by side")
     add_arguments(p)
     p.set_defaults(func=run_demo)
 

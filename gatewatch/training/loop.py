@@ -3,7 +3,8 @@
 ``train(TrainConfig(model="mmoe", data="synthetic", steps=2000), "runs/mmoe")`` seeds everything,
 builds the data (:mod:`~gatewatch.training.datasets`) and the model (:mod:`gatewatch.models`), trains
 with ``watch.backward`` / ``watch.step``, evaluates on validation every ``eval_every`` steps and on
-test at the end, and leaves a complete run directory:
+test at the end, and leaves a complete run directory. ``staleness=tau`` trains on stale gradients, as
+asynchronous data-parallel workers would (:mod:`~gatewatch.training.staleness`). It leaves:
 
 * the GateWatch tables and ``run.json`` (plus an ``eval`` table: step, split, task, metric, value);
 * ``metrics.json``: final validation and test metrics per task, the validation history, steps done,
@@ -20,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,12 @@ from tqdm.auto import tqdm
 
 from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
 from ..rundir import atomic_write_json
-from ..validate import dropout_rate, positive_int
+from ..validate import dropout_rate, non_negative_int, positive_int
 from ..watch import GateWatch, quantity_keywords
 from .checkpoint import save_model
 from .datasets import Splits, load_dataset
 from .metrics import evaluate
+from .staleness import DELAYS, Staleness
 
 MODELS: dict[str, type[nn.Module]] = {
     "mmoe": MMoE, "omoe": OMoE, "shared_bottom": SharedBottom, "cgc": CGC, "ple": PLE,
@@ -61,6 +64,9 @@ class TrainConfig:
     optimizer: str = "adam"  # a key of OPTIMIZERS
     seed: int = 0  # model init, batch order, gate dropout masks (the data has its own seed in data_kwargs)
     gate_dropout: float = 0.0  # GateDropout probability on every gate (0: none)
+    task_weights: dict[str, float] = field(default_factory=dict)  # loss weight per task (absent: 1; 0 drops a task)
+    staleness: int = 0  # apply at step t the gradient computed on the parameters of step t - delay (0: none)
+    staleness_delay: str = "fixed"  # delay = staleness, or "random": uniform on 0..staleness (seeded by seed)
     every: int = 10  # GateWatch window, steps
     flush_every: int = 100  # GateWatch writes, steps
     conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
@@ -81,8 +87,14 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
         dropout_rate("gate_dropout", self.gate_dropout, owner="TrainConfig")
+        non_negative_int("staleness", self.staleness, unit="steps", owner="TrainConfig")
+        if self.staleness_delay not in DELAYS:
+            raise ValueError(f"unknown staleness_delay {self.staleness_delay!r}; choose one of {list(DELAYS)}.")
         if self.model == "shared_bottom" and (self.gate_dropout or self.watch):
             raise ValueError("shared_bottom has no gates: train it with watch=False and gate_dropout=0.")
+        for task, weight in self.task_weights.items():
+            if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf):
+                raise ValueError(f"TrainConfig.task_weights[{task!r}] must be a number >= 0, got {weight!r}.")
         if "gate_dropout" in self.model_kwargs:
             raise ValueError("set gate dropout with TrainConfig.gate_dropout, not model_kwargs['gate_dropout'].")
 
@@ -116,6 +128,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def weighted(losses: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
+    """Each task's loss times its weight in ``weights`` (tasks not named keep weight 1)."""
+    return {t: loss * weights[t] if t in weights else loss for t, loss in losses.items()}
 
 
 def task_losses(outputs: list[Tensor], y: Tensor, tasks: list[str], task_types: list[str]) -> dict[str, Tensor]:
@@ -197,6 +214,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     model_builder: ModelBuilder | None = None,
+    note: str | None = None,
 ) -> TrainResult:
     """Train ``config`` into the run directory ``log_dir`` (see the module docstring).
 
@@ -204,7 +222,8 @@ def train(
     is closed normally (evaluated, saved, ``stopped_at`` recorded in run.json and metrics.json).
     ``on_step(step, {"losses": {task: float}})`` is called after every step. ``model_builder(splits,
     config)`` replaces the reference models; the model is saved with a factory reference when it has a
-    ``config`` dict of constructor kwargs (like the reference models), else without one.
+    ``config`` dict of constructor kwargs (like the reference models), else without one. ``note``: a line
+    stored in run.json (``note``) that the dashboard shows above the run.
     """
     run_dir = Path(log_dir)
     splits = load_dataset(config.data, **config.data_kwargs)
@@ -215,7 +234,11 @@ def train(
     except ValueError:
         factory = None
     optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
+    stale = Staleness(model, config.staleness, config.staleness_delay, config.seed) if config.staleness else None
     tasks, kinds = splits.tasks, splits.task_types
+    if unknown := sorted(set(config.task_weights) - set(tasks)):
+        raise ValueError(f"TrainConfig.task_weights names tasks {unknown} that the data does not have; its tasks are "
+                         f"{list(tasks)}.")
     x_train, y_train = splits.x_train, splits.y_train
     rows = batches(len(x_train), config.batch_size, torch.Generator().manual_seed(config.seed))
     run_config = {**asdict(config), "data_ref": splits.ref}
@@ -223,6 +246,8 @@ def train(
     watch = Unwatched() if not config.watch else GateWatch(
         model, tasks=tasks, log_dir=run_dir, every=config.every, flush_every=config.flush_every,
         tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config))
+    if note:
+        watch.annotate(note=note)
     bar = tqdm(total=config.steps, desc=run_dir.name, disable=not progress or not sys.stderr.isatty(),
                dynamic_ncols=True, leave=True)
     running: dict[str, float] = {}
@@ -239,9 +264,10 @@ def train(
                 break
             index = next(rows)
             x, y = x_train[index].to(config.device), y_train[index].to(config.device)
-            losses = task_losses(model(x), y, tasks, kinds)
-            optimizer.zero_grad(set_to_none=True)
-            watch.backward(losses)
+            with stale.stale() if stale is not None else nullcontext():
+                losses = weighted(task_losses(model(x), y, tasks, kinds), config.task_weights)
+                optimizer.zero_grad(set_to_none=True)
+                watch.backward(losses)
             optimizer.step()
             watch.step()
             step += 1

@@ -4,11 +4,13 @@ run's gate findings, writing results (CSV / JSON) and figures (HTML, plus PNG wh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from multiprocessing import Pool
 from pathlib import Path
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 
 import gatewatch as gw
-from gatewatch.training import TrainConfig, train
+from gatewatch.training import TrainConfig, load_dataset, loop, train
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "experiments"
@@ -37,14 +39,21 @@ def parser(description: str, *, seeds: int, steps: int) -> argparse.ArgumentPars
 
 
 def gate_summary(run_dir: Path) -> dict[str, Any]:
-    """The findings of a watched run and its gates' last window (mean top share, per-sample sharpness)."""
+    """The findings of a watched run, its gates' last window (mean top share, per-sample sharpness) and, per
+    gate, the first window in which the polarization rule's condition held (``first_polarized``: when the
+    finding would first have fired) and the step the final finding gives (``polarized_since``: polarized in
+    every window from then to the end)."""
     run = gw.load_run(run_dir)
     found = gw.find(run)
-    gates = run.gates.dropna(subset=["samples"]).sort_values("step").groupby("gate", sort=False).tail(1)
+    windows = run.gates.dropna(subset=["samples"]).sort_values("step")
+    gates = windows.groupby("gate", sort=False).tail(1)
+    over = windows[windows["top_share"] >= gw.Thresholds().collapse_share]
     return {
         "findings": sorted({f.code for f in found}),
         "top_share": {str(g): float(v) for g, v in zip(gates["gate"], gates["top_share"], strict=True)},
         "sharp_samples": {str(g): float(v) for g, v in zip(gates["gate"], gates["polarization"], strict=True)},
+        "first_polarized": {str(g): int(v) for g, v in over.groupby("gate", sort=False)["step"].min().items()},
+        "polarized_since": {str(f.gate): f.step for f in found if f.code == "polarization"},
     }
 
 
@@ -61,16 +70,26 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.perf_counter() - started}
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Run ``jobs`` ({"labels": {...}, "config": TrainConfig kwargs}) on at most 2 processes, in order."""
+def reuse_data_sets() -> None:
+    """Make ``train`` in this process load each data set once (census takes seconds to read and encode); the
+    splits are only read by training, so the runs of one worker can share them."""
+    loop.load_dataset = functools.lru_cache(maxsize=4)(load_dataset)  # type: ignore[assignment]
+
+
+def run_all(jobs: list[dict[str, Any]], workers: int,
+            on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``jobs`` ({"labels": {...}, "config": TrainConfig kwargs}) on at most 2 processes, in order;
+    ``on_row(row)`` sees each result as it comes."""
     workers = max(1, min(workers, MAX_WORKERS, len(jobs)))
     out = []
     started = time.perf_counter()
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=reuse_data_sets) as pool:
         for i, row in enumerate(pool.imap(run_job, jobs), 1):
             labels = " ".join(f"{k}={v}" for k, v in jobs[i - 1]["labels"].items())
             print(f"[{i}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {labels}", flush=True)
             out.append(row)
+            if on_row is not None:
+                on_row(row)
     return out
 
 
@@ -112,3 +131,19 @@ def _relative(path: Path) -> str:
     """``path`` relative to the repository when it is inside it (results do not name this machine's folders)."""
     resolved = path.resolve()
     return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def fisher_exact(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided p-value of Fisher's exact test for the 2x2 table [[a, b], [c, d]] (e.g. polarized / not, in
+    two settings): the probability, with the margins fixed, of every table no likelier than the one observed."""
+    if min(a, b, c, d) < 0:
+        raise ValueError(f"a 2x2 table needs counts >= 0, got {[a, b, c, d]}.")
+    row, col, n = a + b, a + c, a + b + c + d
+    total = math.comb(n, row)
+
+    def prob(k: int) -> float:
+        return math.comb(col, k) * math.comb(n - col, row - k) / total
+
+    observed = prob(a)
+    ks = range(max(0, row + col - n), min(row, col) + 1)
+    return min(1.0, sum(p for p in map(prob, ks) if p <= observed * (1 + 1e-9)))

@@ -13,6 +13,10 @@ if not found:
     st.success("No findings: the gates look healthy under the current thresholds.", icon=":material/check_circle:")
 for i, finding in enumerate(found):
     ui.finding_card(finding, ref, i)
+if found:
+    from gatewatch.app.ablations import remedy_button
+
+    remedy_button(ref.path, ref.id, run.status, [f.code for f in found])
 
 report = data.report(ref, tok, ctx.thresholds)
 st.markdown("#### Gates in the last window")

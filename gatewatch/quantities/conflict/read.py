@@ -1,5 +1,6 @@
-"""Gradient conflict, read half: the ``conflict`` and ``purity`` tables, the report's ``conflict`` list and the
-rules for tasks that pull shared parameters apart (or whose gradient became NaN/Inf).
+"""Gradient conflict, read half: the ``conflict`` and ``purity`` tables, the report's ``conflict`` and
+``expert_conflict`` lists, and the rules for tasks that pull shared parameters apart, for an expert both tasks
+use while they fight over it (``contested_expert``), and for a gradient that became NaN/Inf.
 
 One criterion throughout: a measured step counts as conflict when the pair's cosine is below the run's
 ``conflict_threshold`` (stored in run.json; 0 by default), for the Recon-style ``below`` count and for
@@ -11,8 +12,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
 from ...rules import Finding, Thresholds, num, streak_start
 from ..losses.read import first_nonfinite, nonfinite_finding
+from .routing import COLUMNS, expert_conflict_table, last_rows
 
 if TYPE_CHECKING:
     from ...run import Run
@@ -39,6 +43,11 @@ REMEDIES = {
         "own experts where they fight (CGC/PLE task-specific experts, or make the hot-spot layers task-specific "
         "as Recon does), project the conflicting gradients (PCGrad) or align them (GradVac), or re-weight the "
         "losses (gw.remedies.UncertaintyWeighting)."
+    ),
+    "contested_expert": (
+        "The gates send both tasks through an expert their gradients fight over, so MMoE's routing does not keep "
+        "them apart there. Gate dropout (gw.remedies.GateDropout(0.1)) or PCGrad on that expert's parameters are "
+        "lighter alternatives."
     ),
 }
 
@@ -131,5 +140,66 @@ def conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     return out
 
 
-RULES = [conflict_findings, gradient_findings]
-SECTIONS = {"conflict": conflict_summary}
+def expert_table(run: Run) -> pd.DataFrame:
+    """Conflict x routing of a run: one row per measured step x expert module x task pair x mode (``exact`` from
+    the ``conflict`` table, ``proxy`` from ``conflict_proxy``; see
+    :func:`~gatewatch.quantities.conflict.routing.expert_conflict_table`)."""
+    gates, frames = list(run.meta.get("gates") or []), []
+    for mode, table in (("exact", run.table("conflict")), ("proxy", run.tables.get("conflict_proxy"))):
+        if table is not None and len(table):
+            table = table if "scope" in table else table.assign(scope="module")
+            frames.append(expert_conflict_table(table, run.shares, gates, run.tasks, mode))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def expert_conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The report's ``expert_conflict`` list: per expert module and task pair at the pair's last measured step,
+    the cosine, the running ``below`` count, the measured steps, each task's share (``window_step``: its window)."""
+    out = []
+    for _, r in last_rows(expert_table(run)).iterrows():
+        a, b = str(r["task_a"]), str(r["task_b"])
+        out.append({
+            "expert": str(r["expert"]), "module": str(r["module"]), "tasks": [a, b], "mode": str(r["mode"]),
+            "cosine": num(r["cosine"]), "below": int(r["below"]), "measured": int(r["measured"]),
+            "share": {a: num(r["share_a"]) or 0.0, b: num(r["share_b"]) or 0.0}, "step": int(r["step"]),
+            "window_step": None if pd.isna(r["window_step"]) else int(r["window_step"]),
+        })
+    return out
+
+
+def contested_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """An expert both tasks of a pair use substantially (each share >= ``contested_share`` in the last window)
+    while their gradients on it conflict in most recent measured steps (``contested_below``)."""
+    limit = conflict_threshold(run)
+    table = expert_table(run)
+    if (table["mode"] == "exact").any():
+        table = table[table["mode"] == "exact"]  # the proxy speaks only where nothing exact was measured
+    out: list[Finding] = []
+    for (a, b, module), rows in table.groupby(["task_a", "task_b", "module"], sort=False):
+        rows = rows.sort_values("step")
+        recent = rows.tail(max(1, int(th.conflict_steps)))
+        if len(recent) < min(3, int(th.conflict_steps)):
+            continue
+        against = (recent["cosine"] < limit) & ~recent["zero_grad"].astype(bool)
+        last = recent.iloc[-1]
+        used = min(last["share_a"], last["share_b"])
+        if against.mean() < th.contested_below or used < th.contested_share:
+            continue
+        expert = str(last["expert"])
+        out.append(Finding(
+            "contested_expert", "warning", None, None,
+            streak_start(rows["step"], (rows["cosine"] < limit) & ~rows["zero_grad"].astype(bool)),
+            f"expert {expert} ({module}) is contested by tasks {a!r} and {b!r}: both route to it (mean gate share "
+            f"{last['share_a']:.0%} and {last['share_b']:.0%} in the window of step {last['window_step']}) while "
+            f"their gradients on it conflict: cosine below {limit:g} in {against.mean():.0%} of the last "
+            f"{len(recent)} measured steps (last {last['cosine']:.2f}, {last['mode']}).",
+            f"Make expert {expert} task-specific (CGC/PLE: give it to {a!r} or {b!r} and let the other task use "
+            f"its own) or duplicate it so each task trains its own copy. {REMEDIES['contested_expert']}",
+            "conflict", expert,
+        ))
+    return out
+
+
+RULES = [conflict_findings, gradient_findings, contested_findings]
+SECTIONS = {"conflict": conflict_summary, "expert_conflict": expert_conflict_summary}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State, to_device
+from ...expert_map import map_experts
 from ...functional import window_sums
 from ...gates import GateOutputError, ResolvedGate
 from .metrics import Layout, js_bits, window_metrics
@@ -93,6 +94,7 @@ class GateStatistics(Quantity):
         if gate.experts is None and gate.task is None and sum(g.task is None for g in self.gates) > 1:
             gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
         gate.n_experts = e
+        map_experts(self.ctx.model, gate, e, self.ctx.tasks)
         self.ctx.meta_changed = True
 
     def on_step(self, step: int) -> None:
@@ -227,6 +229,8 @@ class GateStatistics(Quantity):
             "step": np.repeat(steps, self.ctx.bins), "gate": gate.name, "bin": np.tile(np.arange(self.ctx.bins), w),
             "lo": np.tile(edges[:-1], w), "hi": np.tile(edges[1:], w), "count": m["hist"].ravel(),
         }))
+        if gate.router is not None:
+            return  # a router's expert i is unrelated to another layer's: its load is per layer (routers table)
         tables["mix"].append(pd.DataFrame({
             "step": np.repeat(steps[valid], e), "expert": np.tile(np.array(names, dtype=object), int(valid.sum())),
             "utilization": share[valid].ravel(), "reference": 1.0 / e, "selected": selected[valid].ravel(),

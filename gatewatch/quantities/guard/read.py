@@ -1,0 +1,24 @@
+"""Online guard, read half: the report's ``guard`` list (the guard's events from run.json; pandas only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...rules import Thresholds
+
+if TYPE_CHECKING:
+    from ...run import Run
+
+TABLES: dict[str, dict[str, str]] = {}  # its events go to the shared ``events`` table (kind "guard")
+RULES: list = []
+REMEDIES: dict[str, str] = {}
+
+
+def guard_events(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """What the guard did: ``[{"step", "rule", "gate", "action": "dropout"|"revert", "rate", "why",
+    "before": {"step", "top_share", "effective_experts"}, "after": {...} | None}]`` (empty without a guard)."""
+    guard = run.meta.get("guard")
+    return list(guard.get("events") or []) if isinstance(guard, dict) else []
+
+
+SECTIONS = {"guard": guard_events}

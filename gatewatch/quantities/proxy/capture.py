@@ -1,0 +1,174 @@
+"""Conflict proxy, capture half: per step, each task's gradient at its own tower input (a tensor hook in the
+ordinary backward), combined with its gate's weights into a gradient per expert output.
+
+For task k with gate weights ``g_k [N, E]`` over expert modules and gradient ``d_k [N, D]`` at its tower input
+(the mixture ``sum_i g_{k,i} f_i``), the gradient reaching expert i's output on sample n is ``g_{k,i}(n) d_k(n)``.
+The proxy compares the tasks on these vectors: per expert module m, the dot product of tasks a and b is
+``sum_n q_a[n,m] q_b[n,m] <d_a(n), d_b(n)>`` with ``q_k = g_k`` summed over the columns that weigh m. It skips the
+expert's Jacobian, so it is a proxy for the exact cosine on the expert's parameters, and it costs no extra
+backward. In PLE it covers the last level (the towers' inputs mix the last level's experts).
+
+Hooks only keep references; the products are computed at the flush (or once ``HOLD_ELEMENTS`` are held),
+stacked over the steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...expert_map import ExpertMapError, find_towers
+from ...gates import ResolvedGate, unwrap
+from ...schema import conform
+from .read import proxy_rows
+
+KEYWORDS: dict[str, Any] = {"conflict_proxy": False, "towers": None}
+HOLD_ELEMENTS = 4_000_000  # gate weights and gradients held until the flush (32 MB as float64); above: fold early
+
+
+def build(ctx: CaptureContext) -> ConflictProxy | None:
+    if not ctx.options["conflict_proxy"]:
+        return None
+    if not ctx.tasks or len(ctx.tasks) < 2:
+        raise ExpertMapError("conflict_proxy compares tasks: pass tasks=[...] with at least two task names.")
+    return ConflictProxy(ctx)
+
+
+def task_gates(gates: list[ResolvedGate], tasks: list[str]) -> dict[str, ResolvedGate]:
+    """The gate mixing each task's tower input: the task's gate of the highest level, or the one task-less gate."""
+    shared = [g for g in gates if g.task is None]
+    out = {}
+    for task in tasks:
+        own = [g for g in gates if g.task == task]
+        if own:
+            out[task] = max(own, key=lambda g: g.level)
+        elif len(shared) == 1:
+            out[task] = shared[0]
+        else:
+            raise ExpertMapError(f"conflict_proxy: task {task!r} has no gate of its own and there is not exactly "
+                                 "one gate without a task; name each gate's task with gw.Gate(..., task=...).")
+    return out
+
+
+class ConflictProxy(Quantity):
+    """Per step, the tasks' gram of gradients at each expert module's output (state ``"proxy"``: CONCAT, one row
+    per step and rank, summed by step on the host)."""
+
+    name = "proxy"
+
+    def __init__(self, ctx: CaptureContext) -> None:
+        self.ctx = ctx
+        self.tasks = list(ctx.tasks or [])
+        model = unwrap(ctx.model)
+        self.tower_paths = find_towers(model, self.tasks, ctx.options["towers"])
+        self.gates = task_gates(ctx.gates, self.tasks)
+        modules = dict(model.named_modules())
+        self._latest: dict[str, torch.Tensor] = {}  # gate name -> its last output (probs)
+        self._step: dict[str, list[list[Any]]] = {t: [] for t in self.tasks}  # task -> [[probs, grad]] this step
+        self._held: list[tuple[int, dict[str, list[list[Any]]]]] = []
+        self._held_elements = 0
+        self._below: dict[tuple[str, str], np.ndarray] = {}
+        self.modules: list[str] | None = None
+        self._maps: torch.Tensor | None = None
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        distinct = {g.name: g for g in self.gates.values()}.values()
+        self._handles = [g.module.register_forward_hook(self._gate_hook(g)) for g in distinct]
+        self._handles += [modules[p].register_forward_pre_hook(self._tower_hook(t))
+                          for t, p in self.tower_paths.items()]
+
+    def _gate_hook(self, gate: ResolvedGate) -> Any:
+        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if module.training:
+                self._latest[gate.name] = gate.to_probs(output)
+        return hook
+
+    def _tower_hook(self, task: str) -> Any:
+        gate = self.gates[task]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            h = inputs[0] if inputs else None
+            probs = self._latest.get(gate.name)
+            if not module.training or probs is None or not isinstance(h, torch.Tensor) or not h.requires_grad:
+                return
+            item: list[Any] = [probs, None]
+            self._step[task].append(item)
+            h.register_hook(lambda grad: item.__setitem__(1, grad.detach().reshape(-1, grad.shape[-1])))
+        return hook
+
+    def on_step(self, step: int) -> None:
+        done = {t: [i for i in items if i[1] is not None] for t, items in self._step.items()}
+        self._step = {t: [] for t in self.tasks}
+        if all(done.values()):
+            self._held.append((step, done))
+            self._held_elements += sum(p.numel() + g.numel() for items in done.values() for p, g in items)
+        if self._held_elements > HOLD_ELEMENTS:
+            self._fold()
+
+    def _module_maps(self) -> torch.Tensor:
+        """``[K, E, M]``: which expert module each column of each task's gate weighs (0/1)."""
+        maps = {t: g.expert_modules for t, g in self.gates.items()}
+        if any(m is None for m in maps.values()):
+            missing = {t: g.expert_map for t, g in self.gates.items() if g.expert_modules is None}
+            raise ExpertMapError(f"conflict_proxy needs the expert module of every gate column; not found for "
+                                 f"{missing}. Pass gw.Gate(..., expert_modules=[...]).")
+        self.modules = list(dict.fromkeys(m for paths in maps.values() for m in paths or []))
+        width = max(len(p or []) for p in maps.values())
+        out = torch.zeros(len(self.tasks), width, len(self.modules), dtype=torch.float64)
+        for k, t in enumerate(self.tasks):
+            for i, m in enumerate(maps[t] or []):
+                out[k, i, self.modules.index(m)] = 1.0
+        return out
+
+    def _fold(self) -> None:
+        """The gram ``[K, K, M]`` of every held step, computed in stacks of steps of equal shapes."""
+        held, self._held, self._held_elements = self._held, [], 0
+        if not held:
+            return
+        if self._maps is None:
+            self._maps = self._module_maps()
+        groups: dict[tuple[Any, ...], list[tuple[int, list[torch.Tensor], list[torch.Tensor]]]] = {}
+        for step, items in held:
+            q = [torch.cat([p for p, _ in items[t]]).double() for t in self.tasks]
+            d = [torch.cat([g for _, g in items[t]]).double() for t in self.tasks]
+            key = tuple(tuple(x.shape) for x in q + d)
+            groups.setdefault(key, []).append((step, q, d))
+        for items in groups.values():
+            maps = self._maps.to(items[0][1][0].device)
+            q = torch.stack([torch.stack([torch.einsum("ne,em->nm", x, maps[k, : x.shape[1]])
+                                          for k, x in enumerate(qs)]) for _, qs, _ in items])  # [S, K, N, M]
+            d = torch.stack([torch.stack(ds) for _, _, ds in items])  # [S, K, N, D]
+            inner = torch.einsum("sknd,sjnd->skjn", d, d)
+            gram = torch.einsum("sknm,sjnm,skjn->skjm", q, q, inner)
+            steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
+            self._pending.append((len(items), torch.cat([steps[:, None], gram.reshape(len(items), -1)], 1)))
+
+    def collect(self, windows: list[int]) -> dict[str, State]:
+        self._fold()
+        pending, self._pending = self._pending, []
+        if not pending:
+            return {}
+        return {"proxy": State(torch.cat([rows for _, rows in pending]), Reduction.CONCAT)}
+
+    def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
+        if "proxy" not in host or self.modules is None:
+            return {}
+        k, m = len(self.tasks), len(self.modules)
+        table = host["proxy"]
+        steps = np.unique(table[:, 0])
+        summed = np.stack([table[table[:, 0] == s, 1:].sum(0) for s in steps]).reshape(len(steps), k, k, m)
+        rows = proxy_rows(steps.astype(np.int64), summed, self.tasks, self.modules,
+                          float(self.ctx.options.get("conflict_threshold") or 0.0), self._below)
+        return {"conflict_proxy": conform("conflict_proxy", rows)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"conflict_proxy": {"towers": self.tower_paths, "gates": {t: g.name for t, g in self.gates.items()},
+                                   "modules": self.modules, "method": "gate weight x gradient at the tower input"}}
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,1 @@
+"""Sparse MoE routers: dispatch load, MaxVio, boundary margin, dropped tokens and expert bias per layer."""

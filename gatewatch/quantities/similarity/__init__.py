@@ -1,0 +1,1 @@
+"""Expert similarity: linear CKA and the cosine of mean outputs between the experts of each gate."""

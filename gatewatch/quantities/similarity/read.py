@@ -1,0 +1,77 @@
+"""Expert similarity, read half: the ``similarity`` table, the report's ``similarity`` section and the
+``redundant_experts`` rule."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...rules import Finding, Thresholds, num
+
+if TYPE_CHECKING:
+    from ...run import Run
+
+TABLES: dict[str, dict[str, str]] = {
+    # expert similarity (GateWatch(similarity_every=...)): one row per measured step x pool of experts x expert
+    # pair (a before b in gate-column order); cka: linear CKA of their outputs on the first similarity_rows rows
+    # of the batch; mean_cosine: cosine of their mean outputs
+    "similarity": {"step": "int64", "pool": "string", "expert_a": "string", "expert_b": "string",
+                   "cka": "float64", "mean_cosine": "float64"},
+}
+
+REMEDIES = {
+    "redundant_experts": (
+        "These experts compute nearly the same representation, so the mixture pays for experts it does not use "
+        "as such. Use fewer experts; initialise them differently (another seed or scale per expert); add gate "
+        "dropout (gw.remedies.GateDropout) so that each expert must stand on its own; or give the tasks their "
+        "own experts (CGC/PLE task-specific experts)."
+    ),
+}
+
+
+def recent(run: Run, count: int) -> Any:
+    """The rows of the last ``count`` measured steps of each pool."""
+    table = run.table("similarity")
+    if not len(table):
+        return table
+    keep = table.groupby("pool")["step"].transform(lambda s: s >= sorted(s.unique())[-min(count, s.nunique())])
+    return table[keep]
+
+
+def redundant_experts(run: Run, th: Thresholds) -> list[Finding]:
+    """One finding per pool with expert pairs whose CKA is at least ``redundant_cka`` in every one of the last
+    ``redundant_steps`` measurements (all of them, when fewer)."""
+    count = int(th.redundant_steps)
+    table = recent(run, count)
+    out: list[Finding] = []
+    for pool, rows in table.groupby("pool", sort=False):
+        steps = rows["step"].nunique()
+        if steps < min(count, 2):
+            continue
+        low = rows.groupby(["expert_a", "expert_b"], sort=False)["cka"].agg(["min", "mean"])
+        pairs = low[low["min"] >= th.redundant_cka].sort_values("mean", ascending=False)
+        if not len(pairs):
+            continue
+        shown = ", ".join(f"{a} ~ {b} ({m:.2f})" for (a, b), m in pairs["mean"].head(5).items())
+        more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+        out.append(Finding(
+            "redundant_experts", "warning", None, None, int(rows["step"].max()),
+            f"experts of {pool!r} compute nearly the same thing: linear CKA >= {th.redundant_cka:g} over the last "
+            f"{steps} measurements for {len(pairs)} pair(s): {shown}{more}.", REMEDIES["redundant_experts"],
+            "experts"))
+    return out
+
+
+def last_similarity(run: Run, th: Thresholds) -> dict[str, Any]:
+    """Per pool, at its last measured step: the most similar pair and the mean CKA over pairs."""
+    table = run.table("similarity").dropna(subset=["cka"])
+    out: dict[str, Any] = {}
+    for pool, rows in table.groupby("pool", sort=False):
+        last = rows[rows["step"] == rows["step"].max()]
+        top = last.loc[last["cka"].idxmax()]
+        out[str(pool)] = {"step": int(top["step"]), "mean_cka": num(last["cka"].mean()),
+                          "max_cka": num(top["cka"]), "most_similar": [str(top["expert_a"]), str(top["expert_b"])]}
+    return out
+
+
+RULES = [redundant_experts]
+SECTIONS = {"similarity": last_similarity}

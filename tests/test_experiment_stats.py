@@ -1,0 +1,35 @@
+"""The statistics the experiment scripts report: Fisher's exact test against hand-computed tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
+from common import fisher_exact
+
+
+@pytest.mark.parametrize(("table", "p"), [
+    # 6 of 10 vs 4 of 10: P(k) = C(10,k) C(10,10-k) / C(20,10); every table but k = 5 is as unlikely
+    ((6, 4, 4, 6), 1 - 63504 / 184756),
+    # Fisher's tea tasting, 3 of 4 right: (1 + 16 + 16 + 1) / 70
+    ((3, 1, 1, 3), 34 / 70),
+    # the most extreme 20 vs 20 table and its mirror image
+    ((0, 20, 20, 0), 2 / math.comb(40, 20)),
+    # one margin empty: only one table is possible
+    ((0, 5, 0, 5), 1.0),
+    # 1 of 20 vs 9 of 20: C(10,k) C(30,20-k) / C(40,20) summed over k = 0, 1, 9, 10
+    ((1, 19, 9, 11), sum(math.comb(10, k) * math.comb(30, 20 - k) for k in (0, 1, 9, 10)) / math.comb(40, 20)),
+])
+def test_fisher_exact_matches_hand_computed_tables(table, p):
+    assert fisher_exact(*table) == pytest.approx(p, rel=1e-12)
+    a, b, c, d = table
+    assert fisher_exact(c, d, a, b) == pytest.approx(p, rel=1e-12)  # the order of the rows does not matter
+
+
+def test_fisher_exact_rejects_negative_counts():
+    with pytest.raises(ValueError, match="counts >= 0"):
+        fisher_exact(1, -1, 2, 3)
