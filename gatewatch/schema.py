@@ -8,6 +8,7 @@ the window (or the step of the measurement) the row describes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import pandas as pd
@@ -28,10 +29,16 @@ TABLES: Mapping[str, dict[str, str]] = Gathered("TABLES", last=BASE_TABLES)
 
 
 def frame(table: str, rows: Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:
-    """A DataFrame of ``table``'s columns and types (empty when ``rows`` is None)."""
-    columns = TABLES[table]
-    df = pd.DataFrame(list(rows or []), columns=list(columns))
-    return conform(table, df)
+    """A DataFrame of ``table``'s columns and types (empty when ``rows`` is None or empty)."""
+    rows = list(rows or [])
+    if not rows:
+        return _empty(table, tuple(TABLES[table].items())).copy()
+    return conform(table, pd.DataFrame(rows, columns=list(TABLES[table])))
+
+
+@lru_cache(maxsize=64)
+def _empty(table: str, columns: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    return conform(table, pd.DataFrame(columns=[c for c, _ in columns]))
 
 
 def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:

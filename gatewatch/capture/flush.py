@@ -21,7 +21,7 @@ NONFINITE_EVENTS = ("nonfinite", "nonfinite_loss")
 RECENT_WINDOWS = 100  # windows of history kept in memory for the finding rules (only when a sink asks for them)
 # The rules run at a flush only when the time since they last ran is at least this many times what they took
 # then, so they never take more than 1 / FINDINGS_COST_RATIO of the training time (benchmarks/bench_capture.py).
-FINDINGS_COST_RATIO = 100
+FINDINGS_COST_RATIO = 500
 
 
 def merge(parts: list[Rows]) -> dict[str, pd.DataFrame]:

@@ -28,7 +28,7 @@ class FlushClock:
         """Should the watch flush after ``step``?"""
         if self.distributed:
             return step >= self.next_step
-        if step % self.flush_every == 0:
+        if step - self.last_step >= self.flush_every:
             return True
         return self.flush_secs is not None and time.monotonic() - self.last_time >= self.flush_secs
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from . import Sink
 from .scalars import CONFLICT_SCALARS, GATE_SCALARS, WINDOW_TABLES, scalars
@@ -46,9 +47,6 @@ class TensorBoardSink(Sink):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(self.path))
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, float(value), int(step))
 
     def write(self, tables: dict[str, pd.DataFrame]) -> bool:
         """Write this flush (and the ones kept from failed flushes); False if it failed."""
@@ -91,8 +89,12 @@ class TensorBoardSink(Sink):
 
     def _write(self, tables: dict[str, pd.DataFrame]) -> None:
         tables = self._thin(tables)
+        by_step: dict[int, list[tuple[str, float]]] = {}
         for tag, value, step in scalars(tables):
-            self.scalar(tag, value, step)
+            by_step.setdefault(int(step), []).append((tag, float(value)))
+        for step, values in by_step.items():  # one event per step holding all its scalars: far fewer writes
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values])
+            self.writer._get_file_writer().add_summary(summary, step)
         hist = tables.get("hist", pd.DataFrame())
         for (step, gate), h in hist.groupby(["step", "gate"]) if len(hist) else []:
             self._histogram(f"gate/{gate}/weights", h, int(step))
