@@ -65,7 +65,6 @@ class CaptureContext:
     options: dict[str, Any] = field(default_factory=dict)  # the quantities' own keywords of GateWatch(...)
     step: int = 0  # optimizer steps completed
     loss_tasks: list[str] | None = None  # task names of the logged losses, once known
-    meta_changed: bool = False  # a quantity learnt something run.json should show
 
 
 Rows = dict[str, pd.DataFrame | list[dict[str, Any]]]

@@ -95,7 +95,6 @@ class GateStatistics(Quantity):
             gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
         gate.n_experts = e
         map_experts(self.ctx.model, gate, e, self.ctx.tasks)
-        self.ctx.meta_changed = True
 
     def on_step(self, step: int) -> None:
         self._held += [(step, index, p) for index, p in self._pending]

@@ -108,7 +108,6 @@ class GateGuard(Quantity):
         text = (f"guard: gate dropout {rate:g} on gate {gate!r} ({rule}: {why})" if action == "dropout"
                 else f"guard: gate dropout on gate {gate!r} removed ({why})")
         self._news.append({"step": step, "kind": "guard", "source": gate, "message": text})
-        self.ctx.meta_changed = True
 
     def describe(self) -> dict[str, Any]:
         return {"guard": {**self.spec.describe(), "active": self.active, "events": self.events}}

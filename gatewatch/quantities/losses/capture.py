@@ -64,7 +64,6 @@ class TaskLosses(Quantity):
             names = [str(k) for k in losses]
             if tasks is None:
                 tasks = self.ctx.loss_tasks = names
-                self.ctx.meta_changed = True
             if set(names) != set(tasks):
                 raise ValueError(f"losses has tasks {sorted(names)} but the watch expects {tasks}: pass one loss per "
                                  "task, keyed by the task names given to GateWatch(tasks=...).")
@@ -72,7 +71,6 @@ class TaskLosses(Quantity):
         items = list(losses)
         if tasks is None:
             tasks = self.ctx.loss_tasks = [f"task{i}" for i in range(len(items))]
-            self.ctx.meta_changed = True
         if len(items) != len(tasks):
             raise ValueError(f"Got {len(items)} losses for tasks {tasks}; pass one per task.")
         return list(zip(tasks, items, strict=True))

@@ -59,7 +59,6 @@ class ExpertSimilarity(Quantity):
         self.pools = expert_pools(unwrap(self.ctx.model), self.ctx.gates)
         experts = {id(m): m for pool in self.pools for m in pool.modules}
         self._handles = [m.register_forward_hook(self._hook) for m in experts.values()]
-        self.ctx.meta_changed = True
 
     def _hook(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._armed and module.training and isinstance(out, torch.Tensor) and id(module) not in self._outputs:
