@@ -44,6 +44,9 @@ sample-runs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_capture.py
 	$(BIN)/python benchmarks/bench_conflict.py
+	$(BIN)/python benchmarks/bench_proxy.py
+	$(BIN)/python benchmarks/bench_routers.py
+	$(BIN)/python benchmarks/bench_similarity.py
 	$(BIN)/python benchmarks/bench_dashboard.py
 	$(BIN)/python benchmarks/bench_long_run.py
 

@@ -5,11 +5,13 @@
    ``GateWatch`` (affinity statistics + dispatch, every 10 steps, flushes every 100). Prints the median and mean
    ratios for a softmax router (Qwen3-MoE) and a sigmoid router with bias and groups (DeepSeek-V3).
    Target: at most 1.02x. Then, for a figure that machine noise hurts less, the hooks' per-step work on one
-   step's router outputs timed alternately with plain steps, as a share of a plain step.
+   step's router outputs and the flush's batched dispatch sums, timed alternately with plain steps, as shares
+   of a plain step.
 2. One router forward of 32,768 tokens x 128 experts (top-8, sigmoid, 8 groups) per step under the watch, for
    ``--big-steps`` steps: the state the watch holds between flushes (bytes) after every step, and the growth
    of the peak resident memory after step 5. The dispatch state is one ``3E + 5`` vector per router and window;
-   the affinity outputs held until a flush are capped (``HOLD_ELEMENTS``), so both stay flat.
+   the affinity outputs and the router outputs waiting for the dispatch sums are capped (``HOLD_ELEMENTS``),
+   so all of it stays flat.
 
     python benchmarks/bench_routers.py [--steps 200] [--threads 2] [--quick]
 """
@@ -75,10 +77,11 @@ def step_fn(model: torch.nn.Module, watch: gw.GateWatch | None):
 
 
 def hook_share(family: str, steps: int) -> str:
-    """The per-step work of the hooks (affinity + dispatch sums of every router, on one step's outputs), timed
-    alternately with plain steps: its median as a share of the plain step's median."""
+    """The hooks' work per step (the affinity, and the copy of each router's outputs) on one step's router outputs,
+    timed alternately with plain steps, and the flush's batched dispatch sums of 100 such steps per step: their
+    medians as shares of the plain step's median."""
     from gatewatch.gates import resolve
-    from gatewatch.quantities.routers.capture import dispatch_sums
+    from gatewatch.quantities.routers.dispatch import Held, window_sums
 
     model = tiny(family)
     gates = resolve(model, None, None)
@@ -89,16 +92,22 @@ def hook_share(family: str, steps: int) -> str:
     for h in handles:
         h.remove()
     captured = outs[-len(gates):]
+    held = [(g, m, [Held.read(g.router, m, o, w // 10) for w in range(100)]) for g, m, o in captured]
 
     def hooks() -> None:
         for g, m, o in captured:
             g.to_probs(o)
-            dispatch_sums(g.router, m, o, 0.05)
+            Held.read(g.router, m, o, 0)
 
-    times = interleaved({"plain": plain, "hooks": hooks}, steps, block=5)
+    def fold() -> None:
+        for g, m, passes in held:
+            window_sums(g.router, m, passes, 0.05)
+
+    times = interleaved({"plain": plain, "hooks": hooks, "fold": fold}, steps, block=5)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return (f"{family}: hook work per step {med['hooks'] * 1e3:.2f} ms = {med['hooks'] / med['plain']:.3%} of a "
-            f"plain step ({med['plain'] * 1e3:.1f} ms)")
+    return (f"{family}: hook work per step {med['hooks'] * 1e3:.2f} ms = {med['hooks'] / med['plain']:.2%} of a "
+            f"plain step ({med['plain'] * 1e3:.1f} ms); dispatch sums at the flush {med['fold'] * 1e3:.1f} ms per "
+            f"100 steps = {med['fold'] / 100 / med['plain']:.2%} of a step")
 
 
 def overhead(steps: int, root: Path) -> None:
@@ -146,16 +155,18 @@ def memory(big_steps: int, root: Path) -> None:
         watch.step()
         held_gates = sum(p.numel() * p.element_size() for *_, p in gates_q._held) + sum(
             t.numel() * t.element_size() for t in gates_q._sums.values())
-        held_routers = sum(t.numel() * t.element_size() for t in routers_q._open.values()) + sum(
-            t.numel() * t.element_size() for rows in routers_q._closed.values() for t in rows if t is not None)
-        held.append((held_gates, held_routers))
+        held_routers = sum(t.numel() * t.element_size() for sums in routers_q._sums.values() for t in sums.values())
+        waiting = sum(t.numel() * t.element_size() for passes in routers_q._held.values() for h in passes
+                      for t in (h.logits, h.idx, h.mask, h.weights, h.bias) if t is not None)
+        held.append((held_gates, held_routers, waiting))
         rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     watch.close()
     grow = rss[-1] - rss[min(4, len(rss) - 1)]
     print(f"32,768 tokens x {e} experts, {big_steps} steps: held by the affinity statistics max "
-          f"{max(g for g, _ in held) / 1e6:.1f} MB (after step 1: {held[0][0] / 1e6:.1f} MB), by the dispatch "
-          f"sums max {max(r for _, r in held) / 1e3:.1f} kB; peak RSS {rss[-1]:.0f} MB, grew {grow:.0f} MB after "
-          "step 5", flush=True)
+          f"{max(g for g, _, _ in held) / 1e6:.1f} MB (after step 1: {held[0][0] / 1e6:.1f} MB), router outputs "
+          f"waiting for the dispatch sums max {max(w for *_, w in held) / 1e6:.1f} MB, the dispatch sums max "
+          f"{max(r for _, r, _ in held) / 1e3:.1f} kB; peak RSS {rss[-1]:.0f} MB, grew {grow:.0f} MB after step 5",
+          flush=True)
 
 
 def main() -> None:

@@ -16,7 +16,13 @@ Discovery (``gates=None``) uses, in this order:
 2. every module whose class is a known sparse router (transformers' Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
    GLM-4-MoE, GPT-OSS, Switch: :data:`gatewatch.quantities.routers.table.KNOWN`), one shared gate per layer
    named by its path, read as its :class:`~gatewatch.quantities.routers.table.Router` says;
-3. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
+3. when no module is of a known router class: every module named like a router or gate that returns
+   ``(logits [T, E], weights [T, k], indices [T, k])`` when a copy of it is probed once with random tokens
+   (:mod:`gatewatch.quantities.routers.structural`: its scoring is inferred from the weights, its dispatch read
+   from its own indices), one shared gate per layer as in 2, provided the model has no other gate-like module
+   (an ``nn.Softmax`` or a Linear named like a gate outside those routers); a guessed part raises a warning
+   with the ``gw.Gate(path, router=gw.Router(...))`` to pass;
+4. every ``nn.Softmax`` module in ``named_modules()`` order, matched to ``tasks``:
 
    * by name: a candidate whose dotted path contains a task name as a component
      (``gates.ctr``, ``gate_ctr.1``) belongs to that task, and candidates naming no task are shared
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 from .expert_map import explicit_expert_modules
+from .quantities.routers.structural import Probed, named_like_router, router_hint, structural_routers
 from .quantities.routers.table import Router, affinity, find_routers
 from .validate import positive_int
 from .wrappers import unwrap
@@ -182,16 +190,27 @@ def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _near_misses(model: nn.Module) -> list[str]:
-    """Linear layers whose name suggests a gate or router (for functional-softmax models)."""
-    pattern = re.compile(r"gate|gating|router|routing", re.IGNORECASE)
-    mlp = re.compile(r"(gate|up|down)_proj$|shared_expert_gate$")  # SwiGLU projections, Qwen2-MoE's 1-output gate
-    return [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(p)
-            and not mlp.search(p) and m.out_features > 1]
+    """Linear layers whose name suggests a gate or router (for functional-softmax models); never an MLP's
+    ``gate_proj`` or a Qwen2-MoE ``shared_expert_gate``."""
+    return [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and named_like_router(p)
+            and m.out_features > 1]
 
 
-def _discovery_error(model: nn.Module, tasks: Sequence[str] | None, why: str) -> GateDiscoveryError:
+def _outside(model: nn.Module, probed: list[Probed]) -> list[str]:
+    """Softmax modules and gate-like Linear layers of ``model`` that are not inside a probed router."""
+    def inside(path: str) -> bool:
+        return any(path == r.path or path.startswith(r.path + ".") for r in probed)
+    return [p for p in [*(p for p, _ in candidates(model)), *_near_misses(model)] if not inside(p)]
+
+
+def _discovery_error(model: nn.Module, tasks: Sequence[str] | None, why: str,
+                     probed: Sequence[Probed] = ()) -> GateDiscoveryError:
     cands = [p for p, _ in candidates(model)]
     lines = [f"gatewatch could not decide which modules are the gates of {type(model).__name__}: {why}"]
+    if probed:
+        lines.append("Modules that return (logits, weights, indices) like a sparse router, left out because the model "
+                     "has other gate-like modules; to watch them, pass:")
+        lines += [f"  {router_hint(p.path, p.router)}" for p in probed]
     if cands:
         lines.append("Softmax modules found (path, experts):")
         lines += [f"  {p!r}  E={_output_size(model, p) or '?'}" for p in cands]
@@ -255,12 +274,18 @@ def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate
     if callable(own):
         return resolve(model, tasks, own())
     routers = find_routers(model)
-    if routers:  # known sparse routers, one per MoE layer: shared gates named by their path
+    probed = [] if routers else structural_routers(model)
+    if probed and not _outside(model, probed):  # routers recognised by their output, and nothing else gate-like
+        for p in probed:
+            if p.doubt is not None:
+                warnings.warn(p.doubt, stacklevel=4)
+        routers = [(p.path, p.module, p.router) for p in probed]
+    if routers:  # sparse routers, one per MoE layer: shared gates named by their path
         return resolve(model, None, {path: Gate(module, router=router, level=level)
                                      for level, (path, module, router) in enumerate(routers)})
     found = candidates(model)
     if not found:
-        raise _discovery_error(model, tasks, "it has no nn.Softmax module.")
+        raise _discovery_error(model, tasks, "it has no nn.Softmax module.", probed)
     paths = [p for p, _ in found]
     if not tasks:
         gates = [ResolvedGate(name=p, module=m, path=p) for p, m in found]
@@ -271,7 +296,7 @@ def discover(model: nn.Module, tasks: Sequence[str] | None) -> list[ResolvedGate
     if owners is None:
         raise _discovery_error(
             model, tasks, f"{len(found)} softmax modules for {len(tasks)} tasks {list(tasks)}, and their "
-            "names do not say which task each belongs to."
+            "names do not say which task each belongs to.", probed
         )
     gates = [ResolvedGate(name="", module=m, path=p, task=t) for (p, m), t in zip(found, owners, strict=True)]
     return _with_levels(gates)

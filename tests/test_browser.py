@@ -32,11 +32,16 @@ PAGES = {  # page -> (query string, charts it must draw)
     "experts": ("?run=healthy", 4),
     "conflict": ("?run=polarized", 6),
     "compare": ("?run=healthy&compare_runs=healthy&compare_runs=polarized", 4),
+    "routers": ("?run=deepseek-routers", 5),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines
     "ablations": ("?run=healthy", 0),
 }
 WIDTH = 1400
 DRAWN = ("[...document.querySelectorAll('.js-plotly-plot')]"  # charts whose plot area is drawn
          ".filter(e => e.querySelector('.main-svg .cartesianlayer')).length")
+CHARTS = ("() => [...document.querySelectorAll('.js-plotly-plot')].map(e => ({"  # each chart's title, legend
+          "title: e.querySelector('.gtitle')?.textContent ?? '', heatmap: !!e.querySelector('.heatmaplayer image'), "
+          "legend: [...e.querySelectorAll('.legendtext')].map(t => t.textContent)}))")
+SAMPLE_RUNS = Path(__file__).parents[1] / "sample_runs"
 
 pytestmark = pytest.mark.browser
 
@@ -82,9 +87,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, standard_run_dirs: dict[str, Path]) -> Iterator[Path]:
-    """The standard runs plus ``growing``, a run a background process keeps writing while the test looks."""
+    """The standard runs, the ``deepseek-routers`` sample run, and ``growing``, a run a background process keeps
+    writing while the test looks."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     shutil.copytree(next(iter(standard_run_dirs.values())).parent, root)
+    shutil.copytree(SAMPLE_RUNS / "deepseek-routers", root / "deepseek-routers")  # a transformers MoE's routers
     writer = subprocess.Popen([
         sys.executable, "-c",
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _runs_factory import train_mmoe; "
@@ -192,10 +199,28 @@ def test_every_page_in_chromium(playwright_api, server: str, screenshots: Path) 
                 assert page.get_by_text("Expert share of gate 'like' over training").count() == 1
             if name == "":
                 assert page.locator('[data-testid="stDataFrame"]').count() == 1
+            if name == "routers":
+                assert_routers_drawn(page)
         assert not problems, problems
         assert {f"{n or 'runs'}.png" for n in PAGES} <= {p.name for p in screenshots.iterdir()}
     finally:
         browser.close()
+
+
+def assert_routers_drawn(page) -> None:
+    """The Routers page of the DeepSeek sample run (3 MoE layers): its summary table, the load, MaxVio and bias
+    heatmaps painted, and one line per layer in the MaxVio and bias-changed charts."""
+    assert page.locator('[data-testid="stDataFrame"]').count() == 1  # one row per layer, last window
+    assert page.get_by_text("No sparse router in this run").count() == 0
+    charts = page.evaluate(CHARTS)
+    heatmaps = [c["title"] for c in charts if c["heatmap"]]
+    assert len(heatmaps) == 3, charts
+    for want in ("Dispatch load per layer and expert, step", "MaxVio per layer over training",
+                 "Expert bias per layer and expert, step"):
+        assert sum(t.startswith(want) for t in heatmaps) == 1, (want, heatmaps)
+    lines = {c["title"]: c["legend"] for c in charts if not c["heatmap"]}
+    layers = ["layer 1", "layer 2", "layer 3"]
+    assert lines == {"MaxVio per layer": layers, "Tokens whose choice the bias changed per layer": layers}, lines
 
 
 def steps_shown(page) -> int:

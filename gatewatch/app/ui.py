@@ -5,13 +5,16 @@ cards, pickers, and the live-run refresh. Pages stay thin: they pick inputs here
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from ..findings import Finding, Thresholds, gate_unit
 from ..runs import Run
@@ -25,6 +28,7 @@ from .state import (
     discover,
     finding_link,
     keep_known,
+    live_fingerprint,
     thresholds_from,
 )
 
@@ -93,7 +97,8 @@ def sidebar(root: Path) -> Context:
             for f in fields(Thresholds):
                 values[f.name] = threshold_input(f.name, float(f.default))
         auto = st.toggle("Refresh live runs", value=True, key="auto_refresh",
-                         help=f"Re-read a live run as soon as it writes (checked every {REFRESH_S:g} s).")
+                         help=f"Re-read live runs as soon as they write (checked every {REFRESH_S:g} s), on the Runs "
+                              "page and on the pages of a live run.")
     ctx = Context(root=root, refs=refs, current=current, selected=pick(refs, selected_ids),
                   thresholds=thresholds_from(values), auto_refresh=auto)
     st.session_state[CTX_KEY] = ctx
@@ -170,7 +175,7 @@ def header(ctx: Context, ref: RunRef, run: Run, tok: tuple) -> None:
     if run.status == "live":
         if ctx.auto_refresh:
             st.caption(f"Live run: the page refreshes when new windows are written (checked every {REFRESH_S:g} s).")
-            _watch(ctx.root, ref, tok)
+            _rerun_on_change(functools.partial(data.token, ctx.root, ref), tok)
         else:
             st.caption("Live run: switch on 'Refresh live runs' in the sidebar to follow it.")
     if run.problems:
@@ -179,14 +184,28 @@ def header(ctx: Context, ref: RunRef, run: Run, tok: tuple) -> None:
                 st.text(p)
 
 
+def follow_live_runs(ctx: Context, live: Sequence[RunRef], stamps: Mapping[str, tuple]) -> None:
+    """The Runs page's refresh: while ``live`` runs are listed, rerun the page when one of them writes or stops being
+    live, or when the runs below the root change (checked every ``REFRESH_S``); nothing is scheduled when none is
+    live. ``stamps``: each listed run's :func:`~gatewatch.app.state.write_stamp`, taken before its row was read."""
+    if not live:
+        return
+    if not ctx.auto_refresh:
+        st.caption(f"{len(live)} live run(s): switch on 'Refresh live runs' in the sidebar to follow them.")
+        return
+    st.caption(f"{len(live)} live run(s): the table refreshes as they write (checked every {REFRESH_S:g} s).")
+    shown = tuple(r.id for r in ctx.refs), tuple((r.id, stamps[r.id], True) for r in live)
+    _rerun_on_change(functools.partial(live_fingerprint, ctx.root, tuple(live)), shown)
+
+
 @st.fragment(run_every=REFRESH_S)
-def _watch(root: Path, ref: RunRef, tok: tuple) -> None:
-    """Rerun the whole page when the live run's files change."""
+def _rerun_on_change(check: Callable[[], tuple], shown: tuple) -> None:
+    """Rerun the whole page when ``check()`` no longer returns what the page shows (``shown``)."""
     try:
-        new = data.token(root, ref)
+        now = check()
     except data.RunUnavailable:
         return
-    if new != tok:
+    if now != shown:
         st.rerun()
 
 
@@ -213,6 +232,14 @@ def finding_card(finding: Finding, ref: RunRef, index: int) -> None:
 def chart(fig: go.Figure, key: str) -> None:
     """Draw a figure from gatewatch.figures."""
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+def kept_multiselect(label: str, options: Sequence[str], *, key: str, where: DeltaGenerator | None = None,
+                     **kwargs: Any) -> list[str]:
+    """A multiselect filter (drawn in ``where``, default the page) whose chosen values stay offered and chosen when
+    no run has them any more, e.g. after a refresh of live runs, instead of being dropped from the filter."""
+    chosen = st.session_state.get(key) or []
+    return (where or st).multiselect(label, [*options, *(v for v in chosen if v not in options)], key=key, **kwargs)
 
 
 def gate_picker(run: Run, *, label: str = "Gate") -> str:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..guard import Guard
 from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
 from ..rundir import atomic_write_json
 from ..validate import dropout_rate, non_negative_int, positive_int
@@ -70,6 +71,7 @@ class TrainConfig:
     every: int = 10  # GateWatch window, steps
     flush_every: int = 100  # GateWatch writes, steps
     conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
+    guard_dropout: float = 0.0  # the online guard (gw.Guard) with this gate-dropout rate (0: no guard)
     eval_every: int = 0  # validation every N steps (0: only at the end)
     tensorboard: bool = True
     watch: bool = True  # attach GateWatch (False: a plain baseline, e.g. shared_bottom, which has no gates)
@@ -87,6 +89,9 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
         dropout_rate("gate_dropout", self.gate_dropout, owner="TrainConfig")
+        dropout_rate("guard_dropout", self.guard_dropout, owner="TrainConfig")
+        if self.guard_dropout and not self.watch:
+            raise ValueError("TrainConfig.guard_dropout needs the watch (watch=True): the guard acts on its findings.")
         non_negative_int("staleness", self.staleness, unit="steps", owner="TrainConfig")
         if self.staleness_delay not in DELAYS:
             raise ValueError(f"unknown staleness_delay {self.staleness_delay!r}; choose one of {list(DELAYS)}.")
@@ -158,14 +163,15 @@ def supports_conflict() -> bool:
 
 
 def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """Extra GateWatch arguments this version of GateWatch accepts (conflict_every when it exists)."""
+    """Extra GateWatch arguments: conflict_every (when this GateWatch supports it) and the guard."""
+    extra: dict[str, Any] = {"guard": Guard(dropout=config.guard_dropout)} if config.guard_dropout else {}
     if config.conflict_every is None:
-        return {}
+        return extra
     if not supports_conflict():
         warnings.warn("this GateWatch has no conflict_every option; task-conflict logging is skipped.",
                       RuntimeWarning, stacklevel=3)
-        return {}
-    return {"conflict_every": config.conflict_every}
+        return extra
+    return {**extra, "conflict_every": config.conflict_every}
 
 
 def eval_rows(step: int, split: str, metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:

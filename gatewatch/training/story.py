@@ -119,7 +119,8 @@ def run_story(root: Path, *, steps: int, port: int, dashboard: bool, say: Callab
              for name, (cfg, note) in configs.items()]
     for p in procs:
         p.start()
-    say("loading census-income in both processes (downloaded once into the cache), then training ...")
+    say("loading census-income in both processes (downloaded and preprocessed once into the cache), then "
+        "training ...")
     bars = {name: tqdm(total=cfg.steps, desc=f"{name:<16}", position=i, leave=True, dynamic_ncols=True,
                        file=sys.stdout) for i, (name, (cfg, _)) in enumerate(configs.items())}
     done: set[str] = set()

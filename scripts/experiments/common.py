@@ -57,14 +57,15 @@ def gate_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one configuration (in a temporary folder) and return its labels, metrics and gate summary."""
+def run_job(job: dict[str, Any], summarise: Callable[[Path], dict[str, Any]] = gate_summary) -> dict[str, Any]:
+    """Train one configuration (in a temporary folder) and return its labels, metrics and what ``summarise``
+    reads from the watched run (the gate summary by default)."""
     torch.set_num_threads(1)
     config = TrainConfig(**job["config"])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gatewatch-exp-") as tmp:
         result = train(config, Path(tmp) / "run", progress=False)
-        summary = gate_summary(result.run_dir) if config.watch else {}
+        summary = summarise(result.run_dir) if config.watch else {}
     metrics = result.metrics
     return {**job["labels"], "test": metrics["test"], "val": metrics["val"], "history": metrics["history"], **summary,
             "seconds": time.perf_counter() - started}
@@ -77,14 +78,15 @@ def reuse_data_sets() -> None:
 
 
 def run_all(jobs: list[dict[str, Any]], workers: int,
-            on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``jobs`` ({"labels": {...}, "config": TrainConfig kwargs}) on at most 2 processes, in order;
-    ``on_row(row)`` sees each result as it comes."""
+            on_row: Callable[[dict[str, Any]], None] | None = None, *,
+            worker: Callable[[dict[str, Any]], dict[str, Any]] = run_job) -> list[dict[str, Any]]:
+    """Run ``jobs`` ({"labels": {...}, "config": TrainConfig kwargs}) through ``worker`` on at most 2 processes,
+    in order; ``on_row(row)`` sees each result as it comes."""
     workers = max(1, min(workers, MAX_WORKERS, len(jobs)))
     out = []
     started = time.perf_counter()
     with Pool(workers, initializer=reuse_data_sets) as pool:
-        for i, row in enumerate(pool.imap(run_job, jobs), 1):
+        for i, row in enumerate(pool.imap(worker, jobs), 1):
             labels = " ".join(f"{k}={v}" for k, v in jobs[i - 1]["labels"].items())
             print(f"[{i}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {labels}", flush=True)
             out.append(row)

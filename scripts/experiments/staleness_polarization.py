@@ -25,7 +25,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from common import fisher_exact, job, parser, run_all, save_figure, settings, write_results
 
-import gatewatch as gw
 from gatewatch.training import TrainConfig
 
 # name -> (MMoE experts, learning rate)
@@ -36,14 +35,21 @@ SETTINGS = {
     "4 experts, lr 1e-2": (4, 1e-2),
 }
 TAUS = (0, 8, 32)
-# name -> TrainConfig overrides; the conflict-routing guard joins when this gatewatch has one (gw.Guard)
-REMEDIES: dict[str, dict[str, Any]] = {"none": {}, "gate dropout 10%": {"gate_dropout": 0.1}}
-# the cells of the default run, (setting, tau, remedy): the settings of the other experiments, where
-# synchronous training does not polarize (docs/experiments.md), without and with staleness and gate dropout
+# name -> TrainConfig overrides: gate dropout from the start, or the online guard (gw.Guard) that applies it
+# to a gate once gatewatch's polarization or collapse finding fires
+REMEDIES: dict[str, dict[str, Any]] = {"none": {}, "gate dropout 10%": {"gate_dropout": 0.1},
+                                       "guard 10%": {"guard_dropout": 0.1}}
+# the cells of the default run, (setting, tau, remedy). The setting of the other experiments, where
+# synchronous training does not polarize (docs/experiments.md): tau 0 / 8 / 32, and at tau 32 each remedy.
+# The setting where synchronous training already polarizes: with and without the guard.
 DEFAULT = [
     ("8 experts, lr 1e-3", 0, "none"),
+    ("8 experts, lr 1e-3", 8, "none"),
     ("8 experts, lr 1e-3", 32, "none"),
     ("8 experts, lr 1e-3", 32, "gate dropout 10%"),
+    ("8 experts, lr 1e-3", 32, "guard 10%"),
+    ("4 experts, lr 1e-2", 0, "none"),
+    ("4 experts, lr 1e-2", 0, "guard 10%"),
 ]
 DIVERGED_AUC = 0.55  # a test AUC at or below this (or NaN) means the tower predicts (nearly) a constant
 
@@ -108,17 +114,30 @@ def comparisons(summary: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval of a share of k in n."""
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return mid - half, mid + half
+
+
 def figure(summary: pd.DataFrame, steps: int) -> go.Figure:
-    """Polarized share against tau, one line per setting and remedy."""
+    """Polarized share per cell: bars grouped by setting and tau, one colour per remedy, Wilson 95% intervals."""
     fig = go.Figure()
-    for (setting, remedy), part in summary.groupby(["setting", "remedy"], sort=False):
-        part = part.sort_values("tau")
-        fig.add_scatter(x=part["tau"], y=part["rate"], mode="lines+markers+text", name=f"{setting}, {remedy}",
-                        text=[f"{k}/{n}" for k, n in zip(part["polarized"], part["runs"], strict=True)],
-                        textposition="top center", line={"dash": "solid" if remedy == "none" else "dash"})
-    fig.update_layout(title=f"Census MMoE: share of runs whose gates polarize vs gradient staleness, {steps} steps",
-                      xaxis={"title": "staleness tau (steps)", "tickvals": list(TAUS)},
-                      yaxis={"title": "share of runs polarized", "range": [0, 1.05]}, legend={"font": {"size": 11}})
+    summary = summary.assign(where=[f"{s}<br>tau {t}" for s, t in zip(summary["setting"], summary["tau"], strict=True)])
+    for remedy, part in summary.groupby("remedy", sort=False):
+        low, high = zip(*(wilson(int(k), int(n)) for k, n in zip(part["polarized"], part["runs"], strict=True)),
+                        strict=True)
+        fig.add_bar(x=part["where"], y=part["rate"], name=remedy, text=[f"{k}/{n}" for k, n in
+                    zip(part["polarized"], part["runs"], strict=True)], textposition="outside",
+                    error_y={"type": "data", "symmetric": False, "array": [h - r for h, r in zip(high, part["rate"],
+                             strict=True)], "arrayminus": [r - lo for lo, r in zip(low, part["rate"], strict=True)],
+                             "color": "#555", "thickness": 1})
+    fig.update_layout(title=f"Census MMoE: share of runs whose gates polarize, {steps} steps (95% Wilson intervals)",
+                      barmode="group", xaxis={"title": "setting and gradient staleness tau (steps)",
+                                              "categoryorder": "array", "categoryarray": list(summary["where"])},
+                      yaxis={"title": "share of runs polarized", "range": [0, 1.05]},
+                      legend={"title": {"text": "remedy"}, "font": {"size": 12}})
     return fig
 
 
@@ -133,15 +152,12 @@ def main() -> None:
     p.add_argument("--delay", choices=["fixed", "random"], default="fixed", help="staleness delay (default fixed)")
     p.add_argument("--resume", action="store_true", help="reuse the finished runs of the .jsonl file")
     args = p.parse_args()
-    remedies = dict(REMEDIES)
-    if hasattr(gw, "Guard"):
-        remedies["guard"] = {"guard": True}
     chosen = cells(args.full)
     jobs = [
         job({"setting": s, "tau": tau, "remedy": r, "seed": seed}, TrainConfig(
             model="mmoe", model_kwargs={"n_experts": SETTINGS[s][0]}, data="census", steps=args.steps,
             batch_size=256, lr=SETTINGS[s][1], seed=seed, staleness=tau, staleness_delay=args.delay,
-            tensorboard=False, every=50, flush_every=500, **remedies[r]))
+            tensorboard=False, every=50, flush_every=100, **REMEDIES[r]))
         for seed in range(args.seeds) for s, tau, r in chosen
     ]
     stem = "staleness_polarization" + (f"_{args.tag}" if args.tag else "")

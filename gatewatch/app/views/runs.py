@@ -1,10 +1,11 @@
 """Runs: every run below the folder, read from the runs' summaries, as an explorer: search names, filter by status,
-severity, finding and config values, sort by any column, and pick the runs to look at from the filtered list."""
+severity, finding and config values, sort by any column, and pick the runs to look at from the filtered list. While
+runs are live the page re-reads them as they write (filters and choice kept)."""
 
 import pandas as pd
 import streamlit as st
 
-from gatewatch.app import data, explorer, ui
+from gatewatch.app import data, explorer, state, ui
 
 ctx = ui.context()
 st.title("Runs")
@@ -12,6 +13,7 @@ if not ctx.refs:
     ui.no_runs(ctx)
     st.stop()
 
+stamps = {ref.id: state.write_stamp(ref.path) for ref in ctx.refs}  # before the reads: a later write shows as new
 rows, unreadable = [], []
 for ref in ctx.refs:
     try:
@@ -26,19 +28,19 @@ if table.empty:
 
 search_col, status_col, severity_col, code_col = st.columns([2, 1, 1, 2])
 search = search_col.text_input("Search run names", key="runs_search", placeholder="e.g. census polarized")
-statuses = status_col.multiselect("Status", sorted(table["status"].unique()), key="runs_status")
-severities = severity_col.multiselect("Worst severity", [s for s in explorer.SEVERITIES if s in set(table["severity"])],
-                                      key="runs_severity")
-codes = code_col.multiselect("Finding", sorted({c for have in table["codes"] for c in have}), key="runs_codes",
-                             help="runs with any of these findings")
+statuses = ui.kept_multiselect("Status", sorted(table["status"].unique()), key="runs_status", where=status_col)
+severities = ui.kept_multiselect("Worst severity", [s for s in explorer.SEVERITIES if s in set(table["severity"])],
+                                 key="runs_severity", where=severity_col)
+codes = ui.kept_multiselect("Finding", sorted({c for have in table["codes"] for c in have}), key="runs_codes",
+                            where=code_col, help="runs with any of these findings")
 config_filter = {}
 options = explorer.config_columns(table)
 with st.expander("Filter by config values" + (f" ({len(options)} keys)" if options else " (no config recorded)")):
-    keys = st.multiselect("Config keys", options, format_func=lambda c: c.removeprefix("config: "),
-                          key="runs_config_keys")
+    keys = ui.kept_multiselect("Config keys", options, format_func=lambda c: c.removeprefix("config: "),
+                               key="runs_config_keys")
     for column in keys:
-        config_filter[column] = st.multiselect(column.removeprefix("config: "), explorer.config_values(table, column),
-                                               key=f"runs_config_{column}")
+        config_filter[column] = ui.kept_multiselect(column.removeprefix("config: "),
+                                                    explorer.config_values(table, column), key=f"runs_config_{column}")
 sort_col, order_col = st.columns([3, 1])
 shown_columns = [c for c in table.columns if c != "codes"]
 sort_by = sort_col.selectbox("Sort by", shown_columns, index=shown_columns.index("severity"), key="runs_sort")
@@ -66,6 +68,7 @@ st.dataframe(
 )
 for msg in unreadable:
     st.warning(msg)
+ui.follow_live_runs(ctx, ctx.by_id(table.loc[table["status"] == "live", "run"].tolist()), stamps)
 
 ids = filtered["run"].tolist()
 if "selected_widget" not in st.session_state:

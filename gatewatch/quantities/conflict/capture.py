@@ -13,7 +13,8 @@ A conflict step (K tasks, shared parameters holding M elements in all) runs:
 The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
 At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one matmul) and,
 per task pair, the count of elements with opposite signs; every module group gets the histogram of
-GradDrop's sign purity. All of it goes into one small device tensor, kept until the flush.
+GradDrop's sign purity (both counted on a fixed 1-in-7 sample of tensors of 16,384 elements or more, see
+:mod:`~gatewatch.quantities.conflict.maths`). All of it goes into one small device tensor, kept until the flush.
 
 Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
 over all trainable parameters, and a parameter that two or more tasks reach is shared. Under
@@ -38,7 +39,7 @@ from ...gates import unwrap
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
-from .maths import PURITY_BINS, stack_rows, task_statistics
+from .maths import PURITY_BINS, SAMPLE_FROM, SAMPLE_STRIDE, SignSample, stack_rows, task_statistics
 from .rows import conflict_tables
 
 PARAM_ROW_LIMIT = 256  # above this many shared tensors, rows per tensor are left out (modules and "all" stay)
@@ -96,6 +97,7 @@ class ConflictGradients(Quantity):
         self._step: int | None = None  # the step being measured, while its gradients are pending
         self._tasks: list[str] = []
         self._stack: torch.Tensor | None = None  # [stack_rows(K), M]: the step's task gradients, then scratch
+        self._sample: SignSample | None = None  # where the sign statistics are counted (large tensors: a sample)
         self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
         self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
         self._filled = False  # the stack holds gradients of this step
@@ -213,7 +215,8 @@ class ConflictGradients(Quantity):
         if not filled or step is None or self.layout is None or self._stack is None:
             return
         k = len(self._tasks)
-        flat = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS)
+        flat = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS,
+                               self._sample)
         self._pending.append((step, list(self._tasks), flat))
 
     # ------------------------------------------------------------------ helpers
@@ -224,6 +227,7 @@ class ConflictGradients(Quantity):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.layout.params) else torch.float32
         if self._stack is None or self._stack.shape != (stack_rows(k), self.layout.size):
             self._stack = torch.empty(stack_rows(k), self.layout.size, dtype=dtype, device=p0.device)
+            self._sample = SignSample.plan(self.layout.units, self.layout.group_bounds, k, self._stack)
             self._micro, self._before = None, None
         if not self._filled:
             return self._stack[:k]
@@ -314,6 +318,7 @@ class ConflictGradients(Quantity):
         layout = self.layout
         out: dict[str, Any] = {
             "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
+            "sign_sample": {"from_elements": SAMPLE_FROM, "every": SAMPLE_STRIDE},
             "method": "autograd.grad per task" if self.exact else "K-1 autograd.grad + subtraction",
             "disabled": self.disabled,
         }

@@ -1,14 +1,55 @@
 """Gradient-conflict maths on the device: the Gram matrices, sign disagreements and GradDrop purity of task
-gradients held as rows of one flat buffer (no host synchronisation), and the pair statistics on the host."""
+gradients held as rows of one flat buffer (no host synchronisation), and the pair statistics on the host.
+
+Cosines and norms are exact. The sign statistics (opposite-sign counts, purity histograms) of a tensor with at
+least :data:`SAMPLE_FROM` elements are counted on a fixed sample of it, every :data:`SAMPLE_STRIDE`-th element
+(:class:`SignSample`), and scaled back to its element count: at least 2,341 elements per sampled tensor, so a
+share's standard error is at most 0.5 / sqrt(2341) ~ 0.01 (``tests/test_conflict_sampling.py`` bounds it).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 PURITY_BINS = 10  # GradDrop purity histogram over [0, 1]
+SAMPLE_FROM = 16_384  # a unit (tensor or group) with at least this many elements has its signs counted on a sample
+SAMPLE_STRIDE = 7  # ... of every 7th element: a prime stride, so the sample does not line up with rows of 2^n
+
+
+def sampled_size(n: int) -> int:
+    """How many of a unit's ``n`` elements the sign statistics count."""
+    return -(-n // SAMPLE_STRIDE) if n >= SAMPLE_FROM else n
+
+
+@dataclass
+class SignSample:
+    """Where the sign statistics are counted: ``index`` (positions in the flat buffer, on its device), the units'
+    and groups' ranges among them, and a ``[stack_rows(K), m]`` working buffer."""
+
+    index: torch.Tensor
+    units: list[tuple[int, int]]
+    groups: list[tuple[int, int]]
+    buffer: torch.Tensor
+
+    @classmethod
+    def plan(cls, units: Sequence[tuple[int, int]], groups: Sequence[tuple[int, int]], k: int,
+             like: torch.Tensor) -> SignSample | None:
+        """The sample of ``units`` (groups tile units end to end), or None when every unit is counted whole."""
+        if all(sampled_size(e - s) == e - s for s, e in units):
+            return None
+        parts, starts, at = [], {}, 0
+        for s, e in units:
+            parts.append(np.arange(s, e, SAMPLE_STRIDE if e - s >= SAMPLE_FROM else 1))
+            starts[s] = at
+            at += len(parts[-1])
+        ends = {e: starts[s] + len(part) for (s, e), part in zip(units, parts, strict=True)}
+        index = torch.from_numpy(np.concatenate(parts)).to(like.device)
+        return cls(index, [(starts[s], ends[e]) for s, e in units], [(starts[s], ends[e]) for s, e in groups],
+                   torch.empty(stack_rows(k), at, dtype=like.dtype, device=like.device))
 
 
 def task_pairs(k: int) -> list[tuple[int, int]]:
@@ -79,25 +120,31 @@ def _row_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]],
-                    groups: Sequence[tuple[int, int]], bins: int) -> torch.Tensor:
+                    groups: Sequence[tuple[int, int]], bins: int, sample: SignSample | None = None) -> torch.Tensor:
     """Everything a conflict step logs, as one flat device tensor (no host synchronisation).
 
     ``stack [stack_rows(K), M]`` holds the K task gradients in its first K rows (left as their absolute
-    values); the rest is scratch space.
+    values unless ``sample`` is given); the rest is scratch space.
     ``units`` are the element ranges that get statistics (each parameter tensor, or each group), ``groups``
     the ranges that get a purity histogram. Layout of the result: the ``[U, K, K]`` Gram matrices of the
-    task gradients, the ``[U, pairs]`` counts of elements where a pair's gradients have opposite signs,
-    then the ``[G, bins + 1]`` purity counts.
+    task gradients (all elements), the ``[U, pairs]`` counts of elements where a pair's gradients have
+    opposite signs, then the ``[G, bins + 1]`` purity counts; with ``sample`` the counts are those of the
+    sampled elements (:func:`sampled_size` per unit).
     """
     g = stack[:k]
-    pairs = task_pairs(k)
-    opposite = stack[k : k + len(pairs)]
-    for row, (a, b) in zip(opposite, pairs, strict=True):
-        torch.mul(g[a], g[b], out=row)
-    opposite.lt_(0)  # 1 where the pair's gradients have opposite signs
     grams = torch.stack([g[:, s:e] @ g[:, s:e].T for s, e in units])
+    work, units, groups = stack, units, groups
+    if sample is not None:
+        work, units, groups = sample.buffer, sample.units, sample.groups
+        torch.index_select(g, 1, sample.index, out=work[:k])
+    signs = work[:k]
+    pairs = task_pairs(k)
+    opposite = work[k : k + len(pairs)]
+    for row, (a, b) in zip(opposite, pairs, strict=True):
+        torch.mul(signs[a], signs[b], out=row)
+    opposite.lt_(0)  # 1 where the pair's gradients have opposite signs
     disagree = torch.stack([opposite[:, s:e].sum(1) for s, e in units])
-    counts = purity_counts(g, groups, bins, scratch=stack[k : k + 2])
+    counts = purity_counts(signs, groups, bins, scratch=work[k : k + 2])
     return torch.cat([grams.flatten(), disagree.flatten(), counts.flatten().to(g.dtype)])
 
 

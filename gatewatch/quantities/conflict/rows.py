@@ -23,6 +23,10 @@ def conflict_tables(steps: list[int], tasks: list[str], layout: SharedLayout, ho
     grams, disagree, counts = np.split(host, np.cumsum(sizes), axis=1)
     grams, disagree = grams.reshape(len(steps_a), n_units, k, k), disagree.reshape(len(steps_a), n_units, len(pairs))
     counts = counts.reshape(len(steps_a), n_groups, PURITY_BINS + 1)[:, :, :PURITY_BINS]
+    # counts on a sample (maths.SignSample) scaled to each unit's / group's element count
+    units = layout.units
+    disagree = disagree * (layout.elements(units) / layout.sampled(units))[None, :, None]
+    counts = counts * (layout.elements(layout.group_bounds) / layout.sampled(layout.group_bounds))[None, :, None]
     if layout.per_param:
         member = np.zeros((n_groups, n_units))
         member[layout.group_of, np.arange(n_units)] = 1.0

@@ -132,17 +132,22 @@ class ConflictProxy(Quantity):
             self._maps = self._module_maps()
         groups: dict[tuple[Any, ...], list[tuple[int, list[torch.Tensor], list[torch.Tensor]]]] = {}
         for step, items in held:
-            q = [torch.cat([p for p, _ in items[t]]).double() for t in self.tasks]
-            d = [torch.cat([g for _, g in items[t]]).double() for t in self.tasks]
+            q = [torch.cat([p for p, _ in items[t]]) for t in self.tasks]
+            d = [torch.cat([g for _, g in items[t]]) for t in self.tasks]
             key = tuple(tuple(x.shape) for x in q + d)
             groups.setdefault(key, []).append((step, q, d))
+        k = len(self.tasks)
         for items in groups.values():
             maps = self._maps.to(items[0][1][0].device)
-            q = torch.stack([torch.stack([torch.einsum("ne,em->nm", x, maps[k, : x.shape[1]])
-                                          for k, x in enumerate(qs)]) for _, qs, _ in items])  # [S, K, N, M]
-            d = torch.stack([torch.stack(ds) for _, _, ds in items])  # [S, K, N, D]
-            inner = torch.einsum("sknd,sjnd->skjn", d, d)
-            gram = torch.einsum("sknm,sjnm,skjn->skjm", q, q, inner)
+            # per task: weights per expert module [S, N, M] and gradients [S, N, D], stacked over the steps
+            q = [torch.stack([qs[t] for _, qs, _ in items]).double() @ maps[t, : items[0][1][t].shape[1]]
+                 for t in range(k)]
+            d = [torch.stack([ds[t] for _, _, ds in items]).double() for t in range(k)]
+            gram = torch.empty(len(items), k, k, q[0].shape[-1], dtype=torch.float64, device=maps.device)
+            for a in range(k):  # one pass per task pair: elementwise products, no batch of tiny matrix products
+                for b in range(a, k):
+                    inner = (d[a] * d[b]).sum(-1, keepdim=True)  # [S, N, 1]
+                    gram[:, a, b] = gram[:, b, a] = (q[a] * q[b] * inner).sum(1)
             steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
             self._pending.append((len(items), torch.cat([steps[:, None], gram.reshape(len(items), -1)], 1)))
 

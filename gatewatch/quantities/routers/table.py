@@ -146,18 +146,19 @@ def affinity(router: Router, logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def choice_scores(router: Router, module: nn.Module, logits: torch.Tensor, *, with_bias: bool = True
-                  ) -> torch.Tensor:
+def choice_scores(router: Router, module: nn.Module, logits: torch.Tensor, *, with_bias: bool = True,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """What the router ranks when it chooses, ``[T, E]``: probabilities (softmax), logits (softmax_topk), or
     sigmoid scores plus the bias, -inf outside each token's allowed groups (sigmoid). Masked experts (logits at
     -inf, from knock-out or gate dropout) are -inf and leave their group's score; a token whose allowed groups
-    keep fewer than k experts chooses among all groups."""
+    keep fewer than k experts chooses among all groups. ``bias`` (``[E]``, or ``[T, E]``: one per token) stands
+    for the module's bias buffer, e.g. its value at an earlier forward pass."""
     if router.scoring == "softmax":
         return torch.softmax(logits.float(), dim=-1)
     if router.scoring == "softmax_topk":
         return logits.float()
     scores = torch.sigmoid(logits.float())
-    bias = router.bias_of(module) if with_bias else None
+    bias = (bias if bias is not None else router.bias_of(module)) if with_bias else None
     if bias is not None:
         scores = scores + bias.to(scores)
     scores = scores.masked_fill(torch.isneginf(logits), -torch.inf)

@@ -46,7 +46,8 @@ class ExpertSimilarity(Quantity):
     def __init__(self, ctx: CaptureContext, schedule: Schedule, rows: int) -> None:
         self.ctx, self.schedule, self.limit = ctx, schedule, rows
         self.pools: list[Pool] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] | None = None  # None: pools not looked for yet
+        self._experts: list[nn.Module] | None = None  # None: pools not looked for yet
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []  # hooked only for a measured step
         self._armed = False
         self._outputs: dict[int, torch.Tensor] = {}  # id(expert module) -> its first rows, this step
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, flat matrices of every pool) until the flush
@@ -54,21 +55,25 @@ class ExpertSimilarity(Quantity):
         self._last = 0  # the last step measured (close() calls on_step again for the same step)
         self._skipped: dict[str, str] = {}
 
-    def _attach(self) -> None:
-        """Find the pools (the gates have mapped their experts by now) and hook their experts."""
-        self.pools = expert_pools(unwrap(self.ctx.model), self.ctx.gates)
-        experts = {id(m): m for pool in self.pools for m in pool.modules}
-        self._handles = [m.register_forward_hook(self._hook) for m in experts.values()]
+    def _arm(self, armed: bool) -> None:
+        """Hook the experts for the coming step when it is measured, and unhook them after it: a hooked module
+        takes PyTorch's slower call path, so the other steps pay nothing."""
+        if self._experts is None:  # the gates have mapped their experts by now
+            self.pools = expert_pools(unwrap(self.ctx.model), self.ctx.gates)
+            self._experts = list({id(m): m for pool in self.pools for m in pool.modules}.values())
+        if armed and not self._handles:
+            self._handles = [m.register_forward_hook(self._hook) for m in self._experts]
+        elif not armed:
+            self.detach()
+        self._armed = armed
 
     def _hook(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._armed and module.training and isinstance(out, torch.Tensor) and id(module) not in self._outputs:
             self._outputs[id(module)] = out.detach().reshape(-1, out.shape[-1])[: self.limit]
 
     def on_step(self, step: int) -> None:
-        if self._handles is None:
-            self._attach()
         outputs, self._outputs = self._outputs, {}
-        self._armed = bool(self.schedule(step + 1))
+        self._arm(bool(self.schedule(step + 1)))
         pieces = [self._measure(pool, outputs) for pool in self.pools]
         if any(p is not None for p in pieces) and step != self._last:
             self._last = step
@@ -117,5 +122,6 @@ class ExpertSimilarity(Quantity):
         }}
 
     def detach(self) -> None:
-        for handle in self._handles or []:
+        for handle in self._handles:
             handle.remove()
+        self._handles = []
