@@ -97,7 +97,3 @@ def _bias_changed(router: Router, module: nn.Module, logits: torch.Tensor, idx: 
     b = torch.zeros_like(a).scatter_(1, plain, True)
     return (a != b).any(1).to(torch.float64)
 
-
-def dispatch_sums(router: Router, module: nn.Module, out: Any, margin: float) -> torch.Tensor:
-    """One forward pass of a router reduced to its sums ``[3E + 5]`` (float64, on the device)."""
-    return window_sums(router, module, [Held.read(router, module, out, 0)], margin)[1][0]
