@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from .maths import sampled_size
+from .maths import sample_ranges
 
 SharedSpec = str | nn.Module | Sequence[str | nn.Module] | None
 GroupSpec = int | Callable[[str], str] | None
@@ -124,8 +124,7 @@ class SharedLayout:
 
     def sampled(self, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
         """How many elements of each range the sign statistics count (ranges tile units end to end)."""
-        return np.array([sum(sampled_size(ue - us) for us, ue in self.units if s <= us and ue <= e)
-                         for s, e in bounds], dtype=np.float64)
+        return np.array([e - s for s, e in sample_ranges(self.units, bounds)], dtype=np.float64)
 
     @classmethod
     def build(cls, names: list[str], params: list[nn.Parameter], reach: list[list[bool]],

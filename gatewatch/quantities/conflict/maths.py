@@ -25,6 +25,16 @@ def sampled_size(n: int) -> int:
     return -(-n // SAMPLE_STRIDE) if n >= SAMPLE_FROM else n
 
 
+def sample_ranges(units: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where each of ``ranges`` (which tile ``units`` end to end) lies among the sampled elements of ``units``."""
+    starts, ends, at = {}, {}, 0
+    for s, e in units:
+        starts[s] = at
+        at += sampled_size(e - s)
+        ends[e] = at
+    return [(starts[s], ends[e]) for s, e in ranges]
+
+
 @dataclass
 class SignSample:
     """Where the sign statistics are counted: ``index`` (positions in the flat buffer, on its device), the units'
@@ -41,15 +51,10 @@ class SignSample:
         """The sample of ``units`` (groups tile units end to end), or None when every unit is counted whole."""
         if all(sampled_size(e - s) == e - s for s, e in units):
             return None
-        parts, starts, at = [], {}, 0
-        for s, e in units:
-            parts.append(np.arange(s, e, SAMPLE_STRIDE if e - s >= SAMPLE_FROM else 1))
-            starts[s] = at
-            at += len(parts[-1])
-        ends = {e: starts[s] + len(part) for (s, e), part in zip(units, parts, strict=True)}
+        parts = [np.arange(s, e, SAMPLE_STRIDE if e - s >= SAMPLE_FROM else 1) for s, e in units]
         index = torch.from_numpy(np.concatenate(parts)).to(like.device)
-        return cls(index, [(starts[s], ends[e]) for s, e in units], [(starts[s], ends[e]) for s, e in groups],
-                   torch.empty(stack_rows(k), at, dtype=like.dtype, device=like.device))
+        return cls(index, sample_ranges(units, units), sample_ranges(units, groups),
+                   torch.empty(stack_rows(k), len(index), dtype=like.dtype, device=like.device))
 
 
 def task_pairs(k: int) -> list[tuple[int, int]]:
@@ -133,7 +138,7 @@ def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]
     """
     g = stack[:k]
     grams = torch.stack([g[:, s:e] @ g[:, s:e].T for s, e in units])
-    work, units, groups = stack, units, groups
+    work = stack
     if sample is not None:
         work, units, groups = sample.buffer, sample.units, sample.groups
         torch.index_select(g, 1, sample.index, out=work[:k])
