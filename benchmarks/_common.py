@@ -95,6 +95,16 @@ def interleaved(
     return times
 
 
+def interleaved_flush_secs(sides: int, flush_secs: float = 5.0) -> float:
+    """``flush_secs`` for a watch that shares the wall clock with ``sides`` interleaved step functions.
+
+    :func:`interleaved` gives each side about 1/``sides`` of the wall time, so a watch passed the default 5 s
+    would flush ``sides`` times as often, per step of its own, as in a run that trains one model (where, at
+    50 ms a step, 5 s and ``flush_every=100`` coincide). ``sides`` x 5 s keeps that run's flush rate.
+    """
+    return sides * flush_secs
+
+
 def ratio_report(name: str, base_s: Sequence[float], monitored_s: Sequence[float]) -> str:
     """One line: median and mean step time of each side (ms) and their ratios.
 

@@ -4,7 +4,8 @@ Runs an unmonitored step, a second unmonitored model (the A/A pair: what two ide
 this machine) and monitored steps in one process, interleaved in blocks, and prints their median and
 mean step times and ratios against the unmonitored step:
 
-* statistics every step (``every=1``), a flush every 100 steps or 5 s, TensorBoard on;
+* statistics every step (``every=1``), a flush every 100 steps or 5 s of its own share of the wall clock
+  (:func:`_common.interleaved_flush_secs`), TensorBoard on;
 * a window every 10 steps (``every=10``), the same flushes;
 * ``every=10`` with ``durable=True`` (fsync of every file of the run directory).
 
@@ -32,6 +33,7 @@ from _common import (
     CENSUS_TASKS,
     census_mmoe,
     interleaved,
+    interleaved_flush_secs,
     ratio_report,
     setup,
     time_steps,
@@ -56,7 +58,7 @@ def overhead(steps: int, block: int, warmup: int, log_root: Path) -> float:
     for name, kwargs in CONFIGS.items():
         model = census_mmoe()
         watches[name] = gw.GateWatch(model, tasks=list(CENSUS_TASKS), log_dir=log_root / name.replace(" ", "_"),
-                                     **kwargs)
+                                     flush_secs=interleaved_flush_secs(2 + len(CONFIGS)), **kwargs)
         fns[name] = training_step(model, watches[name])
     times = interleaved(fns, steps=steps, block=block, warmup=warmup)
     for watch in watches.values():

@@ -9,7 +9,8 @@ the ratios are printed for:
   at most 1.02x, against the gate-capture watch alone as well as against the plain step;
 * for comparison, the naive method: one ``autograd.grad`` per task, then the ordinary backward;
 * the floor: K-1 ``autograd.grad`` calls with the graph kept, then the ordinary backward (no statistics),
-  and the conflict step against it (target at most 1.05x).
+  and the conflict step against it (target at most 1.05x); and the same floor run under a watch without
+  conflict logging (gate statistics on both sides), which isolates what the conflict measurement adds.
 
 Then the cost of the reduction of one conflict step (``task_statistics``) on the census shapes.
 
@@ -30,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, ratio_report, setup, time_steps
+from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, interleaved_flush_secs, ratio_report, setup, time_steps
 
 import gatewatch as gw
 from gatewatch.models import MMoE
@@ -105,6 +106,18 @@ def floor_step(model: MMoE) -> Callable[[], None]:
     return step_fn(model, backward)
 
 
+def floor_watched_step(model: MMoE, watch: gw.GateWatch) -> Callable[[], None]:
+    """The floor under a watch that logs no conflict: the same gate capture as the conflict step's watch."""
+    shared = list(model.experts.parameters())
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        for loss in list(losses.values())[:-1]:
+            torch.autograd.grad(loss, shared, retain_graph=True)
+        watch.backward(losses)
+
+    return step_fn(model, backward, watch.step)
+
+
 def show(label: str, base: list[float], monitored: list[float]) -> None:
     print(ratio_report(label, base, monitored), flush=True)
 
@@ -114,26 +127,32 @@ def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = Tr
     tasks = [f"task{i}" for i in range(k)]
     print(f"\n{k} tasks", flush=True)
 
-    def watch(name: str, **kwargs: int) -> tuple[MMoE, gw.GateWatch]:
+    def watch(name: str, sides: int, **kwargs: int) -> tuple[MMoE, gw.GateWatch]:
         model = mmoe(tasks)
-        return model, gw.GateWatch(model, tasks=tasks, log_dir=log_root / f"{k}_{name}", tensorboard=False, **kwargs)
+        return model, gw.GateWatch(model, tasks=tasks, log_dir=log_root / f"{k}_{name}", tensorboard=False,
+                                   flush_secs=interleaved_flush_secs(sides), **kwargs)
 
-    every_step, every_step_watch = watch("every1", conflict_every=1)
+    every_step, every_step_watch = watch("every1", 5, conflict_every=1)
+    floor_model, floor_watch = watch("floor", 5)
     times = interleaved({"plain": plain_step(mmoe(tasks)), "conflict": watched_step(every_step, every_step_watch),
-                         "naive": naive_step(mmoe(tasks)), "floor": floor_step(mmoe(tasks))},
+                         "naive": naive_step(mmoe(tasks)), "floor": floor_step(mmoe(tasks)),
+                         "floor+gates": floor_watched_step(floor_model, floor_watch)},
                         steps=steps, block=block)
     every_step_watch.close()
+    floor_watch.close()
     target = 1 + 0.6 * (k - 1) if k > 2 else 1.7
     show(f"conflict step (target {target:.1f}x)", times["plain"], times["conflict"])
     show("  naive: autograd.grad per task", times["plain"], times["naive"])
     show("  floor: K-1 autograd.grad + backward", times["plain"], times["floor"])
     show("conflict step vs its floor (target 1.05x)", times["floor"], times["conflict"])
+    show("  the floor under a watch without conflict logging", times["floor"], times["floor+gates"])
+    show("conflict step vs that watched floor (what conflict logging adds)", times["floor+gates"], times["conflict"])
     plain = statistics.median(times["plain"])
     if not amortised:
         return plain
 
-    gates_model, gates_watch = watch("gates")
-    amortised_model, amortised_watch = watch("every50", conflict_every=AMORTISED_EVERY)
+    gates_model, gates_watch = watch("gates", 3)
+    amortised_model, amortised_watch = watch("every50", 3, conflict_every=AMORTISED_EVERY)
     amortised_steps = max(steps, 4 * AMORTISED_EVERY)
     times = interleaved({"plain": plain_step(mmoe(tasks)), "gates": watched_step(gates_model, gates_watch),
                          "amortised": watched_step(amortised_model, amortised_watch)},
@@ -159,7 +178,7 @@ def reduction_cost(k: int, plain_s: float) -> None:
     g = torch.randn(k, start)
     sample = SignSample.plan(bounds, groups, k, stack)  # as the conflict step does: sign statistics on a sample
 
-    for label, chosen in (("signs on the 1-in-7 sample", sample), ("every element", None)):
+    for label, chosen in (("signs on a 4,096-element sample per tensor", sample), ("every element", None)):
         def reduce(chosen: SignSample | None = chosen) -> None:
             stack[:k] = g
             task_statistics(stack, k, bounds, groups, PURITY_BINS, chosen)

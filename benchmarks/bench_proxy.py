@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CENSUS_TASKS, census_mmoe, interleaved, ratio_report, setup, training_step
+from _common import CENSUS_TASKS, census_mmoe, interleaved, interleaved_flush_secs, ratio_report, setup, training_step
 
 import gatewatch as gw
 
@@ -31,11 +31,12 @@ def main() -> None:
     setup(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         models = {name: census_mmoe() for name in ("plain", "gates", "proxy")}
+        flush_secs = interleaved_flush_secs(len(models))  # a flush every 100 steps or 5 s of its share of the clock
         watches = {
             "gates": gw.GateWatch(models["gates"], tasks=list(CENSUS_TASKS), log_dir=Path(tmp) / "gates",
-                                  tensorboard=False),
+                                  tensorboard=False, flush_secs=flush_secs),
             "proxy": gw.GateWatch(models["proxy"], tasks=list(CENSUS_TASKS), log_dir=Path(tmp) / "proxy",
-                                  tensorboard=False, conflict_proxy=True),
+                                  tensorboard=False, conflict_proxy=True, flush_secs=flush_secs),
         }
         fns = {name: training_step(model, watches.get(name)) for name, model in models.items()}
         times = interleaved(fns, args.steps, args.block)

@@ -21,7 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CENSUS_BATCH, CENSUS_SIZE, CENSUS_TASKS, census_mmoe, interleaved, ratio_report, setup, time_steps
+from _common import (
+    CENSUS_BATCH,
+    CENSUS_SIZE,
+    CENSUS_TASKS,
+    census_mmoe,
+    interleaved,
+    interleaved_flush_secs,
+    ratio_report,
+    setup,
+    time_steps,
+)
 from _common import training_step as census_step
 
 import gatewatch as gw
@@ -36,7 +46,7 @@ def amortised(steps: int, log_root: Path) -> None:
     for name, every in (("gates", 0), ("similarity", EVERY)):
         model = census_mmoe()
         watch = gw.GateWatch(model, tasks=list(CENSUS_TASKS), log_dir=log_root / name, tensorboard=False,
-                             similarity_every=every)
+                             similarity_every=every, flush_secs=interleaved_flush_secs(3))
         watches.append(watch)
         fns[name] = census_step(model, watch)
     times = interleaved(fns, steps=steps, block=EVERY, warmup=EVERY)

@@ -119,7 +119,7 @@ def test_proxy_scalars_are_labelled_proxy() -> None:
 
 @pytest.mark.slow
 def test_proxy_folds_early_when_it_holds_too_much(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Held gradients stay bounded: folding every step gives the same table as folding at the flush."""
+    """Held inner products stay bounded: folding every step gives the same table as folding at the flush."""
     from gatewatch.quantities.proxy import capture
 
     tables = []

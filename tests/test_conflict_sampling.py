@@ -1,6 +1,6 @@
-"""Sign statistics of large shared tensors are counted on a fixed 1-in-7 sample: cosines and norms stay exact,
-tensors under the sampling size stay exact, and the sampled shares and purity histograms stay within a
-4-standard-error bound of the exact counts (plain numpy on the full gradients)."""
+"""Sign statistics of large shared tensors are counted on a fixed sample of 4,096 elements each: cosines and
+norms stay exact, tensors under the sampling size stay exact, and the sampled shares and purity histograms stay
+within a 4-standard-error bound of the exact counts (plain numpy on the full gradients)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gatewatch.models import MMoE
 from gatewatch.quantities.conflict.maths import (
     PURITY_BINS,
     SAMPLE_FROM,
-    SAMPLE_STRIDE,
+    SAMPLE_SIZE,
     SignSample,
     sampled_size,
     stack_rows,
@@ -59,7 +59,10 @@ def test_sampled_sign_statistics_are_within_four_standard_errors_and_grams_stay_
     stack[:k] = g
     sample = SignSample.plan(units, groups, k, stack)
     assert sample is not None and sample.index.numel() == sum(sampled_size(n) for n in sizes)
-    assert [sampled_size(n) for n in sizes] == [-(-40_000 // SAMPLE_STRIDE), 300, -(-20_000 // SAMPLE_STRIDE), 16_383]
+    assert [sampled_size(n) for n in sizes] == [SAMPLE_SIZE, 300, SAMPLE_SIZE, 16_383]
+    index = sample.index.numpy()
+    for (s, e), (a, b) in zip(units, sample.units, strict=True):  # distinct, sorted positions inside each unit
+        assert np.all(np.diff(index[a:b]) > 0) and s <= index[a] and index[b - 1] < e
     flat = task_statistics(stack, k, units, groups, PURITY_BINS, sample).double().numpy()
     pairs = task_pairs(k)
     n_units = len(units)
@@ -79,7 +82,7 @@ def test_sampled_sign_statistics_are_within_four_standard_errors_and_grams_stay_
                 assert share == pytest.approx(exact, abs=1e-12), "a unit under the sampling size is counted whole"
             else:
                 assert abs(share - exact) <= bound(m), (u, share, exact)
-                positions = np.arange(s, e, SAMPLE_STRIDE)
+                positions = index[sample.units[u][0] : sample.units[u][1]]
                 assert disagree[u, i] == int((full[a, positions] * full[b, positions] < 0).sum())
     for j, (s, e) in enumerate(groups):
         got = counts[j, :PURITY_BINS] / max(counts[j, :PURITY_BINS].sum(), 1)
@@ -97,7 +100,7 @@ def test_logged_sign_conflict_of_a_large_expert_is_within_the_bound_and_cosines_
     model = MMoE(in_dim=128, tasks=["a", "b"], n_experts=2, expert_hidden=[256], expert_dim=64, tower_hidden=[8])
     run, measured, _ = run_with_reference(model, tmp_path, steps=3, losses=data_losses(n=64))
     conflict = run.table("conflict")
-    assert run.meta["conflict"]["sign_sample"] == {"from_elements": SAMPLE_FROM, "every": SAMPLE_STRIDE}
+    assert run.meta["conflict"]["sign_sample"] == {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": 0}
     names = dict(model.named_parameters())
     checked = 0
     for step, grads in measured:

@@ -13,7 +13,7 @@ A conflict step (K tasks, shared parameters holding M elements in all) runs:
 The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
 At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one matmul) and,
 per task pair, the count of elements with opposite signs; every module group gets the histogram of
-GradDrop's sign purity (both counted on a fixed 1-in-7 sample of tensors of 16,384 elements or more, see
+GradDrop's sign purity (both counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, see
 :mod:`~gatewatch.quantities.conflict.maths`). All of it goes into one small device tensor, kept until the flush.
 
 Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
@@ -39,7 +39,7 @@ from ...gates import unwrap
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
-from .maths import PURITY_BINS, SAMPLE_FROM, SAMPLE_STRIDE, SignSample, stack_rows, task_statistics
+from .maths import PURITY_BINS, SAMPLE_FROM, SAMPLE_SEED, SAMPLE_SIZE, SignSample, stack_rows, task_statistics
 from .rows import conflict_tables
 
 PARAM_ROW_LIMIT = 256  # above this many shared tensors, rows per tensor are left out (modules and "all" stay)
@@ -190,7 +190,8 @@ class ConflictGradients(Quantity):
             if self._has_before:
                 assert self._before is not None
                 last.sub_(self._before)
-            last.div_(self._scale)  # .grad holds scale * gradient; autograd.grad gave the loss's own
+            if last.is_cuda or float(self._scale) != 1.0:  # on a GPU, reading the scale would synchronise
+                last.div_(self._scale)  # .grad holds scale * gradient; autograd.grad gave the loss's own
             for i in range(k - 1):
                 last.sub_(g[i])
             for i, (s, e) in enumerate(layout.bounds):
@@ -318,7 +319,7 @@ class ConflictGradients(Quantity):
         layout = self.layout
         out: dict[str, Any] = {
             "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
-            "sign_sample": {"from_elements": SAMPLE_FROM, "every": SAMPLE_STRIDE},
+            "sign_sample": {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": SAMPLE_SEED},
             "method": "autograd.grad per task" if self.exact else "K-1 autograd.grad + subtraction",
             "disabled": self.disabled,
         }

@@ -2,9 +2,10 @@
 gradients held as rows of one flat buffer (no host synchronisation), and the pair statistics on the host.
 
 Cosines and norms are exact. The sign statistics (opposite-sign counts, purity histograms) of a tensor with at
-least :data:`SAMPLE_FROM` elements are counted on a fixed sample of it, every :data:`SAMPLE_STRIDE`-th element
-(:class:`SignSample`), and scaled back to its element count: at least 2,341 elements per sampled tensor, so a
-share's standard error is at most 0.5 / sqrt(2341) ~ 0.01 (``tests/test_conflict_sampling.py`` bounds it).
+least :data:`SAMPLE_FROM` elements are counted on a fixed sample of :data:`SAMPLE_SIZE` of its elements, at
+positions drawn uniformly without replacement once (seeded, :class:`SignSample`), and scaled back to its element
+count: a share's standard error is at most 0.5 / sqrt(4096) ~ 0.008 (``tests/test_conflict_sampling.py`` bounds
+it), and the cost of the sign statistics grows with the number of tensors, not with their size.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import torch
 
 PURITY_BINS = 10  # GradDrop purity histogram over [0, 1]
 SAMPLE_FROM = 16_384  # a unit (tensor or group) with at least this many elements has its signs counted on a sample
-SAMPLE_STRIDE = 7  # ... of every 7th element: a prime stride, so the sample does not line up with rows of 2^n
+SAMPLE_SIZE = 4_096  # ... of this many elements at fixed random positions (no stride to line up with a row)
+SAMPLE_SEED = 0
 
 
 def sampled_size(n: int) -> int:
     """How many of a unit's ``n`` elements the sign statistics count."""
-    return -(-n // SAMPLE_STRIDE) if n >= SAMPLE_FROM else n
+    return SAMPLE_SIZE if n >= SAMPLE_FROM else n
 
 
 def sample_ranges(units: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -51,7 +53,9 @@ class SignSample:
         """The sample of ``units`` (groups tile units end to end), or None when every unit is counted whole."""
         if all(sampled_size(e - s) == e - s for s, e in units):
             return None
-        parts = [np.arange(s, e, SAMPLE_STRIDE if e - s >= SAMPLE_FROM else 1) for s, e in units]
+        rng = np.random.default_rng(SAMPLE_SEED)
+        parts = [s + np.sort(rng.choice(e - s, SAMPLE_SIZE, replace=False)) if e - s >= SAMPLE_FROM
+                 else np.arange(s, e) for s, e in units]
         index = torch.from_numpy(np.concatenate(parts)).to(like.device)
         return cls(index, sample_ranges(units, units), sample_ranges(units, groups),
                    torch.empty(stack_rows(k), len(index), dtype=like.dtype, device=like.device))

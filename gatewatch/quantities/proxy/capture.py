@@ -8,8 +8,10 @@ The proxy compares the tasks on these vectors: per expert module m, the dot prod
 expert's Jacobian, so it is a proxy for the exact cosine on the expert's parameters, and it costs no extra
 backward. In PLE it covers the last level (the towers' inputs mix the last level's experts).
 
-Hooks only keep references; the products are computed at the flush (or once ``HOLD_ELEMENTS`` are held),
-stacked over the steps.
+At ``watch.step()`` each sample's gradients are reduced at once to the tasks' inner products
+``<d_a(n), d_b(n)>`` (float64, ``[N, K(K+1)/2]``), so the ``[N, D]`` gradients are released within the step;
+the weighting by the gates' columns is done at the flush (or once ``HOLD_ELEMENTS`` are held), stacked over
+the steps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ...schema import conform
 from .read import proxy_rows
 
 KEYWORDS: dict[str, Any] = {"conflict_proxy": False, "towers": None}
-HOLD_ELEMENTS = 4_000_000  # gate weights and gradients held until the flush (32 MB as float64); above: fold early
+HOLD_ELEMENTS = 4_000_000  # gate weights and inner products held until the flush; above: fold early
 
 
 def build(ctx: CaptureContext) -> ConflictProxy | None:
@@ -69,7 +71,7 @@ class ConflictProxy(Quantity):
         modules = dict(model.named_modules())
         self._latest: dict[str, torch.Tensor] = {}  # gate name -> its last output (probs)
         self._step: dict[str, list[list[Any]]] = {t: [] for t in self.tasks}  # task -> [[probs, grad]] this step
-        self._held: list[tuple[int, dict[str, list[list[Any]]]]] = []
+        self._held: list[tuple[int, list[torch.Tensor], torch.Tensor]] = []  # (step, weights per task, inner)
         self._held_elements = 0
         self._below: dict[tuple[str, str], np.ndarray] = {}
         self.modules: list[str] | None = None
@@ -100,11 +102,16 @@ class ConflictProxy(Quantity):
         return hook
 
     def on_step(self, step: int) -> None:
+        """Reduce the step's gradients to per-sample inner products; hold them with the gate weights."""
         done = {t: [i for i in items if i[1] is not None] for t, items in self._step.items()}
         self._step = {t: [] for t in self.tasks}
         if all(done.values()):
-            self._held.append((step, done))
-            self._held_elements += sum(p.numel() + g.numel() for items in done.values() for p, g in items)
+            q = [_joined([p for p, _ in done[t]]) for t in self.tasks]
+            d = torch.stack([_joined([g for _, g in done[t]]) for t in self.tasks], 1).double()  # [N, K, D]
+            a, b = zip(*_pairs(len(self.tasks)), strict=True)
+            inner = torch.bmm(d, d.transpose(1, 2))[:, a, b]  # [N, pairs]: one small gram per sample
+            self._held.append((step, q, inner))
+            self._held_elements += inner.numel() + sum(x.numel() for x in q)
         if self._held_elements > HOLD_ELEMENTS:
             self._fold()
 
@@ -130,24 +137,19 @@ class ConflictProxy(Quantity):
             return
         if self._maps is None:
             self._maps = self._module_maps()
-        groups: dict[tuple[Any, ...], list[tuple[int, list[torch.Tensor], list[torch.Tensor]]]] = {}
-        for step, items in held:
-            q = [torch.cat([p for p, _ in items[t]]) for t in self.tasks]
-            d = [torch.cat([g for _, g in items[t]]) for t in self.tasks]
-            key = tuple(tuple(x.shape) for x in q + d)
-            groups.setdefault(key, []).append((step, q, d))
+        groups: dict[tuple[Any, ...], list[tuple[int, list[torch.Tensor], torch.Tensor]]] = {}
+        for item in held:
+            groups.setdefault(tuple(tuple(x.shape) for x in [*item[1], item[2]]), []).append(item)
         k = len(self.tasks)
         for items in groups.values():
-            maps = self._maps.to(items[0][1][0].device)
-            # per task: weights per expert module [S, N, M] and gradients [S, N, D], stacked over the steps
+            maps = self._maps.to(items[0][2].device)
+            # per task: weights per expert module [S, N, M]; inner products [S, N, pairs], stacked over the steps
             q = [torch.stack([qs[t] for _, qs, _ in items]).double() @ maps[t, : items[0][1][t].shape[1]]
                  for t in range(k)]
-            d = [torch.stack([ds[t] for _, _, ds in items]).double() for t in range(k)]
+            inner = torch.stack([x for _, _, x in items])
             gram = torch.empty(len(items), k, k, q[0].shape[-1], dtype=torch.float64, device=maps.device)
-            for a in range(k):  # one pass per task pair: elementwise products, no batch of tiny matrix products
-                for b in range(a, k):
-                    inner = (d[a] * d[b]).sum(-1, keepdim=True)  # [S, N, 1]
-                    gram[:, a, b] = gram[:, b, a] = (q[a] * q[b] * inner).sum(1)
+            for p, (a, b) in enumerate(_pairs(k)):
+                gram[:, a, b] = gram[:, b, a] = (q[a] * q[b] * inner[..., p : p + 1]).sum(1)
             steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
             self._pending.append((len(items), torch.cat([steps[:, None], gram.reshape(len(items), -1)], 1)))
 
@@ -177,3 +179,13 @@ class ConflictProxy(Quantity):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _pairs(k: int) -> list[tuple[int, int]]:
+    """Task index pairs ``(a, b)``, a <= b: the entries of a symmetric K x K gram."""
+    return [(a, b) for a in range(k) for b in range(a, k)]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches of a step as one tensor (no copy for a single one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
