@@ -110,8 +110,9 @@ def write_results(rows: Iterable[dict[str, Any]], out: Path, stem: str, meta: di
     return out / f"{stem}.csv"
 
 
-def save_figure(fig: Any, out: Path, stem: str) -> list[Path]:
-    """Write a plotly figure as ``stem.html`` (plotly.js from a CDN) and ``stem.png`` when kaleido is installed."""
+def save_figure(fig: Any, out: Path, stem: str, width: int = 900, height: int = 500) -> list[Path]:
+    """Write a plotly figure as ``stem.html`` (plotly.js from a CDN) and ``stem.png`` (``width`` x ``height``
+    pixels) when kaleido is installed."""
     paths = [out / f"{stem}.html"]
     fig.write_html(paths[0], include_plotlyjs="cdn")
     try:
@@ -119,7 +120,7 @@ def save_figure(fig: Any, out: Path, stem: str) -> list[Path]:
     except ImportError:
         print(f"kaleido is not installed: {stem}.png skipped (pip install kaleido to export PNGs)")
         return paths
-    fig.write_image(out / f"{stem}.png", width=900, height=500, scale=1)
+    fig.write_image(out / f"{stem}.png", width=width, height=height, scale=1)
     return [*paths, out / f"{stem}.png"]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 from common import fisher_exact, job, parser, run_all, save_figure, settings, write_results
+from plotly.subplots import make_subplots
 
 from gatewatch.training import TrainConfig
 
@@ -121,23 +122,46 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return mid - half, mid + half
 
 
+COLOURS = {"none": "#636efa", "gate dropout 10%": "#ef553b", "guard 10%": "#00a67e"}
+
+
 def figure(summary: pd.DataFrame, steps: int) -> go.Figure:
-    """Polarized share per cell: bars grouped by setting and tau, one colour per remedy, Wilson 95% intervals."""
-    fig = go.Figure()
-    summary = summary.assign(where=[f"{s}<br>tau {t}" for s, t in zip(summary["setting"], summary["tau"], strict=True)])
-    for remedy, part in summary.groupby("remedy", sort=False):
-        low, high = zip(*(wilson(int(k), int(n)) for k, n in zip(part["polarized"], part["runs"], strict=True)),
-                        strict=True)
-        fig.add_bar(x=part["where"], y=part["rate"], name=remedy, text=[f"{k}/{n}" for k, n in
-                    zip(part["polarized"], part["runs"], strict=True)], textposition="outside",
-                    error_y={"type": "data", "symmetric": False, "array": [h - r for h, r in zip(high, part["rate"],
-                             strict=True)], "arrayminus": [r - lo for lo, r in zip(low, part["rate"], strict=True)],
-                             "color": "#555", "thickness": 1})
-    fig.update_layout(title=f"Census MMoE: share of runs whose gates polarize, {steps} steps (95% Wilson intervals)",
-                      barmode="group", xaxis={"title": "setting and gradient staleness tau (steps)",
-                                              "categoryorder": "array", "categoryarray": list(summary["where"])},
-                      yaxis={"title": "share of runs polarized", "range": [0, 1.05]},
-                      legend={"title": {"text": "remedy"}, "font": {"size": 12}})
+    """One panel per setting: per tau, a bar per remedy, the share of runs polarized (solid, with its 95% Wilson
+    interval and "k/n") and on top of it the share that diverged (hatched), which are not counted as polarized."""
+    names = list(dict.fromkeys(summary["setting"]))
+    cols = min(2, len(names))
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, shared_yaxes=True,
+                        vertical_spacing=0.14, horizontal_spacing=0.06)
+    for i, setting in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
+        cells = summary[summary["setting"] == setting]
+        for remedy, part in cells.groupby("remedy", sort=False):
+            x = [f"tau {t}" for t in part["tau"]]
+            runs = part["runs"].astype(int)
+            low, high = zip(*(wilson(int(k), int(n)) for k, n in zip(part["polarized"], runs, strict=True)),
+                            strict=True)
+            first, colour = i == 0, COLOURS.get(remedy)
+            fig.add_bar(x=x, y=part["rate"], name=remedy, legendgroup=remedy, showlegend=first, offsetgroup=remedy,
+                        marker_color=colour, row=row, col=col,
+                        text=[f"{k}/{n}" for k, n in zip(part["polarized"].astype(int), runs, strict=True)],
+                        textposition="outside", textfont={"size": 11}, cliponaxis=False,
+                        error_y={"type": "data", "symmetric": False, "color": "#555", "thickness": 1,
+                                 "array": [h - r for h, r in zip(high, part["rate"], strict=True)],
+                                 "arrayminus": [r - lo for lo, r in zip(low, part["rate"], strict=True)]})
+            fig.add_bar(x=x, y=part["diverged"] / runs, base=part["rate"], name=f"{remedy}: diverged",
+                        legendgroup=remedy, showlegend=first and bool(summary["diverged"].any()),
+                        offsetgroup=remedy, marker={"color": "white", "line": {"color": colour, "width": 1},
+                                                    "pattern": {"shape": "/", "fgcolor": colour}},
+                        row=row, col=col, hovertemplate="%{y:.0%} diverged<extra></extra>")
+    diverged = "; hatched: diverged" if summary["diverged"].any() else ""
+    fig.update_layout(title=f"Census MMoE: share of runs whose gates polarize ({steps} steps; solid: polarized, "
+                            f"95% Wilson interval{diverged})",
+                      barmode="group", bargap=0.25, legend={"title": {"text": "remedy"}, "font": {"size": 12}},
+                      margin={"t": 90})
+    fig.update_yaxes(range=[0, 1.12], tickformat=".0%")
+    fig.update_yaxes(title_text="share of runs", col=1)
+    fig.update_xaxes(title_text="gradient staleness tau (steps)", row=rows)
     return fig
 
 
@@ -198,7 +222,8 @@ def main() -> None:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(pd.DataFrame(tests).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wall time {wall:.0f} s")
-    save_figure(figure(summary, args.steps), args.out, stem)
+    panels = summary["setting"].nunique()
+    save_figure(figure(summary, args.steps), args.out, stem, width=1100, height=380 + 320 * -(-panels // 2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ expert's Jacobian, so it is a proxy for the exact cosine on the expert's paramet
 backward. In PLE it covers the last level (the towers' inputs mix the last level's experts).
 
 At ``watch.step()`` each sample's gradients are reduced at once to the tasks' inner products
-``<d_a(n), d_b(n)>`` (float64, ``[N, K(K+1)/2]``), so the ``[N, D]`` gradients are released within the step;
+``<d_a(n), d_b(n)>`` (summed in float64, ``[N, K(K+1)/2]``), so the ``[N, D]`` gradients are released within the step;
 the weighting by the gates' columns is done at the flush (or once ``HOLD_ELEMENTS`` are held), stacked over
 the steps.
 """
@@ -107,9 +107,9 @@ class ConflictProxy(Quantity):
         self._step = {t: [] for t in self.tasks}
         if all(done.values()):
             q = [_joined([p for p, _ in done[t]]) for t in self.tasks]
-            d = torch.stack([_joined([g for _, g in done[t]]) for t in self.tasks], 1).double()  # [N, K, D]
-            a, b = zip(*_pairs(len(self.tasks)), strict=True)
-            inner = torch.bmm(d, d.transpose(1, 2))[:, a, b]  # [N, pairs]: one small gram per sample
+            d = [_joined([g for _, g in done[t]]) for t in self.tasks]
+            # [N, pairs]; products in the gradients' dtype, sums in float64 (1e-8 of the float64 products)
+            inner = torch.stack([(d[a] * d[b]).sum(-1, dtype=torch.float64) for a, b in _pairs(len(d))], 1)
             self._held.append((step, q, inner))
             self._held_elements += inner.numel() + sum(x.numel() for x in q)
         if self._held_elements > HOLD_ELEMENTS:
