@@ -7,6 +7,7 @@ ratios, not absolute times: the absolute numbers depend on the machine.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,18 @@ def interleaved_flush_secs(sides: int, flush_secs: float = 5.0) -> float:
     50 ms a step, 5 s and ``flush_every=100`` coincide). ``sides`` x 5 s keeps that run's flush rate.
     """
     return sides * flush_secs
+
+
+def paired_ratio(base_s: Sequence[float], monitored_s: Sequence[float], block: int) -> tuple[float, float, float]:
+    """The median over rounds of one side's block median / the other's (both from the same round of
+    :func:`interleaved`, so slow drifts of the machine cancel), with a distribution-free 95% interval of that
+    median (order statistics: ranks n/2 -+ 0.98 sqrt(n))."""
+    n = min(len(base_s), len(monitored_s)) // block
+    ratios = sorted(statistics.median(monitored_s[i * block : (i + 1) * block])
+                    / statistics.median(base_s[i * block : (i + 1) * block]) for i in range(n))
+    half = 0.98 * math.sqrt(n)
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return statistics.median(ratios), ratios[low], ratios[high]
 
 
 def ratio_report(name: str, base_s: Sequence[float], monitored_s: Sequence[float]) -> str:

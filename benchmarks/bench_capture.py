@@ -9,7 +9,8 @@ mean step times and ratios against the unmonitored step:
 * a window every 10 steps (``every=10``), the same flushes;
 * ``every=10`` with ``durable=True`` (fsync of every file of the run directory).
 
-Target: every=1 at most 1.01 x the A/A ratio of the same run (median). Then the cost of each piece of the
+Target: every=1 at most 1.01 x the A/A ratio of the same run (median). The paired lines compare each side with
+plain and with A/A block by block within each round, with a 95% interval. Then the cost of each piece of the
 capture path on fixed tensors (``--profile`` adds an operator table of the flush).
 
     python benchmarks/bench_capture.py [--steps 1000] [--block 10] [--threads 2] [--quick] [--profile]
@@ -34,6 +35,7 @@ from _common import (
     census_mmoe,
     interleaved,
     interleaved_flush_secs,
+    paired_ratio,
     ratio_report,
     setup,
     time_steps,
@@ -69,6 +71,12 @@ def overhead(steps: int, block: int, warmup: int, log_root: Path) -> float:
     for name in CONFIGS:
         ratio = statistics.median(times[name]) / statistics.median(plain)
         print(f"{ratio_report(name, plain, times[name])}   / A/A {ratio / aa:6.3f}", flush=True)
+    print(f"paired by round (median of per-block ratios, 95% interval), blocks of {block}:")
+    for name in ["A/A", *CONFIGS]:
+        vs_plain = paired_ratio(plain, times[name], block)
+        vs_aa = paired_ratio(times["A/A"], times[name], block)
+        print(f"  {name:<38} vs plain {vs_plain[0]:6.3f}x [{vs_plain[1]:.3f}, {vs_plain[2]:.3f}]"
+              + ("" if name == "A/A" else f"   vs A/A {vs_aa[0]:6.3f}x [{vs_aa[1]:.3f}, {vs_aa[2]:.3f}]"), flush=True)
     return statistics.median(plain)
 
 
