@@ -190,7 +190,7 @@ class ConflictGradients(Quantity):
             if self._has_before:
                 assert self._before is not None
                 last.sub_(self._before)
-            if last.is_cuda or float(self._scale) != 1.0:  # on a GPU, reading the scale would synchronise
+            if last.device.type != "cpu" or float(self._scale) != 1.0:  # reading it on an accelerator would sync
                 last.div_(self._scale)  # .grad holds scale * gradient; autograd.grad gave the loss's own
             for i in range(k - 1):
                 last.sub_(g[i])

@@ -107,9 +107,7 @@ class ConflictProxy(Quantity):
         self._step = {t: [] for t in self.tasks}
         if all(done.values()):
             q = [_joined([p for p, _ in done[t]]) for t in self.tasks]
-            d = [_joined([g for _, g in done[t]]) for t in self.tasks]
-            # [N, pairs]; products in the gradients' dtype, sums in float64 (1e-8 of the float64 products)
-            inner = torch.stack([(d[a] * d[b]).sum(-1, dtype=torch.float64) for a, b in _pairs(len(d))], 1)
+            inner = sample_inner([_joined([g for _, g in done[t]]) for t in self.tasks])
             self._held.append((step, q, inner))
             self._held_elements += inner.numel() + sum(x.numel() for x in q)
         if self._held_elements > HOLD_ELEMENTS:
@@ -179,6 +177,13 @@ class ConflictProxy(Quantity):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def sample_inner(d: list[torch.Tensor]) -> torch.Tensor:
+    """``[N, K(K+1)/2]``: per sample n, ``<d_a(n), d_b(n)>`` for the task pairs a <= b of the ``[N, D]`` gradients
+    ``d``. Products in float32 (float64 gradients: float64; half precision is widened first), sums in float64."""
+    d = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in d]
+    return torch.stack([(d[a] * d[b]).sum(-1, dtype=torch.float64) for a, b in _pairs(len(d))], 1)
 
 
 def _pairs(k: int) -> list[tuple[int, int]]:
