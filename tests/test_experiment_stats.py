@@ -1,4 +1,5 @@
-"""The statistics the experiment scripts report: Fisher's exact test against hand-computed tables."""
+"""The statistics the experiment scripts report: Fisher's exact test against hand-computed tables, and
+Wilson's interval against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
-from common import fisher_exact
+from common import fisher_exact, wilson
 
 
 @pytest.mark.parametrize(("table", "p"), [
@@ -33,3 +34,19 @@ def test_fisher_exact_matches_hand_computed_tables(table, p):
 def test_fisher_exact_rejects_negative_counts():
     with pytest.raises(ValueError, match="counts >= 0"):
         fisher_exact(1, -1, 2, 3)
+
+
+@pytest.mark.parametrize(("k", "n"), [(10, 20), (0, 20), (20, 20), (1, 20), (13, 20)])
+def test_wilson_interval_matches_its_formula_by_hand(k, n):
+    # centre (k + z^2/2) / (n + z^2), half width z sqrt(n) / (n + z^2) * sqrt(p (1 - p) + z^2 / (4 n))
+    z, p = 1.96, k / n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(n) / (n + z * z) * math.sqrt(p * (1 - p) + z * z / (4 * n))
+    low, high = wilson(k, n)
+    assert (low, high) == (pytest.approx(centre - half, abs=1e-12), pytest.approx(centre + half, abs=1e-12))
+    assert -1e-12 <= low <= p <= high <= 1 + 1e-12  # inside [0, 1] up to rounding
+
+
+def test_wilson_interval_of_half_of_twenty():
+    low, high = wilson(10, 20)
+    assert (round(low, 4), round(high, 4)) == (0.2993, 0.7007)

@@ -150,3 +150,10 @@ def fisher_exact(a: int, b: int, c: int, d: int) -> float:
     observed = prob(a)
     ks = range(max(0, row + col - n), min(row, col) + 1)
     return min(1.0, sum(p for p in map(prob, ks) if p <= observed * (1 + 1e-9)))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval (95% with the default ``z``) of a share of ``k`` in ``n``."""
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return mid - half, mid + half

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-from common import fisher_exact, job, parser, run_all, save_figure, settings, write_results
+from common import fisher_exact, job, parser, run_all, save_figure, settings, wilson, write_results
 from plotly.subplots import make_subplots
 
 from gatewatch.training import TrainConfig
@@ -113,13 +113,6 @@ def comparisons(summary: pd.DataFrame) -> list[dict[str, Any]]:
                     f"{b['remedy']}", "polarized_a": f"{pa} of {pa + na}", "polarized_b": f"{pb} of {pb + nb}",
                     "fisher_p": fisher_exact(pa, na, pb, nb)})
     return out
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson's 95% interval of a share of k in n."""
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return mid - half, mid + half
 
 
 COLOURS = {"none": "#636efa", "gate dropout 10%": "#ef553b", "guard 10%": "#00a67e"}

@@ -96,4 +96,3 @@ def _bias_changed(router: Router, module: nn.Module, logits: torch.Tensor, idx: 
     a = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
     b = torch.zeros_like(a).scatter_(1, plain, True)
     return (a != b).any(1).to(torch.float64)
-
