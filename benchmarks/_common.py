@@ -1,7 +1,7 @@
 """Shared benchmark pieces: a census-sized MMoE training step, and interleaved timing in one process.
 
-Monitored and unmonitored steps run in the same process, alternating in blocks (the order flips every
-round), so slow drifts of the machine (other load, thermal, caches) hit both sides alike. Report
+Monitored and unmonitored steps run in the same process, alternating in blocks (the order rotates every
+round, :func:`round_order`), so slow drifts of the machine (other load, thermal, caches) hit both sides alike. Report
 ratios, not absolute times: the absolute numbers depend on the machine.
 """
 
@@ -81,8 +81,13 @@ def time_steps(fn: Callable[[], object], n: int, warmup: int = 0) -> list[float]
 def interleaved(
     fns: Mapping[str, Callable[[], object]], steps: int, block: int, warmup: int = 5
 ) -> dict[str, list[float]]:
-    """Per-step seconds of each function, run in alternating blocks of ``block`` steps until each has
-    ``steps`` timed steps; the order of the functions flips every round."""
+    """Per-step seconds of each function, run in rounds of one block of ``block`` steps each until each has
+    ``steps`` timed steps.
+
+    The order rotates by one function every round (so every function runs first, second ... equally often)
+    and runs backwards in every other cycle of rotations (so each follows both of its neighbours): a function
+    is not favoured by where it runs in a round or by which model ran just before it.
+    """
     names = list(fns)
     for name in names:
         time_steps(fns[name], 0, warmup)
@@ -90,10 +95,17 @@ def interleaved(
     rounds = 0
     while len(times[names[0]]) < steps:
         n = min(block, steps - len(times[names[0]]))
-        for name in names if rounds % 2 == 0 else names[::-1]:
+        for name in round_order(names, rounds):
             times[name] += time_steps(fns[name], n)
         rounds += 1
     return times
+
+
+def round_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of the functions in round ``round_index`` of :func:`interleaved`."""
+    shift = round_index % len(names)
+    order = [*names[shift:], *names[:shift]]
+    return order[::-1] if (round_index // len(names)) % 2 else order
 
 
 def interleaved_flush_secs(sides: int, flush_secs: float = 5.0) -> float:

@@ -10,8 +10,9 @@ mean step times and ratios against the unmonitored step:
 * ``every=10`` with ``durable=True`` (fsync of every file of the run directory).
 
 Target: every=1 at most 1.01 x the A/A ratio of the same run (median). The paired lines compare each side with
-plain and with A/A block by block within each round, with a 95% interval. Then the cost of each piece of the
-capture path on fixed tensors (``--profile`` adds an operator table of the flush).
+plain and with A/A block by block within each round, with a 95% interval. Then the time spent inside gatewatch's
+own calls of an every=1 training loop (a floor the ratios cannot resolve below the machine's noise), and the
+cost of each piece of the capture path on fixed tensors (``--profile`` adds an operator table of the flush).
 
     python benchmarks/bench_capture.py [--steps 1000] [--block 10] [--threads 2] [--quick] [--profile]
 """
@@ -22,6 +23,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +80,46 @@ def overhead(steps: int, block: int, warmup: int, log_root: Path) -> float:
         print(f"  {name:<38} vs plain {vs_plain[0]:6.3f}x [{vs_plain[1]:.3f}, {vs_plain[2]:.3f}]"
               + ("" if name == "A/A" else f"   vs A/A {vs_aa[0]:6.3f}x [{vs_aa[1]:.3f}, {vs_aa[2]:.3f}]"), flush=True)
     return statistics.median(plain)
+
+
+def own_time(plain_step_s: float, steps: int, log_root: Path) -> None:
+    """Print the time spent inside gatewatch's own calls of an every=1 run (gate hooks, recording the losses,
+    ``step()``, which flushes every 100 steps), timed around each call in the training loop: the part of the
+    capture cost that the interleaved ratios cannot resolve below the machine's step-to-step noise."""
+    model = census_mmoe()
+    watch = gw.GateWatch(model, tasks=list(CENSUS_TASKS), log_dir=log_root / "own_time", every=1, flush_every=100,
+                         flush_secs=None)
+    spent = [0.0]
+
+    def timed(fn):
+        def call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    for gate in watch.gates:  # the watch's forward hooks on each gate module
+        hooks = gate.module._forward_hooks
+        for key in list(hooks):
+            hooks[key] = timed(hooks[key])
+    watch._losses.record = timed(watch._losses.record)
+    watch.step = timed(watch.step)
+    step = training_step(model, watch)
+    per_step, flush_steps = [], []
+    for i in range(steps + 10):
+        spent[0] = 0.0
+        step()
+        if i >= 10:
+            (flush_steps if watch.step_count % 100 == 0 else per_step).append(spent[0])
+    watch.close()
+    typical, mean = statistics.median(per_step), (sum(per_step) + sum(flush_steps)) / steps
+    print(f"\ngatewatch's own calls, every=1 +TensorBoard, {steps} steps (plain step {plain_step_s * 1e3:.2f} ms):")
+    print(f"  {'a step without a flush (hooks, losses, step()), median':<58} {typical * 1e6:8.1f} us  "
+          f"{typical / plain_step_s:7.3%} of a step")
+    print(f"  {'a step with the flushes every 100 steps, mean':<58} {mean * 1e6:8.1f} us  "
+          f"{mean / plain_step_s:7.3%} of a step")
 
 
 def micro(fn, n: int) -> float:
@@ -142,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{steps} steps per side, blocks of {args.block}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         plain_step = overhead(steps, args.block, args.warmup, Path(tmp))
+        own_time(plain_step, 200 if args.quick else 1000, Path(tmp))
         op_costs(plain_step, Path(tmp), 200 if args.quick else 1000, args.profile)
 
 

@@ -35,7 +35,7 @@ from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, interleaved_flush_se
 
 import gatewatch as gw
 from gatewatch.models import MMoE
-from gatewatch.quantities.conflict.maths import PURITY_BINS, SignSample, stack_rows, task_statistics
+from gatewatch.quantities.conflict.maths import PURITY_BINS, GramPlan, SignSample, stack_rows, task_statistics
 
 AMORTISED_EVERY = 50
 
@@ -176,12 +176,16 @@ def reduction_cost(k: int, plain_s: float) -> None:
     groups = [(bounds[i][0], bounds[i + per_expert - 1][1]) for i in range(0, len(shared), per_expert)]
     stack = torch.empty(stack_rows(k), start)
     g = torch.randn(k, start)
+    stack[:k] = g
     sample = SignSample.plan(bounds, groups, k, stack)  # as the conflict step does: sign statistics on a sample
+    plan = GramPlan.plan(bounds)
 
-    for label, chosen in (("signs on a 4,096-element sample per tensor", sample), ("every element", None)):
+    for label, chosen in (("signs on a 4,096-element sample per tensor", sample),
+                          ("every element, refilling the buffer it overwrites", None)):
         def reduce(chosen: SignSample | None = chosen) -> None:
-            stack[:k] = g
-            task_statistics(stack, k, bounds, groups, PURITY_BINS, chosen)
+            if chosen is None:
+                stack[:k] = g
+            task_statistics(stack, k, bounds, groups, PURITY_BINS, chosen, plan)
 
         ms = statistics.median(time_steps(reduce, 30, warmup=3)) * 1e3
         print(f"  reduction of one conflict step ({k} tasks, {start} shared elements, {label}): {ms:.2f} ms = "

@@ -137,7 +137,7 @@ class ResolvedGate:
                 f"Gate {self.name!r} ({self.path}) output has shape {tuple(t.shape)}; expected [N, E] "
                 "(samples x experts). Point gates= at the module producing the gate weights."
             )
-        t = t.detach().reshape(-1, t.shape[-1])
+        t = t.detach() if t.dim() == 2 else t.detach().reshape(-1, t.shape[-1])
         if t.dtype not in (torch.float32, torch.float64):
             t = t.float()
         if self.router is not None:

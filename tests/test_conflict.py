@@ -25,7 +25,7 @@ import gatewatch as gw
 from gatewatch.cli import main as cli_main
 from gatewatch.models import CGC, PLE, MMoE
 from gatewatch.quantities.conflict.layout import ConflictError, module_grouper, select_shared
-from gatewatch.quantities.conflict.maths import PURITY_BINS, histogram_plan, purity_counts
+from gatewatch.quantities.conflict.maths import PURITY_BINS, GramPlan, histogram_plan, purity_counts
 
 LossFn = Callable[[nn.Module, int], dict[str, torch.Tensor]]
 Grads = dict[str, dict[str, np.ndarray]]  # task -> parameter name -> flat float64 gradient (zeros when unreached)
@@ -408,3 +408,22 @@ def test_purity_of_a_tiled_range_is_the_sum_of_its_tiles_and_equals_direct_count
     for i, (s, e) in enumerate(bounds):
         expect = purity_counts(g[:, s:e].clone(), [(0, e - s)], PURITY_BINS)[0]
         assert torch.equal(got[i], expect), (i, got[i], expect)
+
+
+def test_batched_grams_match_numpy_on_every_unit_whatever_their_sizes_and_spacing():
+    """Runs of equal-size units at even spacing become one bmm each; uneven spacing, lone sizes and a buffer that
+    starts inside its storage give the same Gram matrices as numpy unit by unit."""
+    sizes = [7, 3, 7, 3, 7, 3, 5, 7, 2, 7, 3]  # 7s start at 0, 10, 20, 35, 44; 3s at 7, 17, 27, 51
+    units, at = [], 0
+    for n in sizes:
+        units.append((at, at + n))
+        at += n
+    plan = GramPlan.plan(units)
+    assert sorted(plan.runs) == [(0, 7, 10, 3), (7, 3, 10, 3), (30, 5, 5, 1), (35, 7, 9, 2), (42, 2, 2, 1),
+                                 (51, 3, 3, 1)]
+    storage = torch.randn(3 + 4, at + 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = storage[3:, 6:]  # K = 4 rows, offset in its storage, rows strided by the storage's width
+    got = plan.grams(g).numpy()
+    rows = g.numpy()
+    for i, (s, e) in enumerate(units):
+        np.testing.assert_allclose(got[i], rows[:, s:e] @ rows[:, s:e].T, rtol=1e-12)

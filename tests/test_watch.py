@@ -67,6 +67,31 @@ def test_log_losses_returns_the_sum_and_records_window_means(tmp_path) -> None:
     np.testing.assert_allclose(got, np.asarray(logged).reshape(2, 2, 2).mean(1), rtol=1e-6)
 
 
+def test_losses_logged_without_step_are_folded_early_and_kept_exact(tmp_path, monkeypatch) -> None:
+    """Past FOLD_CALLS calls in one window the held losses are reduced early; means and the first NaN step stay
+    exact, whatever each loss's shape ([] or [1]) and dtype."""
+    from gatewatch.quantities.losses import capture
+
+    monkeypatch.setattr(capture, "FOLD_CALLS", 3)
+    rng = np.random.default_rng(0)
+    values = rng.random((11, 2))
+    values[7, 1] = np.nan  # a NaN 'like' loss in the third folded block of the first window
+    watch = watch_of(tiny_mmoe(), tmp_path, every=1)
+    for i, (ctr, like) in enumerate(values):
+        watch.log_losses({"ctr": torch.tensor([ctr], dtype=torch.float64),
+                          "like": torch.tensor(like, dtype=torch.bfloat16)})
+        if i in (8, 10):  # windows of 9 calls (three folds) and 2 calls (none)
+            watch.step()
+    watch.close()
+    run = gw.load_run(tmp_path)
+    got = run.losses.pivot(index="step", columns="task", values="loss")[TASKS].to_numpy()
+    like = torch.tensor(values[:, 1], dtype=torch.bfloat16).double().numpy()
+    np.testing.assert_allclose(got[:, 0], [values[:9, 0].mean(), values[9:, 0].mean()], rtol=1e-6)
+    assert np.isnan(got[0, 1])
+    np.testing.assert_allclose(got[1, 1], like[9:].mean(), rtol=1e-6)
+    assert run.events[["step", "kind", "source"]].values.tolist() == [[1, "nonfinite_loss", "like"]]
+
+
 def test_losses_must_name_every_task(tmp_path) -> None:
     watch = watch_of(tiny_mmoe(), tmp_path)
     with pytest.raises(ValueError, match="keyed by the task names"):

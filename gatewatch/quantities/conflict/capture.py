@@ -11,9 +11,10 @@ A conflict step (K tasks, shared parameters holding M elements in all) runs:
    to the total loss, read from the gradient reaching it) - (the other tasks' gradients).
 
 The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
-At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one matmul) and,
-per task pair, the count of elements with opposite signs; every module group gets the histogram of
-GradDrop's sign purity (both counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, see
+At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one batched matmul
+for the tensors of one size at evenly spaced places, :class:`~.maths.GramPlan`) and, per task pair, the count
+of elements with opposite signs; every module group gets the histogram of GradDrop's sign purity (both
+counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, see
 :mod:`~gatewatch.quantities.conflict.maths`). All of it goes into one small device tensor, kept until the flush.
 
 Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
@@ -39,7 +40,16 @@ from ...gates import unwrap
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
-from .maths import PURITY_BINS, SAMPLE_FROM, SAMPLE_SEED, SAMPLE_SIZE, SignSample, stack_rows, task_statistics
+from .maths import (
+    PURITY_BINS,
+    SAMPLE_FROM,
+    SAMPLE_SEED,
+    SAMPLE_SIZE,
+    GramPlan,
+    SignSample,
+    stack_rows,
+    task_statistics,
+)
 from .rows import conflict_tables
 
 PARAM_ROW_LIMIT = 256  # above this many shared tensors, rows per tensor are left out (modules and "all" stay)
@@ -98,6 +108,7 @@ class ConflictGradients(Quantity):
         self._tasks: list[str] = []
         self._stack: torch.Tensor | None = None  # [stack_rows(K), M]: the step's task gradients, then scratch
         self._sample: SignSample | None = None  # where the sign statistics are counted (large tensors: a sample)
+        self._plan: GramPlan | None = None  # how the units' Gram matrices are batched
         self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
         self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
         self._filled = False  # the stack holds gradients of this step
@@ -217,7 +228,7 @@ class ConflictGradients(Quantity):
             return
         k = len(self._tasks)
         flat = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS,
-                               self._sample)
+                               self._sample, self._plan)
         self._pending.append((step, list(self._tasks), flat))
 
     # ------------------------------------------------------------------ helpers
@@ -229,6 +240,7 @@ class ConflictGradients(Quantity):
         if self._stack is None or self._stack.shape != (stack_rows(k), self.layout.size):
             self._stack = torch.empty(stack_rows(k), self.layout.size, dtype=dtype, device=p0.device)
             self._sample = SignSample.plan(self.layout.units, self.layout.group_bounds, k, self._stack)
+            self._plan = GramPlan.plan(self.layout.units, p0.device)
             self._micro, self._before = None, None
         if not self._filled:
             return self._stack[:k]

@@ -61,6 +61,51 @@ class SignSample:
                    torch.empty(stack_rows(k), len(index), dtype=like.dtype, device=like.device))
 
 
+@dataclass
+class GramPlan:
+    """How to compute the Gram matrices of many units in few batched products.
+
+    Units of one size at evenly spaced starts (the same parameter of every expert or layer) form a run: one
+    ``bmm`` over a strided view of the buffer, with no copy. ``runs`` holds ``(start, size, spacing, count)``;
+    ``order`` is where each unit's matrix lands among the runs' results, in unit order.
+    """
+
+    runs: list[tuple[int, int, int, int]]
+    order: torch.Tensor
+
+    @classmethod
+    def plan(cls, units: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> GramPlan:
+        by_size: dict[int, list[tuple[int, int]]] = {}
+        for i, (s, e) in enumerate(units):
+            by_size.setdefault(e - s, []).append((s, i))
+        runs: list[tuple[int, int, int, int]] = []
+        position = [0] * len(units)
+        at = 0
+        for size, starts in by_size.items():
+            starts.sort()
+            first = 0
+            while first < len(starts):
+                last = first + 1
+                spacing = starts[last][0] - starts[first][0] if last < len(starts) else size
+                while last < len(starts) and starts[last][0] - starts[last - 1][0] == spacing:
+                    last += 1
+                for _, unit in starts[first:last]:
+                    position[unit] = at
+                    at += 1
+                runs.append((starts[first][0], size, spacing, last - first))
+                first = last
+        return cls(runs, torch.tensor(position, dtype=torch.int64, device=device))
+
+    def grams(self, g: torch.Tensor) -> torch.Tensor:
+        """``[U, K, K]``: the Gram matrix of the rows of ``g [K, M]`` (last dimension contiguous) on each unit."""
+        k, row, base = g.shape[0], g.stride(0), g.storage_offset()
+        parts = []
+        for start, size, spacing, count in self.runs:
+            x = g.as_strided((count, k, size), (spacing, row, 1), base + start)
+            parts.append(torch.bmm(x, x.transpose(1, 2)))
+        return torch.cat(parts).index_select(0, self.order)
+
+
 def task_pairs(k: int) -> list[tuple[int, int]]:
     """Index pairs ``(a, b)``, a < b, of K tasks in order: (0, 1), (0, 2), ..., (K-2, K-1)."""
     return [(a, b) for a in range(k) for b in range(a + 1, k)]
@@ -129,7 +174,8 @@ def _row_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]],
-                    groups: Sequence[tuple[int, int]], bins: int, sample: SignSample | None = None) -> torch.Tensor:
+                    groups: Sequence[tuple[int, int]], bins: int, sample: SignSample | None = None,
+                    plan: GramPlan | None = None) -> torch.Tensor:
     """Everything a conflict step logs, as one flat device tensor (no host synchronisation).
 
     ``stack [stack_rows(K), M]`` holds the K task gradients in its first K rows (left as their absolute
@@ -138,10 +184,11 @@ def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]
     the ranges that get a purity histogram. Layout of the result: the ``[U, K, K]`` Gram matrices of the
     task gradients (all elements), the ``[U, pairs]`` counts of elements where a pair's gradients have
     opposite signs, then the ``[G, bins + 1]`` purity counts; with ``sample`` the counts are those of the
-    sampled elements (:func:`sampled_size` per unit).
+    sampled elements (:func:`sampled_size` per unit). ``plan`` is :meth:`GramPlan.plan` of ``units`` (made here
+    when not given).
     """
     g = stack[:k]
-    grams = torch.stack([g[:, s:e] @ g[:, s:e].T for s, e in units])
+    grams = (plan or GramPlan.plan(units, stack.device)).grams(g)
     work = stack
     if sample is not None:
         work, units, groups = sample.buffer, sample.units, sample.groups

@@ -1,8 +1,10 @@
 """Task losses, capture half: the mean loss of each task per window, and the first step it turned NaN/Inf.
 
-Losses are recorded on the device (a stack and an add per call, no host sync). Slots: ``"sum"`` (the
-sum of each task's loss over the window's calls, SUM), ``"calls"`` (how many calls, SUM) and ``"bad"``
-(the first step with a non-finite loss per task, MIN); the window mean is sum / calls over all ranks.
+A call keeps a detached reference to each task's loss (no device op, no host sync); the flush reduces the
+calls of all windows at once, on the device. Calls held in the open window are capped (``FOLD_CALLS``):
+beyond that they are reduced early, so a loop that logs losses without ``step()`` stays bounded. Slots:
+``"sum"`` (the sum of each task's loss over the window's calls, SUM), ``"calls"`` (how many calls, SUM) and
+``"bad"`` (the first step with a non-finite loss per task, MIN); the window mean is sum / calls over all ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
 
 KEYWORDS: dict[str, Any] = {}
+FOLD_CALLS = 1024  # loss calls held in the open window; above: reduced early
 Losses = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+Calls = list[tuple[int, list[torch.Tensor]]]  # (step, detached loss of each task) per call
 
 
 def build(ctx: CaptureContext) -> TaskLosses:
@@ -34,10 +38,10 @@ class TaskLosses(Quantity):
     def __init__(self, ctx: CaptureContext) -> None:
         self.ctx = ctx
         ctx.loss_tasks = list(ctx.tasks) if ctx.tasks else None
-        self._sum: torch.Tensor | None = None
+        self._open: Calls = []
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum, first bad) of calls reduced early
         self._calls = 0
-        self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, per task (NaN-free)
-        self._closed: list[tuple[torch.Tensor | None, int, torch.Tensor | None]] = []
+        self._closed: list[tuple[Calls, tuple[torch.Tensor, torch.Tensor] | None, int]] = []
         self._seen_bad: set[str] = set()
 
     def record(self, losses: Losses) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
@@ -48,15 +52,22 @@ class TaskLosses(Quantity):
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"The loss of task {task!r} is {shape}, not a scalar tensor: reduce it first "
                                  "(e.g. loss.mean()) and pass one scalar loss per task.")
-        values = torch.stack([loss.detach().float().reshape(()) for _, loss in items])
-        self._sum = values if self._sum is None else self._sum + values.to(self._sum)
-        at = torch.where(torch.isfinite(values), math.inf, float(self.ctx.step + 1))  # no host sync
-        self._first_bad = at if self._first_bad is None else torch.minimum(self._first_bad, at)
+        self._open.append((self.ctx.step + 1, [loss.detach() for _, loss in items]))
         self._calls += 1
+        if len(self._open) > FOLD_CALLS:
+            self._fold_open()
         total = items[0][1]
         for _, loss in items[1:]:
             total = total + loss
         return items, total
+
+    def _fold_open(self) -> None:
+        """Reduce the calls held in the open window to its running sum and first non-finite step."""
+        values, bad = _stacked(self._open)
+        total, first = values.sum(0), bad.amin(0)
+        if self._folded is not None:
+            total, first = total + self._folded[0], torch.minimum(first, self._folded[1])
+        self._open, self._folded = [], (total, first)
 
     def _named(self, losses: Losses) -> list[tuple[str, torch.Tensor]]:
         tasks = self.ctx.loss_tasks
@@ -81,20 +92,29 @@ class TaskLosses(Quantity):
         return self._calls
 
     def on_window(self, step: int) -> None:
-        self._closed.append((self._sum, self._calls, self._first_bad))
-        self._sum, self._calls, self._first_bad = None, 0, None
+        self._closed.append((self._open, self._folded, self._calls))
+        self._open, self._folded, self._calls = [], None, 0
 
     def collect(self, windows: list[int]) -> dict[str, State]:
         closed, self._closed = self._closed[: len(windows)], self._closed[len(windows) :]
         k = len(self.ctx.loss_tasks or [])
-        like = next((s for s, _, _ in closed if s is not None), None)
-        if not k or like is None:
+        calls = [(w, call) for w, (held, _, _) in enumerate(closed) for call in held]
+        folded = [(w, f) for w, (_, f, _) in enumerate(closed) if f is not None]
+        if not k or not (calls or folded):
             return {}
-        zeros, none = torch.zeros(k, device=like.device), torch.full((k,), math.inf, device=like.device)
-        sums = torch.stack([s if s is not None else zeros for s, _, _ in closed])
-        bad = torch.stack([b if b is not None else none for _, _, b in closed])
-        calls = torch.tensor([[float(c)] for _, c, _ in closed])
-        return {"sum": State(sums, Reduction.SUM), "calls": State(calls, Reduction.SUM),
+        device = (calls[0][1][1][0] if calls else folded[0][1][0]).device
+        sums = torch.zeros(len(closed), k, device=device)
+        bad = torch.full((len(closed), k), math.inf, device=device)
+        if calls:
+            values, first = _stacked([call for _, call in calls])
+            at = torch.tensor([w for w, _ in calls], device=device)
+            sums.index_add_(0, at, values)
+            bad.scatter_reduce_(0, at[:, None].expand_as(first), first, "amin")
+        for w, (total, first) in folded:
+            sums[w] += total
+            bad[w] = torch.minimum(bad[w], first)
+        counts = torch.tensor([[float(c)] for _, _, c in closed])
+        return {"sum": State(sums, Reduction.SUM), "calls": State(counts, Reduction.SUM),
                 "bad": State(bad, Reduction.MIN)}
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
@@ -123,3 +143,12 @@ class TaskLosses(Quantity):
         return {"step": at, "kind": "nonfinite_loss", "source": task,
                 "message": f"the loss of task {task!r} was NaN/Inf first at step {at}; the mean loss of each window "
                            "holding it is NaN/Inf too (the gate statistics are not affected)."}
+
+
+def _stacked(calls: Calls) -> tuple[torch.Tensor, torch.Tensor]:
+    """The losses of ``calls`` as ``[calls, tasks]`` float32, and for each one its step where it is NaN/Inf
+    (inf where finite)."""
+    values = torch.stack([t.reshape(()).float() for _, losses in calls for t in losses])
+    values = values.reshape(len(calls), -1)
+    steps = torch.tensor([float(step) for step, _ in calls], device=values.device)
+    return values, torch.where(torch.isfinite(values), math.inf, steps[:, None])

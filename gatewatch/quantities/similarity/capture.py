@@ -63,7 +63,7 @@ class ExpertSimilarity(Quantity):
             self._experts = list({id(m): m for pool in self.pools for m in pool.modules}.values())
         if armed and not self._handles:
             self._handles = [m.register_forward_hook(self._hook) for m in self._experts]
-        elif not armed:
+        elif not armed and self._handles:
             self.detach()
         self._armed = armed
 
@@ -74,6 +74,8 @@ class ExpertSimilarity(Quantity):
     def on_step(self, step: int) -> None:
         outputs, self._outputs = self._outputs, {}
         self._arm(bool(self.schedule(step + 1)))
+        if not outputs:  # not a measured step
+            return
         pieces = [self._measure(pool, outputs) for pool in self.pools]
         if any(p is not None for p in pieces) and step != self._last:
             self._last = step
