@@ -3,7 +3,8 @@
 
 Plain steps, steps under the default watch (gate statistics only) and steps under the watch with the proxy
 run interleaved in blocks in one process; the ratios against the plain step are printed (median: a typical
-step; mean: flushes included). Target: the proxy watch at most 1.02x the plain step.
+step; mean: flushes included), then paired by round with a 95% interval. Target: the proxy watch at most
+1.02x the plain step.
 
     python benchmarks/bench_proxy.py [--steps 300] [--block 50] [--threads 2]
 """
@@ -17,7 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CENSUS_TASKS, census_mmoe, interleaved, interleaved_flush_secs, ratio_report, setup, training_step
+from _common import (
+    CENSUS_TASKS,
+    census_mmoe,
+    interleaved,
+    interleaved_flush_secs,
+    paired_ratio,
+    ratio_report,
+    setup,
+    training_step,
+)
 
 import gatewatch as gw
 
@@ -46,6 +56,11 @@ def main() -> None:
     print(ratio_report("default watch (gate statistics)", times["plain"], times["gates"]))
     print(ratio_report("watch + conflict_proxy (every step)", times["plain"], times["proxy"]))
     print(ratio_report("proxy against the default watch", times["gates"], times["proxy"]))
+    print(f"paired by round (median of per-block ratios, 95% interval), blocks of {args.block}:")
+    for label, base, side in (("default watch vs plain", "plain", "gates"), ("proxy watch vs plain", "plain", "proxy"),
+                              ("proxy watch vs default watch", "gates", "proxy")):
+        ratio, low, high = paired_ratio(times[base], times[side], args.block)
+        print(f"  {label:<36} {ratio:6.3f}x [{low:.3f}, {high:.3f}]")
 
 
 if __name__ == "__main__":
