@@ -4,11 +4,14 @@ within a 4-standard-error bound of the exact counts (plain numpy on the full gra
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from test_conflict import data_losses, pair_reference, run_with_reference
 
+import gatewatch as gw
 from gatewatch.models import MMoE
 from gatewatch.quantities.conflict.maths import (
     PURITY_BINS,
@@ -122,3 +125,35 @@ def test_logged_sign_conflict_of_a_large_expert_is_within_the_bound_and_cosines_
     total = purity[(purity["scope"] == "all")].groupby("step")["count"].sum()
     elements = sum(p.numel() for n, p in names.items() if n.startswith("experts."))
     assert ((total > 0.9 * elements) & (total <= elements * 1.001)).all(), "purity counts are scaled to elements"
+
+
+def test_micro_batches_after_a_single_batch_step_give_the_figures_of_their_sum(tmp_path):
+    """A step of one backward is reduced right after it; when a later step has two micro-batches, that early
+    reduction is dropped and their summed gradients are reduced instead (cosines and norms exact)."""
+    from test_conflict import task_grads
+
+    torch.manual_seed(0)
+    model = MMoE(in_dim=128, tasks=["a", "b"], n_experts=2, expert_hidden=[256], expert_dim=64, tower_hidden=[8])
+    twin = copy.deepcopy(model)
+    losses = data_losses(n=64)
+    micro_batches = {1: 1, 2: 2, 3: 2, 4: 1}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    measured = []
+    with gw.GateWatch(model, tasks=["a", "b"], log_dir=tmp_path / "run", tensorboard=False, conflict_every=1) as w:
+        for step, count in micro_batches.items():
+            twin.load_state_dict(model.state_dict())
+            batches = [lambda m=m, s=step: losses(twin, 10 * s + m) for m in range(count)]
+            measured.append((step, task_grads(twin, batches, ["a", "b"])[0]))
+            for m in range(count):
+                w.backward(losses(model, 10 * step + m))
+            opt.step()
+            opt.zero_grad()
+            w.step()
+    conflict = gw.load_run(tmp_path / "run").table("conflict")
+    for step, grads in measured:
+        rows = conflict[(conflict["step"] == step) & (conflict["scope"] == "param")].set_index("name")
+        assert len(rows) == 8  # the experts' 2 x (weight, bias) x 2 layers
+        for name, row in rows.iterrows():
+            ref = pair_reference(grads["a"][name], grads["b"][name])
+            assert row["cosine"] == pytest.approx(ref["cosine"], abs=2e-5), (step, name)
+            assert row["norm_b"] == pytest.approx(ref["norm_b"], rel=2e-5), (step, name)

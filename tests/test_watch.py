@@ -92,6 +92,18 @@ def test_losses_logged_without_step_are_folded_early_and_kept_exact(tmp_path, mo
     assert run.events[["step", "kind", "source"]].values.tolist() == [[1, "nonfinite_loss", "like"]]
 
 
+def test_a_loss_that_is_a_view_into_a_large_tensor_is_held_as_a_copy() -> None:
+    """Holding a loss until the flush must not keep alive the large tensor it is a view of."""
+    from gatewatch.quantities.losses.capture import _held
+
+    per_sample = torch.rand(100_000, requires_grad=True)
+    view = per_sample[7]
+    held = _held(view)
+    assert held.untyped_storage().nbytes() == 4 and held.item() == view.item() and not held.requires_grad
+    scalar = per_sample.mean()
+    assert _held(scalar).data_ptr() == scalar.data_ptr()  # a loss of its own: no copy
+
+
 def test_losses_must_name_every_task(tmp_path) -> None:
     watch = watch_of(tiny_mmoe(), tmp_path)
     with pytest.raises(ValueError, match="keyed by the task names"):

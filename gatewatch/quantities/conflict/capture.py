@@ -11,9 +11,10 @@ A conflict step (K tasks, shared parameters holding M elements in all) runs:
    to the total loss, read from the gradient reaching it) - (the other tasks' gradients).
 
 The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
-At ``watch.step()`` every parameter tensor gets the Gram matrix of the task gradients (one batched matmul
-for the tensors of one size at evenly spaced places, :class:`~.maths.GramPlan`) and, per task pair, the count
-of elements with opposite signs; every module group gets the histogram of GradDrop's sign purity (both
+Right after the backward (at ``watch.step()`` when the steps have several micro-batches, or when no tensor is
+large enough to be sampled) every parameter tensor gets the Gram matrix of the task gradients (one batched
+matmul for the tensors of one size at evenly spaced places, :class:`~.maths.GramPlan`) and, per task pair, the
+count of elements with opposite signs; every module group gets the histogram of GradDrop's sign purity (both
 counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, see
 :mod:`~gatewatch.quantities.conflict.maths`). All of it goes into one small device tensor, kept until the flush.
 
@@ -112,6 +113,8 @@ class ConflictGradients(Quantity):
         self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
         self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
         self._filled = False  # the stack holds gradients of this step
+        self._reduced: torch.Tensor | None = None  # the step's statistics, reduced right after its one backward
+        self._accumulates = False  # a step had several micro-batches: reduce at step() only
         self._current: torch.Tensor | None = None  # the micro-batch being measured
         self._computed = 0  # tasks of the current micro-batch computed before the backward
         self._probe: list[Sequence[torch.Tensor | None]] | None = None  # every task's gradient, discovery step
@@ -211,6 +214,11 @@ class ConflictGradients(Quantity):
         if self._filled:
             assert self._stack is not None
             self._stack[:k].add_(g)
+            self._reduced, self._accumulates = None, True  # micro-batches add up: reduce their sum at step()
+        elif not self._accumulates and self._sample is not None:
+            # reduce now, while the gradients are in the cache; the sampled sign statistics leave the stack
+            # intact, so a further micro-batch of this step can still add to it (and discards this)
+            self._reduced = self._reduce()
         self._filled = True
 
     def abort(self) -> None:
@@ -224,12 +232,16 @@ class ConflictGradients(Quantity):
         """Reduce the step's task gradients to one flat device tensor, kept until the next flush."""
         step, self._step = self._step, None
         filled, self._filled = self._filled, False
+        reduced, self._reduced = self._reduced, None
         if not filled or step is None or self.layout is None or self._stack is None:
             return
-        k = len(self._tasks)
-        flat = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS,
-                               self._sample, self._plan)
-        self._pending.append((step, list(self._tasks), flat))
+        self._pending.append((step, list(self._tasks), reduced if reduced is not None else self._reduce()))
+
+    def _reduce(self) -> torch.Tensor:
+        """The statistics of the task gradients in the stack (:func:`~.maths.task_statistics`)."""
+        assert self.layout is not None and self._stack is not None
+        return task_statistics(self._stack, len(self._tasks), self.layout.units, self.layout.group_bounds,
+                               PURITY_BINS, self._sample, self._plan)
 
     # ------------------------------------------------------------------ helpers
     def _target(self, k: int) -> torch.Tensor:

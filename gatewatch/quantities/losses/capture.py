@@ -1,8 +1,9 @@
 """Task losses, capture half: the mean loss of each task per window, and the first step it turned NaN/Inf.
 
-A call keeps a detached reference to each task's loss (no device op, no host sync); the flush reduces the
-calls of all windows at once, on the device. Calls held in the open window are capped (``FOLD_CALLS``):
-beyond that they are reduced early, so a loop that logs losses without ``step()`` stays bounded. Slots:
+A call keeps a detached reference to each task's loss (no device op, no host sync; a loss that is a view into
+a larger tensor is copied); the flush reduces the calls of all windows at once, on the device. Calls held in the
+open window are capped (``FOLD_CALLS``): beyond that they are reduced early, so a loop that logs losses without
+``step()`` stays bounded. Slots:
 ``"sum"`` (the sum of each task's loss over the window's calls, SUM), ``"calls"`` (how many calls, SUM) and
 ``"bad"`` (the first step with a non-finite loss per task, MIN); the window mean is sum / calls over all ranks.
 """
@@ -52,7 +53,7 @@ class TaskLosses(Quantity):
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"The loss of task {task!r} is {shape}, not a scalar tensor: reduce it first "
                                  "(e.g. loss.mean()) and pass one scalar loss per task.")
-        self._open.append((self.ctx.step + 1, [loss.detach() for _, loss in items]))
+        self._open.append((self.ctx.step + 1, [_held(loss) for _, loss in items]))
         self._calls += 1
         if len(self._open) > FOLD_CALLS:
             self._fold_open()
@@ -143,6 +144,12 @@ class TaskLosses(Quantity):
         return {"step": at, "kind": "nonfinite_loss", "source": task,
                 "message": f"the loss of task {task!r} was NaN/Inf first at step {at}; the mean loss of each window "
                            "holding it is NaN/Inf too (the gate statistics are not affected)."}
+
+
+def _held(loss: torch.Tensor) -> torch.Tensor:
+    """The loss detached; copied when it is a view into a larger tensor (whose storage holding it would keep)."""
+    held = loss.detach()
+    return held if held.untyped_storage().nbytes() <= held.element_size() else held.clone()
 
 
 def _stacked(calls: Calls) -> tuple[torch.Tensor, torch.Tensor]:
