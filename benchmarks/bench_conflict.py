@@ -35,7 +35,7 @@ from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, interleaved_flush_se
 
 import gatewatch as gw
 from gatewatch.models import MMoE
-from gatewatch.quantities.conflict.maths import PURITY_BINS, GramPlan, SignSample, stack_rows, task_statistics
+from gatewatch.quantities.conflict.maths import PURITY_BINS, SignSample, UnitRuns, stack_rows, task_statistics
 
 AMORTISED_EVERY = 50
 
@@ -178,7 +178,7 @@ def reduction_cost(k: int, plain_s: float) -> None:
     g = torch.randn(k, start)
     stack[:k] = g
     sample = SignSample.plan(bounds, groups, k, stack)  # as the conflict step does: sign statistics on a sample
-    plan = GramPlan.plan(bounds)
+    plan = UnitRuns.plan(bounds)
 
     for label, chosen in (("signs on a 4,096-element sample per tensor", sample),
                           ("every element, refilling the buffer it overwrites", None)):

@@ -25,7 +25,7 @@ import gatewatch as gw
 from gatewatch.cli import main as cli_main
 from gatewatch.models import CGC, PLE, MMoE
 from gatewatch.quantities.conflict.layout import ConflictError, module_grouper, select_shared
-from gatewatch.quantities.conflict.maths import PURITY_BINS, GramPlan, histogram_plan, purity_counts
+from gatewatch.quantities.conflict.maths import PURITY_BINS, UnitRuns, histogram_plan, purity_counts
 
 LossFn = Callable[[nn.Module, int], dict[str, torch.Tensor]]
 Grads = dict[str, dict[str, np.ndarray]]  # task -> parameter name -> flat float64 gradient (zeros when unreached)
@@ -418,7 +418,7 @@ def test_batched_grams_match_numpy_on_every_unit_whatever_their_sizes_and_spacin
     for n in sizes:
         units.append((at, at + n))
         at += n
-    plan = GramPlan.plan(units)
+    plan = UnitRuns.plan(units)
     assert sorted(plan.runs) == [(0, 7, 10, 3), (7, 3, 10, 3), (30, 5, 5, 1), (35, 7, 9, 2), (42, 2, 2, 1),
                                  (51, 3, 3, 1)]
     storage = torch.randn(3 + 4, at + 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -13,7 +13,7 @@ A conflict step (K tasks, shared parameters holding M elements in all) runs:
 The K task gradients live in the first rows of one flat buffer (micro-batches of one step add up in it).
 Right after the backward (at ``watch.step()`` when the steps have several micro-batches, or when no tensor is
 large enough to be sampled) every parameter tensor gets the Gram matrix of the task gradients (one batched
-matmul for the tensors of one size at evenly spaced places, :class:`~.maths.GramPlan`) and, per task pair, the
+matmul for the tensors of one size at evenly spaced places, :class:`~.maths.UnitRuns`) and, per task pair, the
 count of elements with opposite signs; every module group gets the histogram of GradDrop's sign purity (both
 counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, see
 :mod:`~gatewatch.quantities.conflict.maths`). All of it goes into one small device tensor, kept until the flush.
@@ -46,8 +46,8 @@ from .maths import (
     SAMPLE_FROM,
     SAMPLE_SEED,
     SAMPLE_SIZE,
-    GramPlan,
     SignSample,
+    UnitRuns,
     stack_rows,
     task_statistics,
 )
@@ -109,7 +109,7 @@ class ConflictGradients(Quantity):
         self._tasks: list[str] = []
         self._stack: torch.Tensor | None = None  # [stack_rows(K), M]: the step's task gradients, then scratch
         self._sample: SignSample | None = None  # where the sign statistics are counted (large tensors: a sample)
-        self._plan: GramPlan | None = None  # how the units' Gram matrices are batched
+        self._plan: UnitRuns | None = None  # how the units' Gram matrices are batched
         self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
         self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
         self._filled = False  # the stack holds gradients of this step
@@ -252,7 +252,7 @@ class ConflictGradients(Quantity):
         if self._stack is None or self._stack.shape != (stack_rows(k), self.layout.size):
             self._stack = torch.empty(stack_rows(k), self.layout.size, dtype=dtype, device=p0.device)
             self._sample = SignSample.plan(self.layout.units, self.layout.group_bounds, k, self._stack)
-            self._plan = GramPlan.plan(self.layout.units, p0.device)
+            self._plan = UnitRuns.plan(self.layout.units, p0.device)
             self._micro, self._before = None, None
         if not self._filled:
             return self._stack[:k]

@@ -38,43 +38,19 @@ def sample_ranges(units: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, 
 
 
 @dataclass
-class SignSample:
-    """Where the sign statistics are counted: ``index`` (positions in the flat buffer, on its device), the units'
-    and groups' ranges among them, and a ``[stack_rows(K), m]`` working buffer."""
-
-    index: torch.Tensor
-    units: list[tuple[int, int]]
-    groups: list[tuple[int, int]]
-    buffer: torch.Tensor
-
-    @classmethod
-    def plan(cls, units: Sequence[tuple[int, int]], groups: Sequence[tuple[int, int]], k: int,
-             like: torch.Tensor) -> SignSample | None:
-        """The sample of ``units`` (groups tile units end to end), or None when every unit is counted whole."""
-        if all(sampled_size(e - s) == e - s for s, e in units):
-            return None
-        rng = np.random.default_rng(SAMPLE_SEED)
-        parts = [s + np.sort(rng.choice(e - s, SAMPLE_SIZE, replace=False)) if e - s >= SAMPLE_FROM
-                 else np.arange(s, e) for s, e in units]
-        index = torch.from_numpy(np.concatenate(parts)).to(like.device)
-        return cls(index, sample_ranges(units, units), sample_ranges(units, groups),
-                   torch.empty(stack_rows(k), len(index), dtype=like.dtype, device=like.device))
-
-
-@dataclass
-class GramPlan:
-    """How to compute the Gram matrices of many units in few batched products.
+class UnitRuns:
+    """Many units' Gram matrices and sums in few batched operations.
 
     Units of one size at evenly spaced starts (the same parameter of every expert or layer) form a run: one
-    ``bmm`` over a strided view of the buffer, with no copy. ``runs`` holds ``(start, size, spacing, count)``;
-    ``order`` is where each unit's matrix lands among the runs' results, in unit order.
+    ``bmm`` (or one ``sum``) over a strided view of the buffer, with no copy. ``runs`` holds ``(start, size,
+    spacing, count)``; ``order`` is where each unit's result lands among the runs' results, in unit order.
     """
 
     runs: list[tuple[int, int, int, int]]
     order: torch.Tensor
 
     @classmethod
-    def plan(cls, units: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> GramPlan:
+    def plan(cls, units: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> UnitRuns:
         by_size: dict[int, list[tuple[int, int]]] = {}
         for i, (s, e) in enumerate(units):
             by_size.setdefault(e - s, []).append((s, i))
@@ -104,6 +80,39 @@ class GramPlan:
             x = g.as_strided((count, k, size), (spacing, row, 1), base + start)
             parts.append(torch.bmm(x, x.transpose(1, 2)))
         return torch.cat(parts).index_select(0, self.order)
+
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        """``[U, P]``: the sum of each row of ``x [P, M]`` (last dimension contiguous) over each unit."""
+        p, row, base = x.shape[0], x.stride(0), x.storage_offset()
+        parts = [x.as_strided((count, p, size), (spacing, row, 1), base + start).sum(-1)
+                 for start, size, spacing, count in self.runs]
+        return torch.cat(parts).index_select(0, self.order)
+
+
+@dataclass
+class SignSample:
+    """Where the sign statistics are counted: ``index`` (positions in the flat buffer, on its device), the units'
+    and groups' ranges among them, the units' runs there, and a ``[stack_rows(K), m]`` working buffer."""
+
+    index: torch.Tensor
+    units: list[tuple[int, int]]
+    groups: list[tuple[int, int]]
+    runs: UnitRuns
+    buffer: torch.Tensor
+
+    @classmethod
+    def plan(cls, units: Sequence[tuple[int, int]], groups: Sequence[tuple[int, int]], k: int,
+             like: torch.Tensor) -> SignSample | None:
+        """The sample of ``units`` (groups tile units end to end), or None when every unit is counted whole."""
+        if all(sampled_size(e - s) == e - s for s, e in units):
+            return None
+        rng = np.random.default_rng(SAMPLE_SEED)
+        parts = [s + np.sort(rng.choice(e - s, SAMPLE_SIZE, replace=False)) if e - s >= SAMPLE_FROM
+                 else np.arange(s, e) for s, e in units]
+        index = torch.from_numpy(np.concatenate(parts)).to(like.device)
+        sampled = sample_ranges(units, units)
+        return cls(index, sampled, sample_ranges(units, groups), UnitRuns.plan(sampled, like.device),
+                   torch.empty(stack_rows(k), len(index), dtype=like.dtype, device=like.device))
 
 
 def task_pairs(k: int) -> list[tuple[int, int]]:
@@ -175,7 +184,7 @@ def _row_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]],
                     groups: Sequence[tuple[int, int]], bins: int, sample: SignSample | None = None,
-                    plan: GramPlan | None = None) -> torch.Tensor:
+                    plan: UnitRuns | None = None) -> torch.Tensor:
     """Everything a conflict step logs, as one flat device tensor (no host synchronisation).
 
     ``stack [stack_rows(K), M]`` holds the K task gradients in its first K rows (left as their absolute
@@ -184,14 +193,15 @@ def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]
     the ranges that get a purity histogram. Layout of the result: the ``[U, K, K]`` Gram matrices of the
     task gradients (all elements), the ``[U, pairs]`` counts of elements where a pair's gradients have
     opposite signs, then the ``[G, bins + 1]`` purity counts; with ``sample`` the counts are those of the
-    sampled elements (:func:`sampled_size` per unit). ``plan`` is :meth:`GramPlan.plan` of ``units`` (made here
+    sampled elements (:func:`sampled_size` per unit). ``plan`` is :meth:`UnitRuns.plan` of ``units`` (made here
     when not given).
     """
     g = stack[:k]
-    grams = (plan or GramPlan.plan(units, stack.device)).grams(g)
+    runs = plan or UnitRuns.plan(units, stack.device)
+    grams = runs.grams(g)
     work = stack
     if sample is not None:
-        work, units, groups = sample.buffer, sample.units, sample.groups
+        work, groups, runs = sample.buffer, sample.groups, sample.runs
         torch.index_select(g, 1, sample.index, out=work[:k])
     signs = work[:k]
     pairs = task_pairs(k)
@@ -199,7 +209,7 @@ def task_statistics(stack: torch.Tensor, k: int, units: Sequence[tuple[int, int]
     for row, (a, b) in zip(opposite, pairs, strict=True):
         torch.mul(signs[a], signs[b], out=row)
     opposite.lt_(0)  # 1 where the pair's gradients have opposite signs
-    disagree = torch.stack([opposite[:, s:e].sum(1) for s, e in units])
+    disagree = runs.sums(opposite)
     counts = purity_counts(signs, groups, bins, scratch=work[k : k + 2])
     return torch.cat([grams.flatten(), disagree.flatten(), counts.flatten().to(g.dtype)])
 
