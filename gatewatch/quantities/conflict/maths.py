@@ -51,6 +51,7 @@ class UnitRuns:
 
     @classmethod
     def plan(cls, units: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> UnitRuns:
+        """The runs of ``units`` (``(start, end)`` ranges that do not overlap), each as long as the spacing holds."""
         by_size: dict[int, list[tuple[int, int]]] = {}
         for i, (s, e) in enumerate(units):
             by_size.setdefault(e - s, []).append((s, i))

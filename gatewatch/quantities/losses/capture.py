@@ -3,9 +3,10 @@
 A call keeps a detached reference to each task's loss (no device op, no host sync; a loss that is a view into
 a larger tensor is copied); the flush reduces the calls of all windows at once, on the device. Calls held in the
 open window are capped (``FOLD_CALLS``): beyond that they are reduced early, so a loop that logs losses without
-``step()`` stays bounded. Slots:
-``"sum"`` (the sum of each task's loss over the window's calls, SUM), ``"calls"`` (how many calls, SUM) and
-``"bad"`` (the first step with a non-finite loss per task, MIN); the window mean is sum / calls over all ranks.
+``step()`` stays bounded.
+
+Slots: ``"sum"`` (the sum of each task's loss over the window's calls, SUM), ``"calls"`` (how many calls, SUM)
+and ``"bad"`` (the first step with a non-finite loss per task, MIN); the window mean is sum / calls over all ranks.
 """
 
 from __future__ import annotations
