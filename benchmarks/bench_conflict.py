@@ -81,41 +81,33 @@ def watched_step(model: MMoE, watch: gw.GateWatch) -> Callable[[], None]:
     return step_fn(model, watch.backward, watch.step)
 
 
+def grads_then_backward(model: MMoE, every_task: bool, watch: gw.GateWatch | None = None) -> Callable[[], None]:
+    """``autograd.grad`` on the experts for every task's loss (or all but the last), graph kept, then the ordinary
+    backward of their sum (through ``watch`` if given, which then also gets ``watch.step()``)."""
+    shared = list(model.experts.parameters())
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        values = list(losses.values())
+        for loss in values if every_task else values[:-1]:
+            torch.autograd.grad(loss, shared, retain_graph=True)
+        if watch is None:
+            sum(values).backward()
+        else:
+            watch.backward(losses)
+
+    return step_fn(model, backward) if watch is None else step_fn(model, backward, watch.step)
+
+
 def naive_step(model: MMoE) -> Callable[[], None]:
     """One autograd.grad per task on the experts, then the ordinary backward (what gatewatch avoids)."""
-    shared = list(model.experts.parameters())
-
-    def backward(losses: dict[str, torch.Tensor]) -> None:
-        for loss in losses.values():
-            torch.autograd.grad(loss, shared, retain_graph=True)
-        sum(losses.values()).backward()
-
-    return step_fn(model, backward)
+    return grads_then_backward(model, every_task=True)
 
 
-def floor_step(model: MMoE) -> Callable[[], None]:
+def floor_step(model: MMoE, watch: gw.GateWatch | None = None) -> Callable[[], None]:
     """The floor of an exact conflict step: K-1 autograd.grad on the experts (graph kept), then the ordinary
-    backward; no statistics."""
-    shared = list(model.experts.parameters())
-
-    def backward(losses: dict[str, torch.Tensor]) -> None:
-        for loss in list(losses.values())[:-1]:
-            torch.autograd.grad(loss, shared, retain_graph=True)
-        sum(losses.values()).backward()
-
-    return step_fn(model, backward)
-
-
-def floor_watched_step(model: MMoE, watch: gw.GateWatch) -> Callable[[], None]:
-    """The floor under a watch that logs no conflict: the same gate capture as the conflict step's watch."""
-    shared = list(model.experts.parameters())
-
-    def backward(losses: dict[str, torch.Tensor]) -> None:
-        for loss in list(losses.values())[:-1]:
-            torch.autograd.grad(loss, shared, retain_graph=True)
-        watch.backward(losses)
-
-    return step_fn(model, backward, watch.step)
+    backward; no statistics. With ``watch`` (one that logs no conflict): the same floor under the gate capture
+    of the conflict step's watch."""
+    return grads_then_backward(model, every_task=False, watch=watch)
 
 
 def show(label: str, base: list[float], monitored: list[float]) -> None:
@@ -136,7 +128,7 @@ def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = Tr
     floor_model, floor_watch = watch("floor", 5)
     times = interleaved({"plain": plain_step(mmoe(tasks)), "conflict": watched_step(every_step, every_step_watch),
                          "naive": naive_step(mmoe(tasks)), "floor": floor_step(mmoe(tasks)),
-                         "floor+gates": floor_watched_step(floor_model, floor_watch)},
+                         "floor+gates": floor_step(floor_model, floor_watch)},
                         steps=steps, block=block)
     every_step_watch.close()
     floor_watch.close()

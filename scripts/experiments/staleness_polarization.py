@@ -118,12 +118,17 @@ def comparisons(summary: pd.DataFrame) -> list[dict[str, Any]]:
 COLOURS = {"none": "#636efa", "gate dropout 10%": "#ef553b", "guard 10%": "#00a67e"}
 
 
+def grid(panels: int) -> tuple[int, int]:
+    """Rows and columns of the figure's panels: two a row."""
+    cols = min(2, panels)
+    return -(-panels // cols), cols
+
+
 def figure(summary: pd.DataFrame, steps: int) -> go.Figure:
     """One panel per setting: per tau, a bar per remedy, the share of runs polarized (solid, with its 95% Wilson
     interval and "k/n") and on top of it the share that diverged (hatched), which are not counted as polarized."""
     names = list(dict.fromkeys(summary["setting"]))
-    cols = min(2, len(names))
-    rows = -(-len(names) // cols)
+    rows, cols = grid(len(names))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, shared_yaxes=True,
                         vertical_spacing=0.14, horizontal_spacing=0.06)
     for i, setting in enumerate(names):
@@ -215,8 +220,8 @@ def main() -> None:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(pd.DataFrame(tests).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wall time {wall:.0f} s")
-    panels = summary["setting"].nunique()
-    save_figure(figure(summary, args.steps), args.out, stem, width=1100, height=380 + 320 * -(-panels // 2))
+    rows, _ = grid(summary["setting"].nunique())
+    save_figure(figure(summary, args.steps), args.out, stem, width=1100, height=380 + 320 * rows)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class TaskLosses(Quantity):
         folded = [(w, f) for w, (_, f, _) in enumerate(closed) if f is not None]
         if not k or not (calls or folded):
             return {}
-        device = (calls[0][1][1][0] if calls else folded[0][1][0]).device
+        device = (calls[0][1][1][0] if calls else folded[0][1][0]).device  # of a held loss or a folded sum
         sums = torch.zeros(len(closed), k, device=device)
         bad = torch.full((len(closed), k), math.inf, device=device)
         if calls:
