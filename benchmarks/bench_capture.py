@@ -45,8 +45,8 @@ from _common import (
 )
 
 import gatewatch as gw
-from gatewatch.capture.flush import FINDINGS_COST_RATIO
-from gatewatch.functional import window_sums
+from gatewatch.maths.gate_sums import window_sums
+from gatewatch.sinks.live_findings import FINDINGS_COST_RATIO
 
 CONFIGS = {
     "every=1 flush_every=100 +TensorBoard": {"every": 1, "flush_every": 100},

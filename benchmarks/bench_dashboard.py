@@ -128,7 +128,7 @@ def many_runs(root: Path, n: int) -> Path:
     """``root/many``: ``n`` hard-linked copies of the sample runs (tables, run.json and a summary.json each)."""
     import shutil
 
-    from gatewatch.rundir import atomic_write_json
+    from gatewatch.run_format import atomic_write_json
     from gatewatch.summary import SUMMARY_FILE, summary_from_run
 
     folder = root / "many"

@@ -80,7 +80,7 @@ def hook_share(family: str, steps: int) -> str:
     """The hooks' work per step (the affinity, and the copy of each router's outputs) on one step's router outputs,
     timed alternately with plain steps, and the flush's batched dispatch sums of 100 such steps per step: their
     medians as shares of the plain step's median."""
-    from gatewatch.gates import resolve
+    from gatewatch.gating.discovery import resolve
     from gatewatch.quantities.routers.dispatch import Held, window_sums
 
     model = tiny(family)

@@ -13,32 +13,32 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _NAMES = {
-    "GateWatch": "watch", "Gate": "gates", "Router": "quantities.routers.table", "GateDiscoveryError": "gates",
-    "GateOutputError": "gates",
-    "NonFiniteGateError": "gates", "Finding": "rules", "Thresholds": "rules", "find": "findings",
-    "build_report": "report", "Run": "run", "RunReadError": "runs", "list_runs": "runs", "load_run": "runs",
-    "run_summaries": "runs", "Guard": "guard",
+    "GateWatch": "watch", "Gate": "gating.specs", "Router": "gating.router_table",
+    "GateDiscoveryError": "gating.specs", "GateOutputError": "gating.specs", "NonFiniteGateError": "gating.specs",
+    "Finding": "rules", "Thresholds": "rules", "find": "findings", "build_report": "report", "Run": "loaded_run",
+    "RunReadError": "run_reader", "list_runs": "run_reader", "load_run": "run_reader",
+    "run_summaries": "run_reader", "Guard": "guard",
 }
 _SUBMODULES = ("remedies", "masking", "models", "data", "training", "ablation", "integrations", "sinks", "figures",
-               "quantities", "schema", "findings", "report", "runs")
+               "quantities", "schema", "findings", "report", "run_reader")
 
 if TYPE_CHECKING:
     from . import remedies as remedies
     from .findings import find as find
-    from .gates import Gate as Gate
-    from .gates import GateDiscoveryError as GateDiscoveryError
-    from .gates import GateOutputError as GateOutputError
-    from .gates import NonFiniteGateError as NonFiniteGateError
+    from .gating.router_table import Router as Router
+    from .gating.specs import Gate as Gate
+    from .gating.specs import GateDiscoveryError as GateDiscoveryError
+    from .gating.specs import GateOutputError as GateOutputError
+    from .gating.specs import NonFiniteGateError as NonFiniteGateError
     from .guard import Guard as Guard
-    from .quantities.routers.table import Router as Router
+    from .loaded_run import Run as Run
     from .report import build_report as build_report
     from .rules import Finding as Finding
     from .rules import Thresholds as Thresholds
-    from .run import Run as Run
-    from .runs import RunReadError as RunReadError
-    from .runs import list_runs as list_runs
-    from .runs import load_run as load_run
-    from .runs import run_summaries as run_summaries
+    from .run_reader import RunReadError as RunReadError
+    from .run_reader import list_runs as list_runs
+    from .run_reader import load_run as load_run
+    from .run_reader import run_summaries as run_summaries
     from .watch import GateWatch as GateWatch
 
 

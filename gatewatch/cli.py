@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 
 from .ablation.command import add_ablate
 from .app.launch import add_dashboard
+from .demo.command import add_demo
 from .exit_codes import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK
 from .findings import Thresholds
 from .report import build_report, no_data_reason, render_text
-from .runs import RunReadError, load_run
-from .training.demo import add_demo
+from .run_reader import RunReadError, load_run
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_FINDINGS", "EXIT_OK", "build_parser", "main"]
 

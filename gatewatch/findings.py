@@ -1,7 +1,7 @@
 """Findings in plain words, each with its remedy: ``find(run, Thresholds()) -> list[Finding]``.
 
 The rules live with their quantities (``gatewatch.quantities.<name>.read``); this module runs them all
-over a :class:`~gatewatch.run.Run` (pandas only) and orders the result, most severe first.
+over a :class:`~gatewatch.loaded_run.Run` (pandas only) and orders the result, most severe first.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from .quantities import Gathered, read_halves
+from .registry import Gathered, read_halves
 from .rules import SEVERITY_ORDER, Finding, Thresholds, gate_unit, streak_start
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .loaded_run import Run
 
 REMEDIES: Mapping[str, str] = Gathered("REMEDIES")  # remedy texts by code, of every registered quantity
 

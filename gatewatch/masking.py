@@ -1,6 +1,6 @@
 """Mask experts out of gates, through forward hooks on the gate modules; the model's code is never edited.
 
-Gates are resolved exactly as :class:`~gatewatch.GateWatch` resolves them (:func:`gatewatch.gates.resolve`),
+Gates are resolved exactly as :class:`~gatewatch.GateWatch` resolves them (:func:`gatewatch.gating.discovery.resolve`),
 so dotted paths, ``output="logits"``, ``extract=`` and the model's own ``gatewatch_gates()`` all work.
 A mask is a boolean ``keep`` tensor over the gate's experts; the hook replaces the gate's output:
 
@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gates import GateOutputError, ResolvedGate, resolve
+from .gating.discovery import resolve
+from .gating.specs import GateOutputError, ResolvedGate
 from .validate import dropout_rate
 
 KeepFn = Callable[[torch.Tensor], torch.Tensor]  # gate tensor [..., E] -> bool keep mask broadcastable to it

@@ -35,11 +35,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .findings import Finding, Thresholds, find
-from .quantities import Gathered
+from .registry import Gathered
 from .rules import gate_unit
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .loaded_run import Run
 
 WINDOWED = ("gates", "losses", "conflict", "eval")  # tables whose rows are measurements of the run
 

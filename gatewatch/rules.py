@@ -1,6 +1,6 @@
 """What a finding rule is made of: :class:`Finding`, :class:`Thresholds` and the helpers rules share.
 
-A rule is a pure function ``(run, thresholds) -> list[Finding]`` over a :class:`~gatewatch.run.Run`'s
+A rule is a pure function ``(run, thresholds) -> list[Finding]`` over a :class:`~gatewatch.loaded_run.Run`'s
 tables (pandas only, no torch). Each quantity's read half (``gatewatch.quantities.<name>.read``)
 declares its rules and remedies; :func:`gatewatch.findings.find` runs them all.
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .loaded_run import Run
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 

@@ -1,6 +1,6 @@
 """The tidy tables of a run directory: every column and its type, gathered from the registered quantities.
 
-Writers build DataFrames with :func:`frame`; :func:`~gatewatch.runs.load_run` returns these columns,
+Writers build DataFrames with :func:`frame`; :func:`~gatewatch.run_reader.load_run` returns these columns,
 in this order, even for a table that has no rows yet. ``step`` is always the last training step of
 the window (or the step of the measurement) the row describes.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from .quantities import Gathered
+from .registry import Gathered
 
 RUN_FORMAT = "gatewatch-run/1"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .run import Run
+from .loaded_run import Run
 
 SUMMARY_FILE = "summary.json"
 SUMMARY_FORMAT = "gatewatch-summary/1"

@@ -21,18 +21,21 @@ from torch import nn
 from .capture import meta as run_meta
 from .capture import settings
 from .capture.distributed import own_group, rank, world_size
-from .capture.flush import RecentWindows, check_nonfinite, merge
+from .capture.flush import check_nonfinite, merge
 from .capture.flush_clock import FlushClock
 from .capture.quantity import CaptureContext, Quantity
 from .capture.reducer import Reducer
 from .capture.settings import quantity_keywords
-from .gates import ResolvedGate, resolve, unwrap
-from .quantities import capture_halves
+from .gating.discovery import resolve
+from .gating.specs import ResolvedGate
 from .quantities.losses.capture import Losses, TaskLosses
+from .registry import capture_halves
 from .schema import frame
 from .sinks import Sink
-from .sinks.run_dir import RunDirWriter
+from .sinks.live_findings import RecentWindows
+from .sinks.run_writer import RunDirWriter
 from .sinks.tensorboard import TensorBoardSink
+from .wrappers import unwrap
 
 __all__ = ["GateWatch", "Losses", "quantity_keywords"]
 

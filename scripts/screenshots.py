@@ -65,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="gatewatch-shots-") as tmp:
         root = Path(tmp) / "runs"
-        demo = subprocess.Popen([sys.executable, "-m", "gatewatch.training", "--out", str(root), "--port",
+        demo = subprocess.Popen([sys.executable, "-m", "gatewatch.demo", "--out", str(root), "--port",
                                  str(args.port)], cwd=REPO, stdout=subprocess.DEVNULL)
         try:
             run = wait_for_finding(root, demo)

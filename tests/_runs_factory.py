@@ -22,7 +22,7 @@ from torch import nn
 
 import gatewatch as gw
 from gatewatch.schema import conform
-from gatewatch.sinks.run_dir import RunDirWriter
+from gatewatch.sinks.run_writer import RunDirWriter
 
 
 class TinyMMoE(nn.Module):

@@ -14,7 +14,7 @@ from test_conflict import data_losses
 from torch import nn
 
 import gatewatch as gw
-from gatewatch.expert_map import ExpertMapError, find_towers
+from gatewatch.gating.expert_map import ExpertMapError, find_towers
 from gatewatch.models import PLE, MMoE
 from gatewatch.report import build_report
 
@@ -120,7 +120,7 @@ def test_proxy_scalars_are_labelled_proxy() -> None:
 @pytest.mark.slow
 def test_proxy_folds_early_when_it_holds_too_much(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Held inner products stay bounded: folding every step gives the same table as folding at the flush."""
-    from gatewatch.quantities.proxy import capture
+    from gatewatch.quantities.conflict_proxy import capture
 
     tables = []
     for limit in (capture.HOLD_ELEMENTS, 1):
@@ -144,7 +144,7 @@ def test_proxy_folds_early_when_it_holds_too_much(tmp_path: Path, monkeypatch: p
 def test_per_sample_inner_products_match_float64(dtype: torch.dtype) -> None:
     """Each step's gradients are reduced to per-sample inner products at once: within 1e-6 (relative to the
     products' magnitude) of float64 maths on the same values, half precision included."""
-    from gatewatch.quantities.proxy.capture import sample_inner
+    from gatewatch.quantities.conflict_proxy.capture import sample_inner
 
     g = torch.Generator().manual_seed(0)
     d = [torch.randn(64, 48, generator=g).to(dtype) for _ in range(3)]

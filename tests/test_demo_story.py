@@ -11,8 +11,8 @@ import pytest
 import gatewatch as gw
 from gatewatch import cli
 from gatewatch.data.census import cached_splits_path, fetch_archive
+from gatewatch.demo.story import SAMPLE_RUNS, copy_sample_runs, story_configs
 from gatewatch.summary import read_summary
-from gatewatch.training.story import SAMPLE_RUNS, copy_sample_runs, story_configs
 
 
 def test_the_story_trains_the_setting_that_polarizes_next_to_a_healthy_one() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gatewatch as gw
-from gatewatch import quantities
+from gatewatch import registry as quantities
 from gatewatch.cli import main as cli_main
 from gatewatch.models import MMoE
 

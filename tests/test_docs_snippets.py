@@ -23,7 +23,7 @@ from plotly.io import renderers
 from plotly.io._base_renderers import ExternalRenderer
 
 import gatewatch as gw
-from gatewatch import quantities
+from gatewatch import registry as quantities
 from gatewatch.models import MMoE
 from gatewatch.training import TrainConfig, train
 

@@ -13,7 +13,7 @@ from test_conflict import data_losses, run_with_reference
 from torch import nn
 
 import gatewatch as gw
-from gatewatch.expert_map import ExpertMapError, infer_expert_modules
+from gatewatch.gating.expert_map import ExpertMapError, infer_expert_modules
 from gatewatch.models import PLE, MMoE, OMoE
 from gatewatch.report import build_report
 from gatewatch.rules import Thresholds

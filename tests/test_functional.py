@@ -11,16 +11,16 @@ from torch import nn
 
 from gatewatch.capture.quantity import CaptureContext
 from gatewatch.capture.reducer import Reducer
-from gatewatch.functional import (
+from gatewatch.gating.specs import ResolvedGate
+from gatewatch.maths.gate_metrics import js_bits
+from gatewatch.maths.gate_sums import (
     Layout,
     entropy,
     normalized_entropy,
     window_metrics,
     window_sums,
 )
-from gatewatch.gates import ResolvedGate
 from gatewatch.quantities.gates.capture import GateStatistics
-from gatewatch.quantities.gates.metrics import js_bits
 from gatewatch.stats import load_cv
 
 THRESHOLD, BINS, MARGIN = 0.9, 20, 0.05

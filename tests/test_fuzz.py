@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import gatewatch as gw
 from gatewatch.report import build_report, render_text
-from gatewatch.runs import META_TYPES
+from gatewatch.run_reader import META_TYPES
 from gatewatch.schema import TABLES
 
 EXAMPLES = int(os.environ.get("GATEWATCH_FUZZ_EXAMPLES", "60"))  # raise it for a deeper search

@@ -10,7 +10,8 @@ from conftest import tiny_mmoe
 from torch import nn
 
 import gatewatch as gw
-from gatewatch.gates import GateOutputError, ResolvedGate, resolve
+from gatewatch.gating.discovery import resolve
+from gatewatch.gating.specs import GateOutputError, ResolvedGate
 
 
 def gate_table(gates: list[ResolvedGate]) -> list[tuple[str, str | None, int, str]]:

@@ -18,9 +18,9 @@ import torch
 from _hf_moe import FAMILIES, batch, build
 
 import gatewatch as gw
-from gatewatch.gates import resolve
-from gatewatch.quantities.routers.table import choose
-from gatewatch.runs import load_run
+from gatewatch.gating.discovery import resolve
+from gatewatch.gating.router_table import choose
+from gatewatch.run_reader import load_run
 
 pytest.importorskip("transformers")
 
@@ -215,7 +215,7 @@ def test_imbalance_and_growing_bias_findings(tmp_path: Path) -> None:
 
 def test_discovery_never_suggests_mlp_gate_proj_or_shared_expert_gate() -> None:
     model = build("qwen2_moe")
-    from gatewatch.gates import _near_misses
+    from gatewatch.gating.discovery import _near_misses
     misses = _near_misses(model)
     assert not any(p.endswith(("gate_proj", "shared_expert_gate")) for p in misses)
     gates = resolve(model, None, None)

@@ -31,8 +31,8 @@ from conftest import batch, task_losses, tiny_mmoe, train
 from torch import nn
 
 import gatewatch as gw
-from gatewatch import cli, rundir
-from gatewatch.sinks.run_dir import RunDirWriter
+from gatewatch import cli, run_format
+from gatewatch.sinks.run_writer import RunDirWriter
 from gatewatch.sinks.tensorboard import TensorBoardSink
 
 TASKS = ["ctr", "like"]
@@ -507,7 +507,7 @@ def while_steps(watch: gw.GateWatch, first: int, last: int) -> Callable[[], bool
 @pytest.mark.slow
 def test_disk_full_is_reported_once_and_nothing_is_lost(tmp_path) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    caught = train_through(tmp_path / "run", lambda w: failing(rundir.pq, "write_table", full, while_steps(w, 11, 40)))
+    caught = train_through(tmp_path / "run", lambda w: failing(run_format.pq, "write_table", full, while_steps(w, 11, 40)))
     assert warned(caught, "could not write tables") == 1 and warned(caught, "No space left on device") == 1
     assert warned(caught, "works again") == 1
     run = gw.load_run(tmp_path / "run")
@@ -579,7 +579,7 @@ def test_rows_kept_through_a_long_outage_are_bounded_and_the_loss_is_recorded(tm
         warnings.simplefilter("always")
         watch = watch_for(model, path, every=5, flush_every=10)
         watch.writer.max_pending_rows = 500  # one flush of this model: 2 windows x 68 rows
-        with failing(rundir.pq, "write_table", OSError(errno.ENOSPC, "full"), lambda: down[0]):
+        with failing(run_format.pq, "write_table", OSError(errno.ENOSPC, "full"), lambda: down[0]):
             train(model, watch, 100, n=8)
             assert sum(len(df) for _, t in watch.writer.pending for df in t.values()) <= 500
             down[0] = False

@@ -26,7 +26,7 @@ from test_hf_routers import MARGIN, reference  # the numpy figures of one router
 from torch.nn.parallel import DistributedDataParallel
 
 import gatewatch as gw
-from gatewatch.gates import resolve
+from gatewatch.gating.discovery import resolve
 
 pytest.importorskip("transformers")
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import gatewatch as gw
-from gatewatch.gates import resolve
-from gatewatch.quantities.routers.structural import probe_router, structural_routers
-from gatewatch.runs import load_run
+from gatewatch.gating.discovery import resolve
+from gatewatch.gating.router_probe import probe_router, structural_routers
+from gatewatch.run_reader import load_run
 
 D, E, K = 8, 6, 2
 STEPS, EVERY, TOKENS = 4, 2, 32
@@ -304,7 +304,7 @@ def test_the_probe_reads_transformers_routers_as_their_table_entry(
     pytest.importorskip("transformers")
     from _hf_moe import build
 
-    from gatewatch.quantities.routers.table import find_routers
+    from gatewatch.gating.router_table import find_routers
 
     path, module, known = find_routers(build(family))[-1]
     probed = probe_router(path, module)

@@ -17,7 +17,7 @@ from conftest import tiny_mmoe, train
 
 import gatewatch as gw
 from gatewatch.schema import TABLES, frame
-from gatewatch.sinks.run_dir import RunDirWriter, table_files
+from gatewatch.sinks.run_writer import RunDirWriter, table_files
 
 TASKS = ["ctr", "like"]
 

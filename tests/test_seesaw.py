@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import gatewatch as gw
+from gatewatch.loaded_run import Run
 from gatewatch.models import MMoE
 from gatewatch.quantities.seesaw.read import seesaw, slope_and_se
 from gatewatch.report import build_report
 from gatewatch.rules import Thresholds
-from gatewatch.run import Run
 from gatewatch.schema import frame
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import gatewatch as gw
-from gatewatch.expert_map import map_experts
+from gatewatch.gating.discovery import resolve
+from gatewatch.gating.expert_map import map_experts
+from gatewatch.gating.specs import ResolvedGate
+from gatewatch.loaded_run import Run
 from gatewatch.models import PLE, MMoE
 from gatewatch.quantities.similarity.experts import expert_pools
 from gatewatch.quantities.similarity.maths import similarity_matrices
 from gatewatch.quantities.similarity.read import redundant_experts
 from gatewatch.rules import Thresholds
-from gatewatch.run import Run
 from gatewatch.schema import frame
 
 
@@ -63,8 +65,8 @@ def test_experts_of_different_widths_get_cka_but_no_cosine() -> None:
     assert np.isnan(cosine[0, 1])
 
 
-def mapped_gates(model: torch.nn.Module) -> list[gw.gates.ResolvedGate]:
-    gates = gw.gates.resolve(model, ["a", "b"], None)
+def mapped_gates(model: torch.nn.Module) -> list[ResolvedGate]:
+    gates = resolve(model, ["a", "b"], None)
     for gate in gates:
         map_experts(model, gate, len(gate.experts or []), ["a", "b"])
     return gates

@@ -54,7 +54,7 @@ STEP_PERIOD_S, MIN_SLEEP_S = 0.025, 0.005  # at most 40 steps (windows) a second
 KEYS = {"gates": ["step", "gate"], "shares": ["step", "gate", "expert"], "hist": ["step", "gate", "bin"],
         "experts": ["step", "expert"], "losses": ["step", "task"]}
 WINDOW_TABLES = {"gates": "gate", "losses": "task"}  # tables with a row per window for each gate / task
-# The problems a run may have while it is written (gatewatch.runs._uncommitted): a part of a flush whose commit
+# The problems a run may have while it is written (gatewatch.run_reader._uncommitted): a part of a flush whose commit
 # record was not there yet when the reader listed the commit records. Either it is still there (the flush is being
 # written), or it is gone by the time the reader looks at it (committed and merged into a chunk meanwhile; the
 # error is then pyarrow's FileNotFoundError, whose text is the path or "... No such file or directory").
@@ -297,9 +297,9 @@ def test_a_commit_chunk_merged_away_while_it_is_read_is_no_problem(
     to read with a wider one. The flushes still count as committed, and no file is named as unreadable."""
     import pyarrow.parquet as pq
 
-    from gatewatch.rundir import FLUSHES, committed, merge_parquet, table_files
+    from gatewatch.run_format import FLUSHES, committed, merge_parquet, table_files
     from gatewatch.schema import RUN_FORMAT, frame
-    from gatewatch.sinks.run_dir import RunDirWriter
+    from gatewatch.sinks.run_writer import RunDirWriter
 
     writer = RunDirWriter(tmp_path / "run", compact_every=2)
     writer.write_meta({"format": RUN_FORMAT, "name": "run", "status": "finished", "steps": 6})

@@ -15,8 +15,8 @@ from test_tracker_sinks import STEPS, train
 
 import gatewatch as gw
 from gatewatch.app import data, explorer, state
-from gatewatch.capture.flush import RecentWindows
 from gatewatch.sinks import Sink
+from gatewatch.sinks.live_findings import RecentWindows
 from gatewatch.summary import SUMMARY_FILE, read_summary, worst_severity
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_runs"

@@ -17,6 +17,7 @@ from torch import nn
 
 import gatewatch as gw
 from gatewatch import cli
+from gatewatch.demo.command import DEMO_MODELS
 from gatewatch.models import MMoE, factory_ref
 from gatewatch.training import (
     MODELS,
@@ -33,7 +34,6 @@ from gatewatch.training import (
     train,
 )
 from gatewatch.training.checkpoint import is_trusted_factory
-from gatewatch.training.demo import DEMO_MODELS
 from gatewatch.training.metrics import average_ranks
 
 FIXTURES = Path(__file__).parent / "fixtures"

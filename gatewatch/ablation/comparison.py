@@ -22,7 +22,7 @@ from ..findings import find
 from ..masking import GateSpecs, gate_dropout
 from ..quantities.gates.read import gate_summaries
 from ..rules import Thresholds
-from ..runs import RunReadError, load_run
+from ..run_reader import RunReadError, load_run
 from ..training import MODELS, TrainConfig, train
 from ..training.checkpoint import resolve_factory
 from ..validate import positive_int

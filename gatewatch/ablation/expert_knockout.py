@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from ..gates import ResolvedGate
+from ..gating.specs import ResolvedGate
 from ..masking import GateSpecs, count_experts, knock_out, resolve_gates
 from .evaluation import EvalFn, eval_mode, evaluate_checked, with_harm
 from .jobs import Progress, StopFn, Tracking, tick

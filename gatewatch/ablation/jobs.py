@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..liveness import pid_alive as _pid_alive
-from ..rundir import atomic_write_json
+from ..run_format import atomic_write_json
 from .errors import AblationError, AblationStopped
 from .store import ablations_dir, check_kind
 

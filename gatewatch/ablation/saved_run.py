@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..gates import Gate, GateDiscoveryError, GateOutputError, ResolvedGate
+from ..gating.specs import Gate, GateDiscoveryError, GateOutputError, ResolvedGate
 from ..masking import GateSpecs, count_experts, resolve_gates
-from ..runs import read_meta
+from ..run_reader import read_meta
 from ..training import CheckpointError, load_dataset, load_model
 from .errors import AblationError
 from .evaluation import EvalFn, evaluator

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..rundir import atomic_write_bytes
+from ..run_format import atomic_write_bytes
 
 KINDS = ("knockout", "dropout_sweep", "train", "task_removal")
 META_KEY = b"gatewatch.ablation"

@@ -44,7 +44,7 @@ from ..ablation.rates import (
 from ..ablation.store import KINDS, ablations_dir, check_kind, read_result
 from ..ablation.summaries import comparison_summary, knockout_summary, removal_summary, sweep_summary
 from ..figures.ablation import comparison_figure, knockout_heatmap, removal_figure, sweep_curves
-from ..runs import read_meta
+from ..run_reader import read_meta
 from ..training.model_info import CHECKPOINT_FILE, CheckpointError, is_trusted_factory, read_model_info
 from . import ui
 

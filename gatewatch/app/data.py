@@ -16,7 +16,7 @@ import streamlit as st
 from ..findings import Finding, Thresholds, find
 from ..liveness import run_status
 from ..report import build_report
-from ..runs import Run, RunReadError, load_run
+from ..run_reader import Run, RunReadError, load_run
 from ..summary import SUMMARY_FILE, read_summary
 from .state import OutsideRoot, RunRef, change_token, check_inside, inside, run_row, summary_row
 

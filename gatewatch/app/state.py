@@ -18,7 +18,7 @@ from typing import Any
 
 from ..findings import Finding, Thresholds, gate_unit
 from ..liveness import last_heard, run_status
-from ..runs import Run, RunReadError, list_runs, read_meta
+from ..run_reader import Run, RunReadError, list_runs, read_meta
 from ..summary import SUMMARY_FILE, flat_config, read_summary, summary_from_run, worst_severity
 
 ENV_ROOT = "GATEWATCH_RUNS"

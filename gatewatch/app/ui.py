@@ -17,7 +17,7 @@ import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
 from ..findings import Finding, Thresholds, gate_unit
-from ..runs import Run
+from ..run_reader import Run
 from . import data
 from .state import (
     SEVERITY_COLOURS,

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..gates import ResolvedGate
+from ..gating.specs import ResolvedGate
 
 
 class Reduction(str, Enum):

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..quantities import capture_halves
+from ..registry import capture_halves
 from ..validate import positive_int
 from .flush import ON_NONFINITE
 

@@ -60,7 +60,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..rundir import atomic_write_bytes
+from ..run_format import atomic_write_bytes
 
 __all__ = [
     "ARCHIVE_SPEC",

@@ -1,7 +1,7 @@
-"""``python -m gatewatch.training``: the demo (see :mod:`gatewatch.training.demo`)."""
+"""``python -m gatewatch.training``: kept for compatibility, the same as ``python -m gatewatch.demo``."""
 
 import sys
 
-from .demo import main
+from ..demo.command import main
 
 sys.exit(main())

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..rundir import atomic_write_bytes, atomic_write_json
+from ..run_format import atomic_write_bytes, atomic_write_json
 from .metrics import check_task_types
 from .model_info import (
     CHECKPOINT_FILE,

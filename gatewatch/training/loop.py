@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..guard import Guard
 from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
-from ..rundir import atomic_write_json
+from ..run_format import atomic_write_json
 from ..validate import dropout_rate, non_negative_int, positive_int
 from ..watch import GateWatch, quantity_keywords
 from .checkpoint import save_model

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
-from ...gates import unwrap
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
+from ...wrappers import unwrap
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
 from .maths import (
     PURITY_BINS,

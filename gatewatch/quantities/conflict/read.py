@@ -19,7 +19,7 @@ from ..losses.read import first_nonfinite, nonfinite_finding
 from .routing import COLUMNS, expert_conflict_table, last_rows
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {
     # gradient conflict (GateWatch(conflict_every=...)): one row per conflict step x scope x name x task pair;

@@ -2,7 +2,7 @@
 next to how much each task's gates use it.
 
 The ``conflict`` table's module rows are joined with the ``shares`` table through the expert map each gate
-keeps in run.json (``expert_modules``, see :mod:`gatewatch.expert_map`). A task's share on an expert is the
+keeps in run.json (``expert_modules``, see :mod:`gatewatch.gating.expert_map`). A task's share on an expert is the
 mean, over the task's own gates that mix it, of the gate's mean weight on its column; a task whose gates do not
 mix the expert has share 0. When no gate has a task (OMoE: one gate serves every task), every task's share is
 that of the task-less gates. Runs recorded before the map was stored fall back on the default inference done

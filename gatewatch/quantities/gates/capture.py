@@ -1,7 +1,7 @@
 """Gate statistics, capture half: every gate's outputs, reduced to additive window sums.
 
 A forward hook on each gate keeps a reference to its output (no copy, no op) until the flush. Then the
-held outputs of all windows are reduced together, one stacked pass of :func:`~gatewatch.functional.window_sums`
+held outputs of all windows are reduced together, one stacked pass of :func:`~gatewatch.maths.gate_sums.window_sums`
 per gate shape, and added to each gate's per-window sums. Held outputs are capped (``HOLD_ELEMENTS``):
 beyond that they are folded early, so memory stays bounded whatever the flush interval. Nothing here
 synchronises with the host between flushes (apart from the first output of each gate, checked once).
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State, to_device
-from ...expert_map import map_experts
-from ...functional import window_sums
-from ...gates import GateOutputError, ResolvedGate
-from .metrics import Layout, js_bits, window_metrics
+from ...gating.expert_map import map_experts
+from ...gating.specs import GateOutputError, ResolvedGate
+from ...maths.gate_metrics import Layout, js_bits, window_metrics
+from ...maths.gate_sums import window_sums
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
 HOLD_ELEMENTS = 4_000_000  # gate outputs held until the flush (16 MB of float32); above: fold early

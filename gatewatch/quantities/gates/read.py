@@ -20,7 +20,7 @@ from ...rules import Finding, Thresholds, gate_unit, num, streak_start, who
 from ...stats import load_cv
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {
     # one row per gate per window

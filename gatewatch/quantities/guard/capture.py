@@ -11,9 +11,9 @@ import torch
 
 from ...capture.quantity import CaptureContext, Quantity, Rows
 from ...guard import Guard
+from ...loaded_run import Run
 from ...masking import GateMasks, dropout_keep
 from ...rules import Thresholds
-from ...run import Run
 from ...schema import TABLES, conform, frame
 from ..gates.read import expert_findings, gate_findings
 

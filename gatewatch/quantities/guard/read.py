@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ...rules import Thresholds
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {}  # its events go to the shared ``events`` table (kind "guard")
 RULES: list = []

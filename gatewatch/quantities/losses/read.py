@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ...rules import Finding, Thresholds
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {
     # mean task loss per window (from watch.backward / watch.log_losses)

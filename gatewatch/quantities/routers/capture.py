@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
-from ...gates import ResolvedGate
+from ...gating.specs import ResolvedGate
 from .dispatch import Held, window_sums
 from .read import Sums, router_tables
 

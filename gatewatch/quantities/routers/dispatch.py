@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .table import Router, choice_scores, choose
+from ...gating.router_table import Router, choice_scores, choose
 
 
 @dataclass

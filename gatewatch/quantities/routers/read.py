@@ -26,7 +26,7 @@ from ...rules import Finding, Thresholds, num, streak_start
 from ..gates.read import gate_balance
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {
     # one row per router (layer) per window: the dispatch view

@@ -19,7 +19,7 @@ from ...metric_direction import harm, primary_metric
 from ...rules import Finding, Thresholds
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {}  # reads the core ``eval`` table
 REMEDIES = {

@@ -1,6 +1,6 @@
 """Expert similarity, capture half: on scheduled steps, each expert's output on the first rows of the batch.
 
-The expert modules of each gate come from :mod:`gatewatch.expert_map`, known once the gates have produced their
+The expert modules of each gate come from :mod:`gatewatch.gating.expert_map`, known once the gates have produced their
 first output; so the pools (:mod:`.experts`) and their forward hooks are set up after the first step, which is
 never measured. On a scheduled step the hooks keep a detached view of the first ``similarity_rows`` rows of each
 expert's output (the first forward of the step only). At
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
-from ...gates import unwrap
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import positive_int
+from ...wrappers import unwrap
 from .experts import Pool, expert_pools
 from .maths import similarity_matrices
 

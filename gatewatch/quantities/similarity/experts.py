@@ -1,5 +1,5 @@
 """The pools of experts whose similarity is measured: the expert modules of each gate's columns, from
-:mod:`gatewatch.expert_map` (explicit ``gw.Gate(..., expert_modules=...)``, or inferred at the gate's first
+:mod:`gatewatch.gating.expert_map` (explicit ``gw.Gate(..., expert_modules=...)``, or inferred at the gate's first
 output), grouped so that gates mixing the same experts share one pool."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...gates import ResolvedGate
+from ...gating.specs import ResolvedGate
 
 
 @dataclass

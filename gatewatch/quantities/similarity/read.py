@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ...rules import Finding, Thresholds, num
 
 if TYPE_CHECKING:
-    from ...run import Run
+    from ...loaded_run import Run
 
 TABLES: dict[str, dict[str, str]] = {
     # expert similarity (GateWatch(similarity_every=...)): one row per measured step x pool of experts x expert

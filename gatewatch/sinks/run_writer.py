@@ -1,4 +1,4 @@
-"""The run-directory sink: writes each flush's tables and ``run.json`` (format: :mod:`gatewatch.rundir`).
+"""The run-directory sink: writes each flush's tables and ``run.json`` (format: :mod:`gatewatch.run_format`).
 
 Merges are levelled, so the number of files stays logarithmic in the number of flushes and every
 row is rewritten only a few times: after flush ``k * C`` (``C = compact_every``) the loose parts
@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from ..rundir import (
+from ..run_format import (
     FLUSHES,
     PART,
     atomic_write_json,

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .liveness import run_status
-from .run import Run
-from .rundir import PART, committed, table_files
+from .loaded_run import Run
+from .run_format import PART, committed, table_files
 from .schema import RUN_FORMAT, TABLES, conform, frame
 
 
@@ -133,7 +133,7 @@ def _uncommitted(folder: Path, name: str, done: set[int] | None) -> list[str]:
 def read_table(folder: Path, name: str, problems: list[str], done: set[int] | None = None) -> pd.DataFrame:
     """All complete files of one table, conformed to its schema; bad files are skipped and reported.
 
-    ``done``: the committed flushes (see :func:`gatewatch.sinks.run_dir.committed`); parts of other
+    ``done``: the committed flushes (see :func:`gatewatch.sinks.run_writer.committed`); parts of other
     flushes were cut short by a crash and are left out.
     """
     root = folder.parent.parent

@@ -1,6 +1,6 @@
 """Gate maths on the device: :func:`window_sums` turns a batch of gate outputs ``P [G, N, E]`` (G gates of
 the same shape) into the additive sums a window keeps (:class:`Layout`). It never synchronises with the
-host. :func:`~gatewatch.quantities.gates.metrics.window_metrics` turns them into the published metrics.
+host. :func:`~gatewatch.maths.gate_metrics.window_metrics` turns them into the published metrics.
 
 Each formula is written out in the README's "What is measured"; the tests hold a plain-numpy twin of each.
 """
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .quantities.gates.metrics import Layout, window_metrics
+from .gate_metrics import Layout, window_metrics
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

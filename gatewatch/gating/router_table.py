@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...validate import positive_int
+from ..validate import positive_int
 
 Scoring = Literal["softmax", "sigmoid", "softmax_topk"]
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .table import Router, Scoring, choose, known_router
+from .router_table import Router, Scoring, choose, known_router
 
 ROUTER_NAME = re.compile(r"gate|gating|router|routing", re.IGNORECASE)
 # SwiGLU projections and Qwen2-MoE's one-output gate, and anything inside them (a LoRA-wrapped gate_proj)

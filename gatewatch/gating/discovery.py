@@ -1,24 +1,14 @@
-"""Gate specs, automatic discovery, and the forward hooks that read gate outputs.
-
-A gate is any module whose output gives, per sample (or token), a distribution over E experts:
-
-* ``output="probs"``: the module emits probabilities (an ``nn.Softmax``, or any module ending in one);
-* ``output="logits"``: the module emits logits and the model applies softmax itself (functionally);
-* ``extract=fn``: ``fn(module_output)`` picks the tensor out of a richer output (e.g. a router's tuple);
-  it returns probabilities, or logits when ``output="logits"``.
-* ``inject=fn``: ``fn(module_output, new_tensor) -> new_output``, the inverse of ``extract``, used only by
-  :mod:`gatewatch.masking` to put a masked tensor back (e.g. recompute a router's top-k from masked
-  logits). Without it, the tensor ``extract`` returned is replaced where it sits in a tuple/list/dict.
+"""Gate discovery: which modules of a model are gates, and the :class:`ResolvedGate` of each.
 
 Discovery (``gates=None``) uses, in this order:
 
 1. the model's own ``gatewatch_gates()`` method, when it has one;
 2. every module whose class is a known sparse router (transformers' Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
-   GLM-4-MoE, GPT-OSS, Switch: :data:`gatewatch.quantities.routers.table.KNOWN`), one shared gate per layer
-   named by its path, read as its :class:`~gatewatch.quantities.routers.table.Router` says;
+   GLM-4-MoE, GPT-OSS, Switch: :data:`gatewatch.gating.router_table.KNOWN`), one shared gate per layer
+   named by its path, read as its :class:`~gatewatch.gating.router_table.Router` says;
 3. when no module is of a known router class: every module named like a router or gate that returns
    ``(logits [T, E], weights [T, k], indices [T, k])`` when a copy of it is probed once with random tokens
-   (:mod:`gatewatch.quantities.routers.structural`: its scoring is inferred from the weights, its dispatch read
+   (:mod:`gatewatch.gating.router_probe`: its scoring is inferred from the weights, its dispatch read
    from its own indices), one shared gate per layer as in 2, provided the model has no other gate-like module
    (an ``nn.Softmax`` or a Linear named like a gate outside those routers); a guessed part raises a warning
    with the ``gw.Gate(path, router=gw.Router(...))`` to pass;
@@ -40,109 +30,17 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
-import torch
 from torch import nn
 
+from ..wrappers import unwrap
 from .expert_map import explicit_expert_modules
-from .quantities.routers.structural import Probed, named_like_router, router_hint, structural_routers
-from .quantities.routers.table import Router, affinity, find_routers
-from .validate import positive_int
-from .wrappers import unwrap
-
-Output = Literal["probs", "logits"]
-
-
-class GateDiscoveryError(ValueError):
-    """Gates could not be found or matched to tasks; the message says what to pass instead."""
-
-
-class GateOutputError(ValueError):
-    """A gate produced something that is not a distribution over experts."""
-
-
-class NonFiniteGateError(RuntimeError):
-    """NaN/Inf reached a gate output or a task loss, and ``GateWatch(on_nonfinite="raise")`` asked to stop."""
-
-
-@dataclass
-class Gate:
-    """How to read one gate. ``module`` is an ``nn.Module`` or its dotted path in the model."""
-
-    module: nn.Module | str
-    output: Output = "probs"
-    extract: Callable[[Any], torch.Tensor] | None = None
-    task: str | None = None
-    level: int | None = None
-    experts: Sequence[str] | None = None
-    top_k: int | None = None
-    inject: Callable[[Any, torch.Tensor], Any] | None = None
-    router: Router | None = None  # a sparse router: its scoring, choice and dispatch (sets extract, top_k, inject)
-    expert_modules: Sequence[str | nn.Module] | None = None  # the module of each gate column (gatewatch.expert_map)
-
-    def __post_init__(self) -> None:
-        if self.output not in ("probs", "logits"):
-            raise ValueError(f"Gate output must be 'probs' or 'logits', got {self.output!r}.")
-        if self.top_k is not None:
-            positive_int("top_k", self.top_k, owner="Gate")
-
-
-@dataclass
-class ResolvedGate:
-    """A gate bound to a module of the model, with its final name, task and level."""
-
-    name: str
-    module: nn.Module
-    path: str
-    output: Output = "probs"
-    extract: Callable[[Any], torch.Tensor] | None = None
-    task: str | None = None
-    level: int = 0
-    experts: list[str] | None = None
-    top_k: int | None = None
-    inject: Callable[[Any, torch.Tensor], Any] | None = None
-    expert_modules: list[str] | None = None  # module path per column: explicit, or inferred at the first output
-    expert_map: str | None = None  # how expert_modules was found ("explicit", "inferred ...") or why not
-    router: Router | None = None
-    n_experts: int | None = field(default=None, init=False)
-
-    def describe(self) -> dict[str, Any]:
-        """The JSON-safe description stored in ``run.json``."""
-        return {
-            "name": self.name, "task": self.task, "level": self.level, "path": self.path,
-            "output": self.output, "experts": self.n_experts, "expert_names": self.expert_names(),
-            "top_k": self.top_k, "module_class": type(self.module).__name__,
-            "expert_modules": self.expert_modules, "expert_map": self.expert_map,
-            "scoring": None if self.router is None else self.router.scoring,
-        }
-
-    def expert_names(self) -> list[str] | None:
-        if self.experts is not None:
-            return list(self.experts)
-        return None if self.n_experts is None else [str(i) for i in range(self.n_experts)]
-
-    def to_probs(self, out: Any) -> torch.Tensor:
-        """Module output -> probabilities ``[N, E]`` (leading dimensions flattened), float32 or wider."""
-        t = self.extract(out) if self.extract is not None else out
-        if not isinstance(t, torch.Tensor):
-            raise GateOutputError(
-                f"Gate {self.name!r} ({self.path}) returned {type(t).__name__}, not a tensor. "
-                "Pass gw.Gate(..., extract=lambda out: out[0]) to pick the probabilities or logits."
-            )
-        if t.dim() < 2:
-            raise GateOutputError(
-                f"Gate {self.name!r} ({self.path}) output has shape {tuple(t.shape)}; expected [N, E] "
-                "(samples x experts). Point gates= at the module producing the gate weights."
-            )
-        t = t.detach() if t.dim() == 2 else t.detach().reshape(-1, t.shape[-1])
-        if t.dtype not in (torch.float32, torch.float64):
-            t = t.float()
-        if self.router is not None:
-            return affinity(self.router, t)
-        return torch.softmax(t, dim=-1) if self.output == "logits" else t
+from .router_probe import Probed, named_like_router, router_hint, structural_routers
+from .router_table import find_routers
+from .specs import Gate, GateDiscoveryError, ResolvedGate
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str:

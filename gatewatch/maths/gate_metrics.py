@@ -1,6 +1,6 @@
 """Gate metrics from window sums, on the host (numpy): the formulas of the README's "What is measured".
 
-:func:`~gatewatch.functional.window_sums` adds gate outputs up on the device into a flat state per gate
+:func:`~gatewatch.maths.gate_sums.window_sums` adds gate outputs up on the device into a flat state per gate
 and window (:class:`Layout`); :func:`window_metrics` turns the states of many windows at once into the
 published metrics. A window with no valid sample gives NaN.
 """

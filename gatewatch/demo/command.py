@@ -1,6 +1,6 @@
 """``gatewatch demo``: open the dashboard, then train a healthy MMoE and one that polarizes side by side, live.
 
-Also ``python -m gatewatch.training``. The default is the story of :mod:`gatewatch.training.story` (census-income,
+Also ``python -m gatewatch.demo``. The default is the story of :mod:`gatewatch.demo.story` (census-income,
 2,000 steps per run, into ``runs/demo-<timestamp>/``, the sample runs copied to ``runs/sample_runs``);
 ``--quick`` trains 300 steps per run. ``--single`` trains one model of your choice (``--model``, ``--data``,
 ``--steps``, default an 8-expert MMoE on the MMoE paper's synthetic data for 3,000 steps) into
@@ -21,7 +21,7 @@ from ..exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from ..validate import positive_int
 
 if TYPE_CHECKING:
-    from .loop import TrainConfig
+    from ..training.loop import TrainConfig
 
 DEFAULT_STEPS = 3000
 STORY_STEPS, QUICK_STEPS = 2000, 300
@@ -32,7 +32,7 @@ DEMO_MODELS = ("cgc", "mmoe", "omoe", "ple")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``gatewatch demo`` and ``python -m gatewatch.training``)."""
+    """The demo's options (shared by ``gatewatch demo`` and ``python -m gatewatch.demo``)."""
     parser.add_argument("--model", default="mmoe", choices=DEMO_MODELS,
                         help="model to train (default mmoe)")
     parser.add_argument("--data", default="synthetic", choices=sorted(DATA_KWARGS),
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_config(args: argparse.Namespace) -> TrainConfig:
     """The training configuration of the demo for the parsed options."""
-    from .loop import TrainConfig, supports_conflict
+    from ..training.loop import TrainConfig, supports_conflict
 
     return TrainConfig(
         model=args.model, data=args.data, data_kwargs=dict(DATA_KWARGS[args.data]), steps=args.steps,
@@ -64,7 +64,7 @@ def demo_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_story_demo(args: argparse.Namespace) -> int:
-    """The two-run story (:mod:`gatewatch.training.story`); the dashboard keeps serving until Ctrl+C."""
+    """The two-run story (:mod:`gatewatch.demo.story`); the dashboard keeps serving until Ctrl+C."""
     from .story import run_story
 
     steps = QUICK_STEPS if args.quick else STORY_STEPS if args.steps is None else args.steps
@@ -101,8 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from ..app.launch import serve
     from ..report import build_report, render_text
-    from ..runs import load_run
-    from .loop import train
+    from ..run_reader import load_run
+    from ..training.loop import train
 
     # The demo's model is small: one thread is as fast as several on an idle machine, and far faster on a busy
     # one (OpenMP threads that wait for each other: 100 steps took 70 s with 2 threads vs 2 s with 1 on a loaded
@@ -128,6 +128,6 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gatewatch.training", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gatewatch.demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run_demo(parser.parse_args(argv))

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .wrappers import unwrap
+from ..wrappers import unwrap
 
 if TYPE_CHECKING:
-    from .gates import ResolvedGate
+    from .specs import ResolvedGate
 
 NOT_EXPERTS = re.compile(r"gate|gating|router|routing|tower|head", re.IGNORECASE)
 SHARED = re.compile(r"shared|common", re.IGNORECASE)

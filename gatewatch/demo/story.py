@@ -23,7 +23,7 @@ from typing import Any
 
 from ..app.launch import can_open_browser, streamlit_command
 from ..app.state import env_with_root
-from .loop import TrainConfig
+from ..training.loop import TrainConfig
 
 POLARIZING_NOTE = ("Chosen to polarize: census-income with 4 experts and lr 1e-2 polarizes in 6 of 10 seeds; seed "
                    "{seed} does. Watch the 'polarization' finding appear while it trains.")
@@ -47,7 +47,7 @@ def _child(name: str, config: dict[str, Any], out: str, note: str, queue: Any) -
     """Train one run in a child process, reporting ``(name, step)`` every 10 steps and ``(name, "done")``."""
     import torch
 
-    from .loop import train
+    from ..training.loop import train
 
     torch.set_num_threads(1)
     try:
@@ -88,7 +88,7 @@ def start_dashboard(root: Path, port: int) -> tuple[subprocess.Popen, str]:
 def first_polarization(run_dir: Path) -> Any:
     """The polarization finding of the run as the Overview shows it, or None (None while unreadable)."""
     from ..findings import find
-    from ..runs import RunReadError, load_run
+    from ..run_reader import RunReadError, load_run
 
     try:
         return next((f for f in find(load_run(run_dir)) if f.code == "polarization"), None)

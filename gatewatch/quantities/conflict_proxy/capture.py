@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
-from ...expert_map import ExpertMapError, find_towers
-from ...gates import ResolvedGate, unwrap
+from ...gating.expert_map import ExpertMapError, find_towers
+from ...gating.specs import ResolvedGate
 from ...schema import conform
+from ...wrappers import unwrap
 from .read import proxy_rows
 
 KEYWORDS: dict[str, Any] = {"conflict_proxy": False, "towers": None}
