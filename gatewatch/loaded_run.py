@@ -6,13 +6,14 @@ to evaluate the finding rules while training. Pure pandas.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .schema import TABLES, frame
+from .schema import TABLES, conform, frame
 
 
 @dataclass
@@ -24,6 +25,13 @@ class Run:
     tables: dict[str, pd.DataFrame]
     status: str  # "live" | "finished" | "cut off"
     problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_tables(cls, path: Path, meta: dict[str, Any], tables: Mapping[str, pd.DataFrame], status: str) -> Run:
+        """A run made of rows in memory (a watch's recent windows): every table conformed to its schema, and the
+        tables it lacks present and empty."""
+        return cls(path=path, meta=meta, status=status,
+                   tables={name: conform(name, tables[name]) if name in tables else frame(name) for name in TABLES})
 
     def table(self, name: str) -> pd.DataFrame:
         """One table by name (empty, with its columns, when the run has none of it)."""

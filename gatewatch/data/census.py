@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from ..run_format import atomic_write_bytes
+from .splits import SplitTensors
 
 __all__ = [
     "ARCHIVE_SPEC",
@@ -130,22 +131,11 @@ TASKS: dict[str, tuple[str, frozenset[str]]] = {
 
 
 @dataclass(frozen=True)
-class CensusData:
+class CensusData(SplitTensors):
     """Preprocessed census-income splits: float32 features ``[N, D]`` and labels ``[N, n_tasks]``."""
 
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
     tasks: tuple[str, ...]
     feature_names: tuple[str, ...]
-
-    @property
-    def in_dim(self) -> int:
-        """Number of input features."""
-        return self.x_train.shape[1]
 
 
 @dataclass(frozen=True)

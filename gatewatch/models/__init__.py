@@ -32,13 +32,19 @@ def factory_ref(model: nn.Module) -> dict[str, Any]:
     return {"factory": f"{cls.__module__}:{cls.__qualname__}", "kwargs": dict(config)}
 
 
+def import_factory(factory: str) -> Any:
+    """The attribute named by ``pkg.module:attr`` (attr may be dotted); ImportError or AttributeError when absent."""
+    module_name, attr_path = factory.split(":")
+    target: Any = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        target = getattr(target, attr)
+    return target
+
+
 def _resolve(factory: str) -> Any:
     """Import ``pkg.module:attr`` (attr may be dotted) and return the attribute."""
-    module_name, attr_path = factory.split(":")
     try:
-        target: Any = importlib.import_module(module_name)
-        for attr in attr_path.split("."):
-            target = getattr(target, attr)
+        target = import_factory(factory)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot resolve model factory {factory!r}: {exc}") from exc
     if not callable(target):

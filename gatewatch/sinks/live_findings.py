@@ -14,7 +14,6 @@ from ..findings import find
 from ..liveness import run_status
 from ..loaded_run import Run
 from ..report import build_report
-from ..schema import TABLES, conform, frame
 
 RECENT_WINDOWS = 100  # windows of history kept in memory for the finding rules (only when a sink asks for them)
 # The rules run at a flush only when the time since they last ran is at least this many times what they took
@@ -43,9 +42,9 @@ class RecentWindows:
         return sum(int(t["gates"]["step"].nunique()) for t in flushes if "gates" in t)
 
     def run(self, path: Path, meta: dict[str, Any]) -> Run:
-        tables = {name: conform(name, pd.concat([t[name] for t in self.flushes if name in t], ignore_index=True))
-                  if self.flushes else frame(name) for name in TABLES}
-        return Run(path=path, meta=dict(meta), tables=tables, status=run_status(meta, path))
+        names = {name for t in self.flushes for name in t}
+        tables = {name: pd.concat([t[name] for t in self.flushes if name in t], ignore_index=True) for name in names}
+        return Run.of_tables(path, dict(meta), tables, status=run_status(meta, path))
 
     def due(self) -> bool:
         """Whether the rules may run now: at most ``1 / cost_ratio`` of the time goes to them."""

@@ -29,7 +29,6 @@ Reading ``model.json`` and the trust rule need no torch: they live in :mod:`gate
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import io
 import json
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import import_factory
 from ..run_format import atomic_write_bytes, atomic_write_json
 from .metrics import check_task_types
 from .model_info import (
@@ -126,11 +126,8 @@ def resolve_factory(factory: str, *, trusted: bool) -> Any:
             "trust this run, or pass "
             "factory='module:function' yourself."
         )
-    module_name, attr_path = factory.split(":")
     try:
-        target: Any = importlib.import_module(module_name)
-        for attr in attr_path.split("."):
-            target = getattr(target, attr)
+        target = import_factory(factory)
     except ImportError as err:
         raise CheckpointError(f"cannot import the module of model factory {factory!r}: {err}.") from err
     except AttributeError as err:

@@ -16,27 +16,21 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..data import load_census, make_synthetic
+from ..data.splits import SplitTensors
 from ..validate import positive_int
 from .metrics import check_task_types
 
 
-@dataclass
-class Splits:
+@dataclass(frozen=True)
+class Splits(SplitTensors):
     """Float32 inputs ``[N, D]`` and targets ``[N, K]`` per split, the task names and their types."""
 
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
     tasks: list[str]
     task_types: list[str]  # "binary" | "regression", one per task
     ref: dict[str, Any] = field(default_factory=dict)  # {"name", "kwargs"}: rebuilds these splits
@@ -50,11 +44,6 @@ class Splits:
                     f"{split} split: x must be [N, D] and y [N, {len(self.tasks)}], got {list(x.shape)} and "
                     f"{list(y.shape)}."
                 )
-
-    @property
-    def in_dim(self) -> int:
-        """Number of input features."""
-        return int(self.x_train.shape[1])
 
 
 def synthetic_splits(
@@ -119,10 +108,8 @@ def load_dataset(name: str, **kwargs: Any) -> Splits:
         known = [p for p in inspect.signature(maker).parameters]
         raise ValueError(f"data set {name!r} does not take {sorted(kwargs)}: {err}; its options are {known}.") from err
     bound.apply_defaults()
-    splits = maker(**bound.arguments)
-    splits.ref = {"name": name, "kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in bound.arguments.items()}}
-    return splits
+    return replace(maker(**bound.arguments), ref={"name": name, "kwargs": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}})
 
 
 def load_ref(ref: Mapping[str, Any]) -> Splits:

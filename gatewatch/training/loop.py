@@ -174,12 +174,6 @@ def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
     return {**extra, "conflict_every": config.conflict_every}
 
 
-def eval_rows(step: int, split: str, metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Rows of the ``eval`` table for one evaluation."""
-    return [{"step": step, "split": split, "task": task, "metric": name, "value": value}
-            for task, values in metrics.items() for name, value in values.items()]
-
-
 class Unwatched:
     """Stands in for GateWatch when ``TrainConfig.watch`` is False: a plain backward pass, nothing logged."""
 

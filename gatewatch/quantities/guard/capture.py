@@ -14,7 +14,7 @@ from ...guard import Guard
 from ...loaded_run import Run
 from ...masking import GateMasks, dropout_keep
 from ...rules import Thresholds
-from ...schema import TABLES, conform, frame
+from ...schema import frame
 from ..gates.read import expert_findings, gate_findings
 
 KEYWORDS: dict[str, Any] = {"guard": None}
@@ -72,8 +72,7 @@ class GateGuard(Quantity):
     def _fired(self, tables: dict[str, pd.DataFrame]) -> list[tuple[str, list[str], str]]:
         """(rule, gates concerned, message) of the guarded findings of these windows."""
         meta = {"gates": [g.describe() for g in self.ctx.gates], "tasks": self.ctx.tasks}
-        run = Run(path=Path("."), meta=meta, tables={n: conform(n, tables[n]) if n in tables else frame(n)
-                                                      for n in TABLES}, status="live")
+        run = Run.of_tables(Path("."), meta, tables, status="live")
         names = [g.name for g in self.ctx.gates]
         found = [f for rule in (gate_findings, expert_findings) for f in rule(run, self.thresholds)]
         return [(f.code, [f.gate] if f.gate else names, f.message) for f in found if f.code in self.spec.rules]
