@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,6 +34,17 @@ def _thresholds(pairs: Sequence[str]) -> Thresholds:
     return Thresholds.from_dict(values)
 
 
+def write_stdout(text: str) -> None:
+    """Print ``text``; a reader that closed the pipe early (``gatewatch report RUN | head``) ends the output quietly.
+
+    The exit status stays the command's own: the report was made, only its reader left."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would report the closed pipe there: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the health of a run; exit 0 healthy, 1 an error-level finding, 2 unreadable or no data yet."""
     try:
@@ -42,7 +54,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"gatewatch report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     report = build_report(run, thresholds)
-    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    write_stdout(json.dumps(report, indent=2) if args.json else render_text(report))
     if why := no_data_reason(report):
         print(f"gatewatch report: {args.run_dir}: {why}.", file=sys.stderr)
         return EXIT_BAD_INPUT
