@@ -100,11 +100,11 @@ def own_time(plain_step_s: float, steps: int, log_root: Path) -> None:
                 spent[0] += time.perf_counter() - start
         return call
 
-    for gate in watch.gates:  # the watch's forward hooks on each gate module
+    for gate in watch.gates:  # the watch's forward hook on each gate module (shared by its quantities)
         hooks = gate.module._forward_hooks
         for key in list(hooks):
             hooks[key] = timed(hooks[key])
-    watch._losses.record = timed(watch._losses.record)
+    watch._record = timed(watch._record)  # the losses handed to every quantity
     watch.step = timed(watch.step)
     step = training_step(model, watch)
     per_step, flush_steps = [], []

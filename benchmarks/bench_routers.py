@@ -153,10 +153,10 @@ def memory(big_steps: int, root: Path) -> None:
     for _ in range(big_steps):
         model(h)
         watch.step()
-        held_gates = sum(p.numel() * p.element_size() for *_, p in gates_q._held) + sum(
-            t.numel() * t.element_size() for t in gates_q._sums.values())
-        held_routers = sum(t.numel() * t.element_size() for sums in routers_q._sums.values() for t in sums.values())
-        waiting = sum(t.numel() * t.element_size() for passes in routers_q._held.values() for h in passes
+        held_gates = sum(p.numel() * p.element_size() for *_, (_, p) in gates_q.buffer.held) + sum(
+            t.numel() * t.element_size() for t in gates_q.buffer.sums.values())
+        held_routers = sum(t.numel() * t.element_size() for t in routers_q.buffer.sums.values())
+        waiting = sum(t.numel() * t.element_size() for *_, (_, h) in routers_q.buffer.held
                       for t in (h.logits, h.idx, h.mask, h.weights, h.bias) if t is not None)
         held.append((held_gates, held_routers, waiting))
         rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

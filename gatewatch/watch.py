@@ -1,7 +1,8 @@
 """GateWatch: the one object a training loop touches. It orchestrates; the measuring is done by quantities.
 
-Per step the quantities only hold or add up device tensors. Every ``every`` steps a window closes (host
-bookkeeping only); at a flush (``flush_every`` steps or ``flush_secs`` seconds) the reducer gathers every
+The watch names no quantity: it builds every registered one (``gatewatch.registry``) and calls each through the
+``Quantity`` protocol. Per step the quantities only hold or add up device tensors. Every ``every`` steps a window
+closes (host bookkeeping only); at a flush (``flush_every`` steps or ``flush_secs`` seconds) the reducer gathers every
 quantity's state, reduces it across ranks and moves it to the host in one transfer, the quantities turn it
 into rows, and the sinks (run directory, TensorBoard, the user's own) write them.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,12 @@ from .capture import settings
 from .capture.distributed import own_group, rank, world_size
 from .capture.flush import check_nonfinite, merge
 from .capture.flush_clock import FlushClock
+from .capture.loss_items import Losses, loss_items
 from .capture.quantity import CaptureContext, Quantity
 from .capture.reducer import Reducer
-from .capture.settings import quantity_keywords
+from .capture.settings import build_quantities, quantity_keywords
 from .gating.discovery import resolve
 from .gating.specs import ResolvedGate
-from .quantities.losses.capture import Losses, TaskLosses
-from .registry import capture_halves
 from .schema import frame
 from .sinks import Sink
 from .sinks.live_findings import RecentWindows
@@ -65,9 +65,15 @@ class GateWatch:
             (:class:`~gatewatch.NonFiniteGateError` at the next flush); always in the ``events`` table.
         sinks: more :class:`~gatewatch.sinks.Sink` objects to write to (rank 0 only).
         durable: fsync every file written to the run directory (power-loss safety; costs a few ms a flush).
-        **options: the quantities' own keywords - gradient conflict: ``conflict_every`` (steps, a schedule
+        **options: the quantities' own keywords; ``gatewatch.capture.settings.quantity_keywords()`` lists them
+            with their defaults. Those that ship: gradient conflict ``conflict_every`` (steps, a schedule
             ``step -> bool``, or 0: off), ``shared``, ``conflict_threshold``, ``conflict_group``,
-            ``conflict_param_limit`` (docs/conflict.md).
+            ``conflict_param_limit`` (docs/conflict.md); the conflict proxy ``conflict_proxy``, ``towers``;
+            the guard ``guard`` (docs/guard.md); expert similarity ``similarity_every``, ``similarity_rows``
+            (docs/similarity.md).
+
+    Each registered quantity is reached as an attribute by its registry name (``watch.conflict``,
+    ``watch.guard``; None when it is off), or with :meth:`quantity`.
     """
 
     def __init__(
@@ -86,9 +92,8 @@ class GateWatch:
         self.ctx = CaptureContext(model, st.tasks, resolve(model, st.tasks, gates), st.every, threshold, st.bins,
                                   margin, distributed, options=st.options)
         run_meta.claim(self.log_dir, self, writer=self.rank == 0)
-        self.quantities: list[Quantity] = [q for half in capture_halves() if (q := half.build(self.ctx)) is not None]
-        self._losses = next(q for q in self.quantities if isinstance(q, TaskLosses))
-        self.conflict, self.guard = map({q.name: q for q in self.quantities}.get, ("conflict", "guard"))
+        self._by_name = build_quantities(self.ctx)  # registry name -> quantity (None: off)
+        self.quantities: list[Quantity] = [q for q in self._by_name.values() if q is not None]
         self.reducer = Reducer(self.quantities, distributed=distributed, group=own_group() if distributed else None)
         self.clock = FlushClock(self.flush_every, flush_secs, distributed=distributed)
         self.sinks: list[Sink] = []
@@ -96,12 +101,26 @@ class GateWatch:
             self.sinks = [RunDirWriter(self.log_dir, durable=durable),
                           *([TensorBoardSink(self.log_dir / "tensorboard")] if tensorboard else []), *sinks]
         self._recent = RecentWindows() if any(s.wants_findings for s in self.sinks) else None
-        self.meta = run_meta.initial_meta(self.log_dir.name, unwrap(model), st.recorded(), config, world_size())
+        self.meta = run_meta.initial_meta(self.log_dir.name, unwrap(model), st.recorded(), config, world_size(),
+                                          [name for name, q in self._by_name.items() if q is not None])
         self._windows: list[int] = []  # last steps of the windows closed since the last flush
         self._last_window = 0
         self._write_meta()
 
     # ------------------------------------------------------------------ what loops and integrations use
+    def quantity(self, name: str) -> Quantity | None:
+        """The quantity registered as ``name`` (``"conflict"``, ``"my_pkg.my_quantity"`` ...); None when it is off."""
+        if name not in self._by_name:
+            raise KeyError(f"No quantity is registered as {name!r}; the registered ones are {list(self._by_name)}.")
+        return self._by_name[name]
+
+    def __getattr__(self, name: str) -> Any:
+        by_name = self.__dict__.get("_by_name")  # absent while __init__ runs
+        if by_name is None or name not in by_name:
+            raise AttributeError(f"GateWatch has no attribute {name!r}" + (
+                f" (the quantities are {list(by_name)})" if by_name else ""))
+        return by_name[name]
+
     @property
     def gates(self) -> list[ResolvedGate]:
         return self.ctx.gates
@@ -120,7 +139,31 @@ class GateWatch:
         """Record this step's task losses and return their sum (on the graph), for a backward you run yourself:
         ``scaler.scale(watch.log_losses(losses)).backward()`` (with ``conflict_every``: :meth:`task_gradients`)."""
         self._check_open()
-        return self._losses.record(losses)[1]
+        return self._record(losses)[1]
+
+    def _record(self, losses: Losses) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+        items, total = loss_items(self.ctx, losses)
+        for q in self.quantities:
+            q.on_losses(items, self.step_count + 1)
+        return items, total
+
+    def batch(self, **inputs: Any) -> AbstractContextManager[None]:
+        """Hand per-batch inputs that only the loop knows to the quantities that read them (their ``batch_keys``)::
+
+            with watch.batch(sample_groups=labels):
+                out = model(x)
+
+        They stand until the next ``batch()`` call, so a forward recomputed during the backward (activation
+        checkpointing) and gradient hooks still see them. A keyword no quantity of this watch reads raises."""
+        self._check_open()
+        known = sorted({k for q in self.quantities for k in q.batch_keys})
+        if unknown := sorted(set(inputs) - set(known)):
+            raise TypeError(f"watch.batch() got {unknown}, which no quantity of this watch reads; they read "
+                            f"{known or 'nothing'} (a quantity's batch_keys; one that is off reads nothing).")
+        for q in self.quantities:
+            if q.batch_keys:
+                q.on_batch({k: inputs[k] for k in q.batch_keys if k in inputs})
+        return nullcontext()
 
     def backward(self, losses: Losses, **backward_kwargs: Any) -> torch.Tensor:
         """Backpropagate the sum of the task losses, exactly as ``sum(losses).backward()`` would (on a conflict
@@ -131,8 +174,9 @@ class GateWatch:
 
     @property
     def conflict_due(self) -> bool:
-        """True when the coming backward is on a conflict step (see ``conflict_every``)."""
-        return self.conflict is not None and self.conflict.due(self.step_count + 1)
+        """True when the coming backward is on a step where some quantity measures around the backward (the
+        gradient conflict's ``conflict_every``)."""
+        return any(q.backward_due(self.step_count + 1) for q in self.quantities)
 
     @contextmanager
     def task_gradients(self, losses: Losses) -> Iterator[torch.Tensor]:
@@ -145,8 +189,10 @@ class GateWatch:
                 scaler.scale(total).backward()
         """
         self._check_open()
-        items, total = self._losses.record(losses)
-        with self.conflict.around_backward(items, total, self.step_count + 1) if self.conflict else nullcontext():
+        items, total = self._record(losses)
+        with ExitStack() as around:
+            for q in self.quantities:
+                around.enter_context(q.around_backward(items, total, self.step_count + 1))
             yield total
 
     def log_metrics(self, step: int, metrics: Mapping[str, Mapping[str, float]], *, split: str = "val") -> None:
@@ -218,7 +264,7 @@ class GateWatch:
                 q.on_step(self.ctx.step)  # what ran after the last step() joins the last window
             # under DDP only the (shared) step count decides, so that every rank closes the same windows;
             # losses logged after the last step() are then left out, rather than some ranks waiting forever
-            late = bool(self._losses.open_calls) and not self.ctx.distributed
+            late = any(q.late() for q in self.quantities) and not self.ctx.distributed
             if self.ctx.step > self._last_window or late:
                 self._close_window()
             self.reducer.settle_close(self.ctx.step)

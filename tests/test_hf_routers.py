@@ -363,9 +363,9 @@ def test_custom_router_at_32k_tokens_x_128_experts_holds_bounded_state(tmp_path:
         if step >= 2:
             counts += np.bincount(idx.reshape(-1).numpy(), minlength=128)
         watch.step()
-        assert sum(p.numel() for *_, p in gates_q._held) <= HOLD_ELEMENTS
-        assert routers_q._held_elements <= ROUTER_HOLD
-        assert all(t.numel() == 3 * 128 + 5 for sums in routers_q._sums.values() for t in sums.values())
+        assert sum(p.numel() for *_, (_, p) in gates_q.buffer.held) <= HOLD_ELEMENTS
+        assert routers_q.buffer.held_elements <= ROUTER_HOLD
+        assert all(t.shape[0] <= 3 and t.shape[1] == 3 * 128 + 5 for t in routers_q.buffer.sums.values())
     watch.close()
     load = load_run(tmp_path).table("router_experts").query("step == 4")["load"].to_numpy()
     np.testing.assert_allclose(load, counts / 65_536)

@@ -163,7 +163,7 @@ def test_forwards_without_step_stay_bounded(tmp_path) -> None:
     watch = watch_of(model, tmp_path, every=1)
     for _ in range(500):
         model(torch.randn(4, 12))
-        assert len(gate_statistics(watch)._pending) <= 64 * 2 + 1
+        assert len(gate_statistics(watch).buffer.held) <= 64 * 2 + 1
     watch.step()
     watch.close()
     assert gw.load_run(tmp_path).gates["samples"].tolist() == [2000.0, 2000.0]
@@ -292,8 +292,8 @@ def test_memory_stays_constant_over_a_run(tmp_path) -> None:
         train(model, watch, 100, n=16)
         gc.collect()
         counts.append(sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()))
-        assert stats._pending == [] and stats._held == [] and watch._windows == []
-        shapes.append(sorted(tuple(t.shape) for t in stats._sums.values()))
+        assert stats.buffer.held == [] and watch._windows == []
+        shapes.append(sorted(tuple(t.shape) for t in stats.buffer.sums.values()))
     assert counts[1] == counts[2], counts
     assert shapes[0] == shapes[1] == shapes[2], shapes
     watch.close()

@@ -28,8 +28,9 @@ def now() -> str:
 
 
 def initial_meta(name: str, model: Any, settings: Mapping[str, Any], config: Mapping[str, Any] | None,
-                 world_size: int) -> dict[str, Any]:
-    """The run.json of a run that starts now."""
+                 world_size: int, quantities: list[str] | None = None) -> dict[str, Any]:
+    """The run.json of a run that starts now; ``quantities``: the registry names of the quantities that write it
+    (a third-party one by its dotted package, so that readers in other processes can import its read half)."""
     stamp = now()
     return {
         "format": RUN_FORMAT, "name": name, "status": "running", "created": stamp, "updated": stamp, "ended": None,
@@ -38,7 +39,7 @@ def initial_meta(name: str, model: Any, settings: Mapping[str, Any], config: Map
         "versions": {"gatewatch": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "config": dict(settings), "user_config": dict(config or {}), "host": socket.gethostname(),
         "pid": os.getpid(), "pid_start": process_start(os.getpid()), "world_size": world_size,
-        "heartbeat": time.time(),
+        "heartbeat": time.time(), "quantities": list(quantities or []),
     }
 
 

@@ -4,6 +4,8 @@ At a flush, each quantity hands over its states (:class:`~gatewatch.capture.quan
 reducer returns, per quantity, a host array for each key. In one process that is one concatenation
 and one device-to-host transfer. Under torch.distributed:
 
+* Each state's reduction is the one its quantity declared for its key (``Quantity.add_state``); :func:`combine`
+  says what each reduction makes of the ranks' copies.
 * SUM, MIN and MAX states are laid out in one agreed order (every quantity's ``slots``); a slot a rank
   has not filled yet (a gate it never ran) is filled with the reduction's identity. Until every slot's
   width is known on some rank, each flush first agrees on the widths (one tiny collective).
@@ -23,10 +25,9 @@ import torch
 import torch.distributed as dist
 
 from .distributed import agree_widths, others, steps_at_close, stragglers
-from .quantity import IDENTITY, Quantity, Reduction, State
+from .quantity import IDENTITY, WINDOW_REDUCTIONS, Quantity, Reduction, State
 
 HostStates = dict[str, dict[str, np.ndarray]]
-WINDOWED = (Reduction.SUM, Reduction.MIN, Reduction.MAX)
 OPS = {Reduction.SUM: "SUM", Reduction.MIN: "MIN", Reduction.MAX: "MAX"}
 
 
@@ -48,7 +49,7 @@ class Reducer:
         ``local``: this rank's states only, with no collective (every rank must agree to skip it: nothing
         windowed to reduce).
         """
-        collected = {q.name: q.collect(windows) for q in self.quantities}
+        collected = self.collect(windows)
         control = list(control or [])
         if self.distributed and not local and not self.degraded:
             try:
@@ -60,6 +61,11 @@ class Reducer:
                              f"({type(err).__name__}: {str(err)[:160]})")
         host = _to_host([(q, k, s.tensor) for q, states in collected.items() for k, s in states.items()])
         return host, control
+
+    def collect(self, windows: list[int]) -> dict[str, dict[str, State]]:
+        """Every quantity's device states for the closed ``windows``, each with its declared reduction."""
+        return {q.name: {key: _declared(q, key, value) for key, value in q.collect(windows).items()}
+                for q in self.quantities}
 
     def settle_close(self, step: int) -> None:
         """At close under DDP: wait (bounded) for every rank; go on alone when one is missing or stopped elsewhere."""
@@ -107,8 +113,8 @@ class Reducer:
         widths = self._slot_widths(collected)
         device = next((s.tensor.device for states in collected.values() for s in states.values()),
                       torch.device("cpu"))  # built where the states are, then one copy per kind to the CPU (gloo)
-        layout: dict[Reduction, list[tuple[str, str, int]]] = {kind: [] for kind in WINDOWED}
-        parts: dict[Reduction, list[torch.Tensor]] = {kind: [] for kind in WINDOWED}
+        layout: dict[Reduction, list[tuple[str, str, int]]] = {kind: [] for kind in WINDOW_REDUCTIONS}
+        parts: dict[Reduction, list[torch.Tensor]] = {kind: [] for kind in WINDOW_REDUCTIONS}
         for q in self.quantities:
             for key, kind in q.slots.items():
                 width = widths[(q.name, key)]
@@ -163,8 +169,36 @@ class Reducer:
         """Rows of every rank, in rank order."""
         gathered: list[np.ndarray | None] = [None] * dist.get_world_size(self.group)  # type: ignore[arg-type]
         dist.all_gather_object(gathered, tensor.detach().to("cpu", torch.float64).numpy(), group=self.group)
-        return np.concatenate([g for g in gathered if g is not None and g.size], axis=0) if any(
-            g is not None and g.size for g in gathered) else tensor.detach().cpu().double().numpy()
+        parts = [g for g in gathered if g is not None and g.size]
+        return combine(Reduction.CONCAT, parts) if parts else tensor.detach().cpu().double().numpy()
+
+
+def combine(kind: Reduction, parts: list[np.ndarray]) -> np.ndarray:
+    """What the reduction ``kind`` makes of the ranks' copies of one state, ``parts`` in rank order: the meaning of
+    the collectives above, in one process."""
+    if kind is Reduction.SUM:
+        return np.sum(parts, axis=0)
+    if kind is Reduction.MIN:
+        return np.minimum.reduce(parts)
+    if kind is Reduction.MAX:
+        return np.maximum.reduce(parts)
+    if kind is Reduction.CONCAT:
+        return np.concatenate(parts, axis=0)
+    return parts[0]  # REPLICATED: rank 0's
+
+
+def _declared(q: Quantity, key: str, value: torch.Tensor | State) -> State:
+    """``value`` with the reduction ``q`` declared for ``key``."""
+    declared = q.states.get(key)
+    if isinstance(value, State):
+        if declared is not None and declared is not value.reduction:
+            raise ValueError(f"Quantity {q.name!r} declared its state {key!r} as {declared.value} but collected it "
+                             f"as {value.reduction.value}; declare it once (add_state) and return the bare tensor.")
+        return value
+    if declared is None:
+        raise ValueError(f"Quantity {q.name!r} collected the state {key!r}, which it never declared: call "
+                         f"self.add_state({key!r}, Reduction...) in its __init__.")
+    return State(value, declared)
 
 
 def _to_host(entries: list[tuple[str, str, torch.Tensor]]) -> HostStates:

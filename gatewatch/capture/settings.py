@@ -11,11 +11,21 @@ from torch import nn
 from ..registry import capture_halves
 from ..validate import positive_int
 from .flush import ON_NONFINITE
+from .quantity import CaptureContext, Quantity
+
+BUILT_IN = "gatewatch.quantities."
 
 
 def quantity_keywords() -> dict[str, Any]:
     """Every registered quantity's own keywords of ``GateWatch(...)``, with their defaults."""
     return {k: v for half in capture_halves() for k, v in half.KEYWORDS.items()}
+
+
+def build_quantities(ctx: CaptureContext) -> dict[str, Quantity | None]:
+    """Every registered quantity's capture half built for ``ctx``, by its registry name (``"gates"``,
+    ``"my_pkg.my_quantity"``); None where ``build`` left it off."""
+    return {half.__name__.removesuffix(".capture").removeprefix(BUILT_IN): half.build(ctx)
+            for half in capture_halves()}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from ...wrappers import unwrap
@@ -79,9 +79,9 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
 class ConflictGradients(Quantity):
     """Per-task gradients on the shared parameters on scheduled steps, reduced on the device.
 
-    The watch drives it: :meth:`due`, then :meth:`before_backward` / :meth:`after_backward` around each
-    backward of a conflict step, :meth:`on_step` at ``watch.step()``. Its one state, ``"steps"``, holds a
-    row of statistics per measured step: REPLICATED, as under DDP each rank measures its own batch and
+    The watch drives it: :meth:`around_backward` (:meth:`before_backward` / :meth:`after_backward`) around each
+    backward of a conflict step (:meth:`due`), :meth:`on_step` at ``watch.step()``. Its one state, ``"steps"``,
+    holds a row of statistics per measured step: REPLICATED, as under DDP each rank measures its own batch and
     rank 0's figures are written (no collective).
     """
 
@@ -123,6 +123,7 @@ class ConflictGradients(Quantity):
         self._pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, tasks, statistics) until the flush
         self._collected: list[tuple[int, list[str]]] = []
         self._below: dict[tuple[str, str, str], np.ndarray] = {}  # (scope, task a, task b) -> count per name
+        self.add_state("steps", Reduction.REPLICATED)
 
     # ------------------------------------------------------------------ schedule
     def due(self, step: int) -> bool:
@@ -132,6 +133,9 @@ class ConflictGradients(Quantity):
         if self._due[0] != step:
             self._due = (step, bool(self.schedule(step)))
         return self._due[1]
+
+    def backward_due(self, step: int) -> bool:
+        return self.due(step)
 
     # ------------------------------------------------------------------ gradients
     @contextmanager
@@ -322,12 +326,12 @@ class ConflictGradients(Quantity):
         warnings.warn(f"gatewatch: task-conflict logging is off: {why}.", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ flush
-    def collect(self, windows: list[int]) -> dict[str, State]:
+    def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
         pending, self._pending = self._pending, []
         self._collected = [(step, tasks) for step, tasks, _ in pending]
         if not pending:
             return {}
-        return {"steps": State(torch.stack([flat for _, _, flat in pending]), Reduction.REPLICATED)}
+        return {"steps": torch.stack([flat for _, _, flat in pending])}
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
         if "steps" not in host or self.layout is None:

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...capture.gate_hooks import HookCall
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...gating.expert_map import ExpertMapError, find_towers
 from ...gating.specs import ResolvedGate
 from ...schema import conform
@@ -78,24 +78,24 @@ class ConflictProxy(Quantity):
         self.modules: list[str] | None = None
         self._maps: torch.Tensor | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []
-        distinct = {g.name: g for g in self.gates.values()}.values()
-        self._handles = [g.module.register_forward_hook(self._gate_hook(g)) for g in distinct]
-        self._handles += [modules[p].register_forward_pre_hook(self._tower_hook(t))
-                          for t, p in self.tower_paths.items()]
+        self.add_state("proxy", Reduction.CONCAT)
+        for gate in {g.name: g for g in self.gates.values()}.values():
+            self.hook_gate(gate, self._gate_hook(gate))
+        for task, path in self.tower_paths.items():
+            self.hook(modules[path], self._tower_hook(task), pre=True)
 
     def _gate_hook(self, gate: ResolvedGate) -> Any:
-        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if module.training:
-                self._latest[gate.name] = gate.to_probs(output)
+        def hook(call: HookCall) -> None:
+            self._latest[gate.name] = call.probs(gate)
         return hook
 
     def _tower_hook(self, task: str) -> Any:
         gate = self.gates[task]
 
-        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            h = inputs[0] if inputs else None
+        def hook(call: HookCall) -> None:
+            h = call.args[0] if call.args else None
             probs = self._latest.get(gate.name)
-            if not module.training or probs is None or not isinstance(h, torch.Tensor) or not h.requires_grad:
+            if probs is None or not isinstance(h, torch.Tensor) or not h.requires_grad:
                 return
             item: list[Any] = [probs, None]
             self._step[task].append(item)
@@ -152,12 +152,12 @@ class ConflictProxy(Quantity):
             steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
             self._pending.append((len(items), torch.cat([steps[:, None], gram.reshape(len(items), -1)], 1)))
 
-    def collect(self, windows: list[int]) -> dict[str, State]:
+    def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
         self._fold()
         pending, self._pending = self._pending, []
         if not pending:
             return {}
-        return {"proxy": State(torch.cat([rows for _, rows in pending]), Reduction.CONCAT)}
+        return {"proxy": torch.cat([rows for _, rows in pending])}
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
         if "proxy" not in host or self.modules is None:
@@ -173,11 +173,6 @@ class ConflictProxy(Quantity):
     def describe(self) -> dict[str, Any]:
         return {"conflict_proxy": {"towers": self.tower_paths, "gates": {t: g.name for t, g in self.gates.items()},
                                    "modules": self.modules, "method": "gate weight x gradient at the tower input"}}
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def sample_inner(d: list[torch.Tensor]) -> torch.Tensor:

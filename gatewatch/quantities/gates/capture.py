@@ -1,8 +1,9 @@
 """Gate statistics, capture half: every gate's outputs, reduced to additive window sums.
 
-A forward hook on each gate keeps a reference to its output (no copy, no op) until the flush. Then the
-held outputs of all windows are reduced together, one stacked pass of :func:`~gatewatch.maths.gate_sums.window_sums`
-per gate shape, and added to each gate's per-window sums. Held outputs are capped (``HOLD_ELEMENTS``):
+A forward hook on each gate (shared with the other quantities) keeps a reference to its output (no copy, no op)
+in a :class:`~gatewatch.capture.window_buffer.WindowBuffer` until the flush. Then the held outputs of all windows
+are reduced together, one stacked pass of :func:`~gatewatch.maths.gate_sums.window_sums` per gate shape, and
+added to each gate's per-window sums. Held outputs are capped (``HOLD_ELEMENTS``, and 64 per gate in one step):
 beyond that they are folded early, so memory stays bounded whatever the flush interval. Nothing here
 synchronises with the host between flushes (apart from the first output of each gate, checked once).
 """
@@ -10,16 +11,15 @@ synchronises with the host between flushes (apart from the first output of each 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State, to_device
+from ...capture.gate_hooks import HookCall
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, to_device
+from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.expert_map import map_experts
 from ...gating.specs import GateOutputError, ResolvedGate
 from ...maths.gate_metrics import Layout, js_bits, window_metrics
@@ -27,6 +27,7 @@ from ...maths.gate_sums import window_sums
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
 HOLD_ELEMENTS = 4_000_000  # gate outputs held until the flush (16 MB of float32); above: fold early
+STEP_CALLS = 64  # outputs per gate held in one step (forward passes without step()); above: fold early
 
 
 def build(ctx: CaptureContext) -> GateStatistics:
@@ -34,7 +35,7 @@ def build(ctx: CaptureContext) -> GateStatistics:
 
 
 class GateStatistics(Quantity):
-    """Per-window sums of every gate (see the module docstring). Slots: ``"<i>"`` (the sums of gate i, SUM)
+    """Per-window sums of every gate (see the module docstring). States: ``"<i>"`` (the sums of gate i, SUM)
     and ``"<i>.bad"`` (the first step with a NaN/Inf output in the window, MIN)."""
 
     name = "gates"
@@ -42,33 +43,26 @@ class GateStatistics(Quantity):
     def __init__(self, ctx: CaptureContext) -> None:
         self.ctx = ctx
         self.gates = ctx.gates
-        self.slots = {key: kind for i in range(len(self.gates))
-                      for key, kind in ((f"{i}", Reduction.SUM), (f"{i}.bad", Reduction.MIN))}
-        self._pending: list[tuple[int, torch.Tensor]] = []  # this step's outputs: (gate, probs)
-        self._held: list[tuple[int, int, torch.Tensor]] = []  # earlier steps: (step, gate, probs)
-        self._held_elements = 0
-        self._ends: list[int] = []  # last steps of the windows closed since the last flush
-        self._sums: dict[int, torch.Tensor] = {}  # gate -> [window slots, layout.size] float64
-        self._bad: dict[int, torch.Tensor] = {}  # gate -> [window slots] float64, first non-finite step (inf: none)
+        for i in range(len(self.gates)):
+            self.add_state(f"{i}", Reduction.SUM)
+            self.add_state(f"{i}.bad", Reduction.MIN)
+        self.buffer = WindowBuffer(self, ctx, self._reduce, hold_elements=HOLD_ELEMENTS,
+                                   step_calls=STEP_CALLS * len(self.gates))
         self._prev_share: dict[str, np.ndarray] = {}
         self._nonfinite_seen: set[str] = set()
         self._started: set[int] = set()  # gates that have had a window with samples (on some rank)
-        self._handles = [g.module.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        for i, gate in enumerate(self.gates):
+            self.hook_gate(gate, self._hook(i))
 
     # ------------------------------------------------------------------ capture
-    def _hook(self, index: int) -> Callable[..., None]:
+    def _hook(self, index: int) -> Any:
         gate = self.gates[index]
 
-        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not module.training:
-                return
-            p = gate.to_probs(output)
+        def hook(call: HookCall) -> None:
+            p = call.probs(gate)
             if gate.n_experts is None:
                 self._first_output(gate, p)
-            self._pending.append((index, p))
-            self._held_elements += p.numel()
-            if self._held_elements > HOLD_ELEMENTS or len(self._pending) > 64 * len(self.gates):
-                self._fold()  # big outputs, or forward passes without step(): stay bounded
+            self.buffer.hold((index, p), p.numel())
 
         return hook
 
@@ -96,60 +90,34 @@ class GateStatistics(Quantity):
         gate.n_experts = e
         map_experts(self.ctx.model, gate, e, self.ctx.tasks)
 
-    def on_step(self, step: int) -> None:
-        self._held += [(step, index, p) for index, p in self._pending]
-        self._pending = []
-
     def on_window(self, step: int) -> None:
-        self._ends.append(step)
+        self.buffer.on_window(step)
 
-    def _fold(self) -> None:
-        """Add every held output to its window's sums: one stacked ``window_sums`` per gate shape."""
-        self.on_step(self.ctx.step + 1)
-        held, self._held, self._held_elements = self._held, [], 0
-        groups: dict[tuple[Any, ...], list[tuple[int, int, int, torch.Tensor]]] = {}  # (window slot, step, gate, p)
-        for step, index, p in held:
+    def _reduce(self, held: list[tuple[Slot, int, tuple[int, torch.Tensor]]]
+                ) -> list[tuple[str, list[Slot], torch.Tensor]]:
+        """The window sums of held outputs: one stacked ``window_sums`` per gate shape; the first step with a
+        NaN/Inf output per window."""
+        groups: dict[tuple[Any, ...], list[tuple[int, int, int, torch.Tensor]]] = {}  # (slot, step, gate, p)
+        for slot, step, (index, p) in held:
             key = (tuple(p.shape), p.device, p.dtype, self.gates[index].top_k)
-            groups.setdefault(key, []).append((bisect_left(self._ends, step), step, index, p))
+            groups.setdefault(key, []).append((slot, step, index, p))
+        out: list[tuple[str, list[Slot], torch.Tensor]] = []
         for (_, device, _, top_k), items in groups.items():
             stacked = torch.stack([p for *_, p in items]) if len(items) > 1 else items[0][3].unsqueeze(0)
             upd = window_sums(stacked, threshold=self.ctx.threshold, bins=self.ctx.bins, top_k=top_k,
                               margin=self.ctx.margin).to(torch.float64)
             for index in dict.fromkeys(item[2] for item in items):
                 mine = [n for n, item in enumerate(items) if item[2] == index]
-                self._ensure(index, max(items[n][0] for n in mine) + 1, upd.shape[1], device)
                 rows = upd if len(mine) == len(items) else upd[to_device(mine, torch.int64, device)]
-                at = to_device([items[n][0] for n in mine], torch.int64, device)
+                slots = [items[n][0] for n in mine]
                 steps = to_device([float(items[n][1]) for n in mine], torch.float64, device)
-                self._sums[index].index_add_(0, at, rows)
-                self._bad[index].scatter_reduce_(0, at, torch.where(rows[:, -1] > 0, steps, math.inf), "amin")
-
-    def _ensure(self, index: int, slots: int, size: int, device: torch.device) -> None:
-        """Room for ``slots`` windows in the sums of gate ``index``."""
-        have = self._sums.get(index)
-        if have is not None and have.shape[0] >= slots:
-            return
-        grow = slots - (0 if have is None else have.shape[0])
-        sums = torch.zeros(grow, size, dtype=torch.float64, device=device)
-        bad = torch.full((grow,), math.inf, dtype=torch.float64, device=device)
-        self._sums[index] = sums if have is None else torch.cat([have, sums])
-        self._bad[index] = bad if have is None else torch.cat([self._bad[index], bad])
+                out += [(f"{index}", slots, rows), (f"{index}.bad", slots, torch.where(rows[:, -1] > 0, steps,
+                                                                                        math.inf))]
+        return out
 
     # ------------------------------------------------------------------ flush
-    def collect(self, windows: list[int]) -> dict[str, State]:
-        self._fold()
-        n = len(windows)
-        states: dict[str, State] = {}
-        for index in sorted(self._sums):
-            sums, bad = self._sums[index], self._bad[index]
-            self._ensure(index, n + 1, sums.shape[1], sums.device)
-            sums, bad = self._sums[index], self._bad[index]
-            states[f"{index}"] = State(sums[:n], Reduction.SUM)
-            states[f"{index}.bad"] = State(bad[:n, None], Reduction.MIN)
-            self._sums[index] = torch.cat([sums[n:], torch.zeros_like(sums[:n])])  # the open window comes first
-            self._bad[index] = torch.cat([bad[n:], torch.full_like(bad[:n], math.inf)])
-        self._ends = self._ends[n:]
-        return states
+    def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
+        return self.buffer.collect(len(windows))
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
         """The ``gates``, ``shares``, ``hist`` and ``experts`` rows of every window, computed per gate at once."""
@@ -239,10 +207,8 @@ class GateStatistics(Quantity):
         return {"gates": [g.describe() for g in self.gates]}
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pending, self._held = [], []
+        super().detach()
+        self.buffer.clear()
 
 
 def _expert_rows(mix: pd.DataFrame) -> pd.DataFrame:

@@ -112,6 +112,7 @@ class GateGuard(Quantity):
         return {"guard": {**self.spec.describe(), "active": self.active, "events": self.events}}
 
     def detach(self) -> None:
+        super().detach()
         for masks in self.masks.values():
             masks.remove()
         self.masks.clear()

@@ -1,9 +1,10 @@
 """Sparse routers, capture half: where tokens were actually dispatched, per router and window.
 
 For every gate that is a sparse router (``gate.router``: found in the table of known router classes, recognised
-by its output, or stated in ``gw.Gate(router=...)``), a forward hook copies the router's logits, choice, weights
-and expert bias (:class:`~gatewatch.quantities.routers.dispatch.Held`). At the flush, or once ``HOLD_ELEMENTS``
-logits are held, each router's held passes are reduced in one batched pass to per-window sums (no host sync):
+by its output, or stated in ``gw.Gate(router=...)``), the gate's forward hook (shared with the other quantities)
+copies the router's logits, choice, weights and expert bias (:class:`~gatewatch.quantities.routers.dispatch.Held`)
+into a :class:`~gatewatch.capture.window_buffer.WindowBuffer`. At the flush, or once ``HOLD_ELEMENTS`` logits are
+held, each router's held passes are reduced in one batched pass to per-window sums (no host sync):
 tokens, the dispatch count of each expert read from the router's own indices or dispatch mask, the count of
 tokens that chose each expert before capacity dropped some, the dispatch weight per expert, the top-k boundary
 margin in the router's choice space, and how many tokens' chosen set differs from the one the same router makes
@@ -14,15 +15,16 @@ never summed). Slot ``"<i>"`` (SUM) holds gate i's sums per window, laid out by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...capture.gate_hooks import HookCall
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
+from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.specs import ResolvedGate
 from .dispatch import Held, window_sums
 from .read import Sums, router_tables
@@ -44,66 +46,51 @@ class RouterDispatch(Quantity):
     def __init__(self, ctx: CaptureContext, indices: list[int]) -> None:
         self.ctx = ctx
         self.indices = indices
-        self.slots = {f"{i}": Reduction.SUM for i in indices}
-        self._window = 0  # ordinal of the open window
-        self._ends: list[int] = []  # ordinals of the windows closed since the last collect
-        self._held: dict[int, list[Held]] = {i: [] for i in indices}
-        self._held_elements = 0
-        self._sums: dict[int, dict[int, torch.Tensor]] = {i: {} for i in indices}  # gate -> window -> sums
+        for i in indices:
+            self.add_state(f"{i}", Reduction.SUM)
+            self.add_state(f"{i}.bias", Reduction.REPLICATED)
+        self.buffer = WindowBuffer(self, ctx, self._reduce, hold_elements=HOLD_ELEMENTS)
         self._bias: dict[int, list[torch.Tensor]] = {i: [] for i in indices}
-        self._handles = [ctx.gates[i].module.register_forward_hook(self._hook(i)) for i in indices]
+        for i in indices:
+            self.hook_gate(ctx.gates[i], self._hook(i))
 
-    def _hook(self, index: int) -> Callable[..., None]:
+    def _hook(self, index: int) -> Any:
         router = self.ctx.gates[index].router
         assert router is not None
 
-        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not module.training:
-                return
-            held = Held.read(router, module, output, self._window)
-            self._held[index].append(held)
-            self._held_elements += held.logits.numel()
-            if self._held_elements > HOLD_ELEMENTS:
-                self._fold()
+        def hook(call: HookCall) -> None:
+            held = Held.read(router, call.module, call.output, 0)
+            self.buffer.hold((index, held), held.logits.numel())
 
         return hook
 
-    def _fold(self) -> None:
-        """Reduce every held forward pass into its window's sums (one batched pass per router)."""
-        for i, held in self._held.items():
-            if not held:
-                continue
+    def _reduce(self, held: list[tuple[Slot, int, tuple[int, Held]]]) -> list[tuple[str, list[Slot], torch.Tensor]]:
+        """Every held forward pass reduced to its window's sums: one batched pass per router."""
+        by_router: dict[int, list[Held]] = {}
+        for slot, _, (i, h) in held:
+            by_router.setdefault(i, []).append(replace(h, window=slot))
+        out = []
+        for i, passes in by_router.items():
             gate = self.ctx.gates[i]
             assert gate.router is not None
-            windows, sums = window_sums(gate.router, gate.module, held, self.ctx.margin)
-            for w, row in zip(windows, sums, strict=True):
-                have = self._sums[i].get(w)
-                self._sums[i][w] = row if have is None else have + row
-            self._held[i] = []
-        self._held_elements = 0
+            slots, sums = window_sums(gate.router, gate.module, passes, self.ctx.margin)
+            out.append((f"{i}", slots, sums))
+        return out
 
     def on_window(self, step: int) -> None:
-        self._ends.append(self._window)
-        self._window += 1
+        self.buffer.on_window(step)
         for i in self.indices:
             bias = self.ctx.gates[i].router.bias_of(self.ctx.gates[i].module)  # type: ignore[union-attr]
             if bias is not None:
                 self._bias[i].append(bias.detach().to(torch.float64).clone())
 
-    def collect(self, windows: list[int]) -> dict[str, State]:
-        self._fold()
+    def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
         n = len(windows)
-        ends, self._ends = self._ends[:n], self._ends[n:]
-        states: dict[str, State] = {}
+        states = self.buffer.collect(n)
         for i in self.indices:
-            closed = [self._sums[i].pop(w, None) for w in ends]
-            known = next((s for s in closed if s is not None), None)
-            if known is not None:
-                rows = [torch.zeros_like(known) if s is None else s for s in closed]
-                states[f"{i}"] = State(torch.stack(rows), Reduction.SUM)
             bias, self._bias[i] = self._bias[i][:n], self._bias[i][n:]
             if bias:
-                states[f"{i}.bias"] = State(torch.stack(bias), Reduction.REPLICATED)
+                states[f"{i}.bias"] = torch.stack(bias)
         return states
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
@@ -128,6 +115,5 @@ class RouterDispatch(Quantity):
                             for i in self.indices if (r := self.ctx.gates[i].router) is not None]}
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().detach()
+        self.buffer.clear()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, State
+from ...capture.gate_hooks import HookCall
+from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import positive_int
 from ...wrappers import unwrap
@@ -47,13 +48,14 @@ class ExpertSimilarity(Quantity):
         self.ctx, self.schedule, self.limit = ctx, schedule, rows
         self.pools: list[Pool] = []
         self._experts: list[nn.Module] | None = None  # None: pools not looked for yet
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []  # hooked only for a measured step
+        self._hooked = False  # the experts are hooked only for a measured step
         self._armed = False
         self._outputs: dict[int, torch.Tensor] = {}  # id(expert module) -> its first rows, this step
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, flat matrices of every pool) until the flush
         self._collected: list[int] = []
         self._last = 0  # the last step measured (close() calls on_step again for the same step)
         self._skipped: dict[str, str] = {}
+        self.add_state("steps", Reduction.REPLICATED)
 
     def _arm(self, armed: bool) -> None:
         """Hook the experts for the coming step when it is measured, and unhook them after it: a hooked module
@@ -61,15 +63,17 @@ class ExpertSimilarity(Quantity):
         if self._experts is None:  # the gates have mapped their experts by now
             self.pools = expert_pools(unwrap(self.ctx.model), self.ctx.gates)
             self._experts = list({id(m): m for pool in self.pools for m in pool.modules}.values())
-        if armed and not self._handles:
-            self._handles = [m.register_forward_hook(self._hook) for m in self._experts]
-        elif not armed and self._handles:
+        if armed and not self._hooked:
+            for module in self._experts:
+                self.hook(module, self._hook)
+        elif not armed and self._hooked:
             self.detach()
-        self._armed = armed
+        self._armed = self._hooked = armed
 
-    def _hook(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._armed and module.training and isinstance(out, torch.Tensor) and id(module) not in self._outputs:
-            self._outputs[id(module)] = out.detach().reshape(-1, out.shape[-1])[: self.limit]
+    def _hook(self, call: HookCall) -> None:
+        out = call.output
+        if self._armed and isinstance(out, torch.Tensor) and id(call.module) not in self._outputs:
+            self._outputs[id(call.module)] = out.detach().reshape(-1, out.shape[-1])[: self.limit]
 
     def on_step(self, step: int) -> None:
         outputs, self._outputs = self._outputs, {}
@@ -93,12 +97,12 @@ class ExpertSimilarity(Quantity):
             return None
         return similarity_matrices([x for x in xs if x is not None]).reshape(-1)
 
-    def collect(self, windows: list[int]) -> dict[str, State]:
+    def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
         pending, self._pending = self._pending, []
         self._collected = [step for step, _ in pending]
         if not pending:
             return {}
-        return {"steps": State(torch.stack([flat for _, flat in pending]), Reduction.REPLICATED)}
+        return {"steps": torch.stack([flat for _, flat in pending])}
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
         if "steps" not in host:
@@ -122,8 +126,3 @@ class ExpertSimilarity(Quantity):
             "schedule": describe(self.schedule), "rows": self.limit, "skipped": dict(self._skipped),
             "pools": {p.name: {"gates": p.gates, "experts": p.labels, "modules": p.paths} for p in self.pools},
         }}
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
