@@ -131,3 +131,13 @@ def num(x: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if value != value or value in (float("inf"), float("-inf")) else value
+
+
+def fmt(x: float | None) -> str:
+    """A report number for the terminal: three decimals, ``nan`` for None."""
+    return "  nan" if x is None else f"{x:.3f}"
+
+
+def fmt_list(values: list[float | None]) -> str:
+    """Report numbers for the terminal, two decimals each, space-separated."""
+    return " ".join(f"{v:.2f}" if v is not None else " nan" for v in values)
