@@ -30,6 +30,7 @@ QUANTITIES: list[str] = [
     "similarity",  # linear CKA and mean-output cosine between the experts of each gate
     "seesaw",  # one task's validation metric improving while another's worsens (reads the eval table)
 ]
+BUILT_IN = frozenset(QUANTITIES)  # packages of gatewatch.quantities; any other name is a package's full path
 INSTALLED: dict[str, str] = {}  # package -> the distribution whose entry point named it
 
 
@@ -57,7 +58,7 @@ def _load_entry_points() -> None:
 
 
 def _module(name: str, half: str) -> ModuleType:
-    path = f"{name if '.' in name else f'gatewatch.quantities.{name}'}.{half}"
+    path = f"gatewatch.quantities.{name}.{half}" if name in BUILT_IN else f"{name}.{half}"
     try:
         return import_module(path)
     except ImportError as err:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .liveness import run_status
 from .loaded_run import Run
-from .registry import QUANTITIES
+from . import registry
 from .run_format import FLUSHES, PART, committed, table_files
 from .schema import RUN_FORMAT, TABLES, conform, frame
 
@@ -215,7 +215,7 @@ def unknown_quantities(meta: dict[str, Any], tables: list[str]) -> list[str]:
     notes = [f"quantity {name!r} wrote this run but is not installed here: its tables load as written, without "
              "its report sections, findings or pages. Install the package that provides it (it registers itself "
              "through the 'gatewatch.quantities' entry point)."
-             for name in meta.get("quantities") or [] if name not in QUANTITIES]
+             for name in meta.get("quantities") or [] if name not in registry.QUANTITIES]
     notes += [f"table {name!r} is not declared by any installed quantity: loaded as written (Run.table({name!r}))"
               for name in tables if name not in TABLES]
     return notes

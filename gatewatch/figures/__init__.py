@@ -20,7 +20,7 @@ from functools import lru_cache
 from importlib import import_module
 from typing import Any
 
-from ..registry import QUANTITIES, declarations
+from .. import registry
 from ._style import MAX_COLUMNS, MAX_POINTS, downsample, expert_colours, nearest_step, no_data
 from .ablation import comparison_figure, knockout_heatmap, removal_figure, sweep_curves
 from .compare import (
@@ -43,7 +43,7 @@ __all__ = [
 def _quantity_figures(registered: tuple[str, ...]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     where: dict[str, str] = {}
-    for _, half in declarations():
+    for _, half in registry.declarations():
         for module_name in half.figures:
             module = import_module(module_name)
             for name in module.__all__:
@@ -56,7 +56,7 @@ def _quantity_figures(registered: tuple[str, ...]) -> dict[str, Any]:
 
 def quantity_figures() -> dict[str, Any]:
     """The public figures of every registered quantity, by name."""
-    return _quantity_figures(tuple(QUANTITIES))
+    return _quantity_figures(tuple(registry.QUANTITIES))
 
 
 __all__ += sorted(quantity_figures())
