@@ -92,7 +92,8 @@ class Finding:
     step: int
     message: str
     remedy: str
-    chart: str  # the dashboard page/chart that shows it: "gates", "experts", "conflict", "overview"
+    chart: str  # the dashboard page that shows it: a quantity's page ("gates", "experts", "routers", "conflict"...)
+    # or "overview" (gatewatch.app.state.finding_link)
     expert: str | None = None  # the expert concerned, for expert findings
 
     def to_dict(self) -> dict[str, object]:

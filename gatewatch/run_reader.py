@@ -19,10 +19,9 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, registry
 from .liveness import run_status
 from .loaded_run import Run
-from . import registry
 from .run_format import FLUSHES, PART, committed, table_files
 from .schema import RUN_FORMAT, TABLES, conform, frame
 

@@ -86,4 +86,4 @@ def test_a_section_declared_twice_is_an_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(registry, "declaration", lambda name: extended if name == "twice" else real(name))
     merged = registry.sections()
     assert merged["gates"].build(None, None) == "more" and merged["gates"].text is real("gates").sections[0].text
-    assert list(merged)[0] == "gates"  # it keeps the place of the section it extends
+    assert next(iter(merged)) == "gates"  # it keeps the place of the section it extends
