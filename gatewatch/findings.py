@@ -9,18 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from .registry import Gathered, read_halves
+from .registry import Gathered, declarations
 from .rules import SEVERITY_ORDER, Finding, Thresholds, gate_unit, streak_start
 
 if TYPE_CHECKING:
     from .loaded_run import Run
 
-REMEDIES: Mapping[str, str] = Gathered("REMEDIES")  # remedy texts by code, of every registered quantity
+# the remedy texts by finding code, of every registered quantity (the nn.Modules of remedies: gatewatch.remedies)
+REMEDY_TEXTS: Mapping[str, str] = Gathered("remedy_texts")
 
 
 def rules() -> list[Callable[[Run, Thresholds], list[Finding]]]:
     """The finding rules of every registered quantity."""
-    return [rule for half in read_halves() for rule in half.RULES]
+    return [rule for _, half in declarations() for rule in half.rules]
 
 
 def find(run: Run, thresholds: Thresholds | None = None) -> list[Finding]:
@@ -30,4 +31,4 @@ def find(run: Run, thresholds: Thresholds | None = None) -> list[Finding]:
     return sorted(found, key=lambda f: (SEVERITY_ORDER[f.severity], f.step))
 
 
-__all__ = ["REMEDIES", "SEVERITY_ORDER", "Finding", "Thresholds", "find", "gate_unit", "rules", "streak_start"]
+__all__ = ["REMEDY_TEXTS", "SEVERITY_ORDER", "Finding", "Thresholds", "find", "gate_unit", "rules", "streak_start"]

@@ -34,10 +34,13 @@ class Run:
                    tables={name: conform(name, tables[name]) if name in tables else frame(name) for name in TABLES})
 
     def table(self, name: str) -> pd.DataFrame:
-        """One table by name (empty, with its columns, when the run has none of it)."""
+        """One table by name (empty, with its columns, when the run has none of it). A table that no installed
+        quantity declares is there as it was written, when the run has it."""
+        if name in self.tables:
+            return self.tables[name]
         if name not in TABLES:
-            raise KeyError(f"No table {name!r}; the tables are {sorted(TABLES)}.")
-        return self.tables[name] if name in self.tables else frame(name)
+            raise KeyError(f"No table {name!r}; the tables are {sorted({*TABLES, *self.tables})}.")
+        return frame(name)
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """Remedies for unhealthy multi-task MoE gates, usable in any PyTorch model.
 
-The seeds name these fixes; each one here is a plain ``nn.Module`` or function:
+The seeds name these fixes; each one here is a plain ``nn.Module`` or function (the remedy texts that findings
+print, which tell users to type these, are the quantities' ``remedy_texts``: :data:`gatewatch.findings.REMEDY_TEXTS`):
 
 - :class:`GateDropout` - YouTube's "10% probability of setting utilization of experts to 0 and
   re-normalizing" (Zhao et al., RecSys 2019), applied to gate probabilities.

@@ -1,6 +1,8 @@
 """The health report of a run: the JSON object of ``gatewatch report --json`` and its text form.
 
-Schema (stable; other tools build on it)::
+Every key between ``unit`` and ``findings`` is a section that a registered quantity declares
+(``ReadHalf.sections``, :mod:`gatewatch.declarations`), with its lines of the text form; a quantity installed
+later adds its own keys. Schema (stable; other tools build on it)::
 
     {"run": str, "path": str, "status": "live"|"finished"|"cut off", "steps": int, "tasks": [str],
      "unit": "task"|"layer",       # "layer": several gates and none has a task (sparse routers, one per layer)
@@ -31,20 +33,14 @@ Schema (stable; other tools build on it)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .findings import Finding, Thresholds, find
-from .registry import Gathered
+from .registry import declarations, sections
 from .rules import gate_unit
 
 if TYPE_CHECKING:
     from .loaded_run import Run
-
-WINDOWED = ("gates", "losses", "conflict", "eval")  # tables whose rows are measurements of the run
-
-SECTIONS: Mapping[str, Callable[[Run, Thresholds], Any]] = Gathered("SECTIONS")  # report keys of the quantities
-
 
 def build_report(
     run: Run, thresholds: Thresholds | None = None, findings: list[Finding] | None = None
@@ -56,17 +52,23 @@ def build_report(
         "run": run.name, "path": str(run.path), "status": run.status, "steps": run.steps, "tasks": run.tasks,
         "unit": gate_unit(run),
     }
-    report.update({key: section(run, th) for key, section in SECTIONS.items()})
+    report.update({key: section.build(run, th) for key, section in sections().items()})
     report.update(findings=[f.to_dict() for f in found], thresholds=th.to_dict(), problems=list(run.problems),
                   coverage=coverage(run))
     return report
 
 
+def covered_tables() -> list[str]:
+    """The tables whose steps the coverage counts: every quantity's ``windowed`` and ``measured`` tables, and
+    the ``eval`` table."""
+    return [table for _, half in declarations() for table in (*half.windowed, *half.measured)] + ["eval"]
+
+
 def coverage(run: Run) -> dict[str, Any]:
     """What the run's readable windows cover: their first and last step (None when there is none), and the
     files that were skipped (unreadable, or parts of a flush cut short)."""
-    steps = [int(s) for name in WINDOWED for s in (run.table(name)["step"].min(), run.table(name)["step"].max())
-             if len(run.table(name))]
+    tables = [run.table(name)["step"] for name in covered_tables()]
+    steps = [int(s) for t in tables if len(t) for s in (t.min(), t.max())]
     skipped = [p.split(": ", 1)[0] for p in run.problems if p.endswith("skipped")]
     return {"first_step": min(steps, default=None), "last_step": max(steps, default=None), "skipped_files": skipped}
 
@@ -83,38 +85,17 @@ def no_data_reason(report: dict[str, Any]) -> str | None:
 
 
 def render_text(report: dict[str, Any]) -> str:
-    """The report for a terminal."""
-    layers = report.get("unit") == "layer"
+    """The report for a terminal: the header, each section that has a text form (in registration order), the
+    findings and the notes."""
     cov = report.get("coverage") or {}
     covers = (f"windows of steps {cov['first_step']}..{cov['last_step']}" if cov.get("first_step") is not None
               else "no readable window")
     skipped = f", {len(cov['skipped_files'])} file(s) skipped" if cov.get("skipped_files") else ""
     lines = [f"gatewatch report: {report['run']}  ({report['status']}, {report['steps']} steps)",
-             f"  tasks: {', '.join(report['tasks']) or '-'}", f"  covers: {covers}{skipped}", "",
-             f"{'layers' if layers else 'gates'} (last window):"]
-    for g in report["gates"]:
-        share = " ".join(f"{v:.2f}" if v is not None else " nan" for v in g["expert_share"])
-        task = "" if layers else f"task={g['task'] or '-':<10} "
-        lines.append(
-            f"  {g['name']:<16} {task}entropy={_fmt(g['entropy'])} "
-            f"polarized={_fmt(g['polarization'])} top_share={_fmt(g['top_share'])}  share=[{share}]"
-        )
-    for b in report.get("balance", []):
-        if b["top_k"]:
-            load = " ".join(f"{v:.2f}" if v is not None else " nan" for v in b["load"])
-            lines.append(f"  {b['gate']:<16} top-{b['top_k']} tokens=[{load}] load CV {_fmt(b['load_cv'])}, "
-                         f"small margin {_fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}"
-                         + (f", MaxVio {_fmt(b['max_violation'])}" if b.get("max_violation") is not None else ""))
-    ex = report["experts"]
-    if ex["names"]:
-        util = " ".join(f"{n}:{_fmt(u)}" for n, u in zip(ex["names"], ex["utilization"], strict=True))
-        lines += ["", f"experts: {util}", f"  load CV {_fmt(ex['load_cv'])}, dead: {ex['dead'] or 'none'}"]
-    for c in report["conflict"]:
-        lines.append(f"conflict {c['tasks'][0]} ~ {c['tasks'][1]}: cosine {_fmt(c['cosine'])}, "
-                     f"sign conflict {_fmt(c['sign_conflict'])}")
-        if c.get("hot_spots"):
-            spots = ", ".join(f"{h['name']} ({h['below']} of {c['measured']} steps)" for h in c["hot_spots"])
-            lines.append(f"  fighting most on: {spots}")
+             f"  tasks: {', '.join(report['tasks']) or '-'}", f"  covers: {covers}{skipped}"]
+    for key, section in sections().items():
+        if section.text is not None and key in report:
+            lines += section.text(report[key], report)
     lines += ["", f"findings ({len(report['findings'])}):"]
     if not report["findings"]:
         lines.append("  none: the gates look healthy." if cov.get("first_step") is not None or not cov else
@@ -126,6 +107,3 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"  note: {p}")
     return "\n".join(lines)
 
-
-def _fmt(x: float | None) -> str:
-    return "  nan" if x is None else f"{x:.3f}"

@@ -92,7 +92,8 @@ class Finding:
     step: int
     message: str
     remedy: str
-    chart: str  # the dashboard page/chart that shows it: "gates", "experts", "conflict", "overview"
+    chart: str  # the dashboard page that shows it: a quantity's page ("gates", "experts", "routers", "conflict"...)
+    # or "overview" (gatewatch.app.state.finding_link)
     expert: str | None = None  # the expert concerned, for expert findings
 
     def to_dict(self) -> dict[str, object]:
@@ -131,3 +132,13 @@ def num(x: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if value != value or value in (float("inf"), float("-inf")) else value
+
+
+def fmt(x: float | None) -> str:
+    """A report number for the terminal: three decimals, ``nan`` for None."""
+    return "  nan" if x is None else f"{x:.3f}"
+
+
+def fmt_list(values: list[float | None]) -> str:
+    """Report numbers for the terminal, two decimals each, space-separated."""
+    return " ".join(f"{v:.2f}" if v is not None else " nan" for v in values)

@@ -3,7 +3,9 @@
 Reading is tolerant: a run that is still being written, or was cut off by a crash, reads up to its
 last complete flush; a corrupt, truncated or foreign file is skipped and named in ``Run.problems``,
 and so is a ``run.json`` field of the wrong type. Reading never leaves the run directory: a file
-that is a symbolic link to somewhere outside it is skipped.
+that is a symbolic link to somewhere outside it is skipped. A run written by a quantity that is not installed
+here still loads: its tables come as they were written (no schema), and a note in ``Run.problems`` says which
+quantity or table is unknown and what to install.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, registry
 from .liveness import run_status
 from .loaded_run import Run
-from .run_format import PART, committed, table_files
+from .run_format import FLUSHES, PART, committed, table_files
 from .schema import RUN_FORMAT, TABLES, conform, frame
 
 
@@ -33,7 +35,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "format": (str,), "name": (str,), "status": (str,), "created": (str,), "updated": (str,), "ended": (str,),
     "error": (str,), "steps": (int,), "tasks": (list,), "gates": (list,), "model_class": (str,),
     "versions": (dict,), "config": (dict,), "user_config": (dict,), "host": (str,), "pid": (int,),
-    "world_size": (int,),
+    "world_size": (int,), "quantities": (list,),
 }
 MAX_META_BYTES = 16 * 2**20
 
@@ -81,6 +83,8 @@ def read_meta(path: Path) -> tuple[dict[str, Any], list[str]]:
         meta["tasks"] = [str(t) for t in meta["tasks"] if isinstance(t, (str, int, float)) and not isinstance(t, bool)]
     if meta.get("gates") is not None:
         meta["gates"] = [g for g in meta["gates"] if isinstance(g, dict) and isinstance(g.get("name"), str)]
+    if meta.get("quantities") is not None:
+        meta["quantities"] = [str(q) for q in meta["quantities"] if isinstance(q, str)]
     return meta, problems
 
 
@@ -133,7 +137,7 @@ def _uncommitted(folder: Path, name: str, done: set[int] | None) -> list[str]:
 def read_table(folder: Path, name: str, problems: list[str], done: set[int] | None = None) -> pd.DataFrame:
     """All complete files of one table, conformed to its schema; bad files are skipped and reported.
 
-    ``done``: the committed flushes (see :func:`gatewatch.sinks.run_writer.committed`); parts of other
+    ``done``: the committed flushes (see :func:`gatewatch.run_format.committed`); parts of other
     flushes were cut short by a crash and are left out.
     """
     root = folder.parent.parent
@@ -172,7 +176,48 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta, problems = read_meta(path)
     done = committed(path / "tables", problems)
     tables = {name: read_table(path / "tables" / name, name, problems, done) for name in TABLES}
+    for name in unknown_tables(path):
+        tables[name] = read_plain(path / "tables" / name, problems, done)
+    problems += unknown_quantities(meta, list(tables))
     return Run(path=path, meta=meta, tables=tables, status=run_status(meta, path), problems=problems)
+
+
+def unknown_tables(path: Path) -> list[str]:
+    """The table folders of a run that no installed quantity declares, by name."""
+    folder = path / "tables"
+    if not folder.is_dir():
+        return []
+    return sorted(f.name for f in folder.iterdir()
+                  if f.is_dir() and f.name not in TABLES and f.name != FLUSHES and not f.name.startswith((".", "_")))
+
+
+def read_plain(folder: Path, problems: list[str], done: set[int] | None) -> pd.DataFrame:
+    """All complete files of a table no installed quantity declares, as they were written (sorted by ``step``
+    when it has one); unreadable files are skipped and reported."""
+    frames = []
+    for f in table_files(folder, done):
+        try:
+            if not inside(f, folder.parent.parent):
+                raise ValueError("it links outside the run directory")
+            frames.append(pq.read_table(f).to_pandas())
+        except Exception as err:  # corrupt, truncated, foreign, removed meanwhile
+            problems.append(f"{f}: unreadable ({type(err).__name__}: {err}); skipped")
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values("step", kind="stable").reset_index(drop=True) if "step" in df else df
+
+
+def unknown_quantities(meta: dict[str, Any], tables: list[str]) -> list[str]:
+    """Notes for the quantities that wrote the run (run.json's ``quantities``; absent in older runs) and the
+    tables that no installed quantity knows."""
+    notes = [f"quantity {name!r} wrote this run but is not installed here: its tables load as written, without "
+             "its report sections, findings or pages. Install the package that provides it (it registers itself "
+             "through the 'gatewatch.quantities' entry point)."
+             for name in meta.get("quantities") or [] if name not in registry.QUANTITIES]
+    notes += [f"table {name!r} is not declared by any installed quantity: loaded as written (Run.table({name!r}))"
+              for name in tables if name not in TABLES]
+    return notes
 
 
 def list_runs(root: str | os.PathLike[str]) -> list[Path]:

@@ -25,7 +25,7 @@ BASE_TABLES: dict[str, dict[str, str]] = {
 }
 
 # Every table: those of the registered quantities (their read halves name and explain the columns), then the base.
-TABLES: Mapping[str, dict[str, str]] = Gathered("TABLES", last=BASE_TABLES)
+TABLES: Mapping[str, dict[str, str]] = Gathered("tables", last=BASE_TABLES)
 
 
 def frame(table: str, rows: Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from .loaded_run import Run
+from .rules import SEVERITY_ORDER
 
 SUMMARY_FILE = "summary.json"
 SUMMARY_FORMAT = "gatewatch-summary/1"
@@ -27,7 +28,6 @@ MAX_SUMMARY_BYTES = 4 * 2**20
 META_FIELDS = ("name", "status", "created", "updated", "ended", "error", "steps", "tasks", "model_class", "host",
                "pid", "pid_start", "heartbeat", "flush_secs", "step_time", "world_size")
 HEADLINE = ("polarization", "effective_experts", "entropy", "top_share")  # per gate, from the gates table
-SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 def _number(value: Any) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -265,16 +264,6 @@ def test_ablations_page_draws_the_ablation_module(root: Path, monkeypatch: pytes
     no_exception(at)
     assert "appear here when available" not in texts(at)
     assert len(at.main.children) > 2  # more than the run header
-
-
-def test_ablations_page_before_the_ablation_module(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gatewatch.app.ablations" else real(name, *a))
-    at = open_app(root, monkeypatch, "ablations", run="healthy")
-    no_exception(at)
-    assert "Ablation results for this run (expert knock-outs, gate-dropout sweeps, training comparisons) appear " \
-           "here when available." in texts(at)
 
 
 def test_runs_outside_the_root_are_refused(tmp_path: Path, runs: dict[str, Path],

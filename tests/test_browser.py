@@ -22,19 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from gatewatch.app.pages import pages
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-PAGES = {  # page -> (query string, charts it must draw)
-    "": ("", 0),  # the Runs page is the default page, at the root URL
-    "overview": ("?run=polarized", 1),
-    "gates": ("?run=polarized&gate=like", 4),
-    "experts": ("?run=healthy", 4),
-    "conflict": ("?run=polarized", 6),
-    "compare": ("?run=healthy&compare_runs=healthy&compare_runs=polarized", 4),
-    "routers": ("?run=deepseek-routers", 5),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines
-    "ablations": ("?run=healthy", 0),
-}
+# page -> (query string, charts it must draw): every page of the dashboard and of the registered quantities, as
+# they declare it (the Runs page is the default page, at the root URL)
+PAGES = {("" if p.name == "runs" else p.name): (p.example, p.charts) for p in pages()}
 WIDTH = 1400
 DRAWN = ("[...document.querySelectorAll('.js-plotly-plot')]"  # charts whose plot area is drawn
          ".filter(e => e.querySelector('.main-svg .cartesianlayer')).length")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gatewatch as gw
 from gatewatch import registry as quantities
@@ -64,6 +65,13 @@ def test_the_documented_quantity_logs_reports_and_finds(input_range: str, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert report["input_range"]["step"] == 8 and report["input_range"]["max_abs"] == pytest.approx(want[-1].max())
     assert [f["code"] for f in report["findings"]].count("unscaled_inputs") == 1
+    cli_main(["report", str(tmp_path / "run")])
+    assert f"input range: mean |x| {want[-1].mean():.3f}, max |x| {want[-1].max():.3f}" in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    charted = [(e.step, e.value) for e in events.Scalars("input_range/max_abs")]
+    assert [s for s, _ in charted] == [2, 4, 6, 8]
+    np.testing.assert_allclose([v for _, v in charted], [w.max() for w in want], rtol=1e-6)
     off = gw.GateWatch(model, tasks=TASKS, log_dir=tmp_path / "off", input_range=False)
     assert "input_range" not in [q.name for q in off.quantities]
     off.close()

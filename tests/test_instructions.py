@@ -3,7 +3,7 @@
 every ``gatewatch ...`` command in a bash example parses.
 
 ``gw.`` names are collected from every string in the package's source (remedy texts such as
-``gatewatch.findings.REMEDIES`` and ``NONFINITE_VALUE_REMEDY``, error messages, docstrings), from README.md
+``gatewatch.findings.REMEDY_TEXTS`` and ``NONFINITE_VALUE_REMEDY``, error messages, docstrings), from README.md
 and from docs/*.md.
 """
 

@@ -27,6 +27,7 @@ from gatewatch.capture.quantity import WINDOW_REDUCTIONS, CaptureContext, Quanti
 from gatewatch.capture.reducer import combine
 from gatewatch.capture.settings import quantity_keywords
 from gatewatch.capture.window_buffer import WindowBuffer
+from gatewatch.declarations import ReadHalf
 from gatewatch.models import MMoE
 
 TASKS = ["a", "b"]
@@ -124,10 +125,10 @@ def train(model: nn.Module, watch: gw.GateWatch, data: list[tuple[torch.Tensor, 
 
 
 def tables_of(name: str, log_dir: Path) -> dict[str, pd.DataFrame]:
-    """The run's tables that quantity ``name`` writes (its read half's TABLES), events left out."""
+    """The run's tables that quantity ``name`` writes (its read half's declared tables), events left out."""
     run = gw.load_run(log_dir)
     read = registry.read_halves()[registry.QUANTITIES.index(name)]
-    return {t: run.table(t) for t in read.TABLES if t != "events"}
+    return {t: run.table(t) for t in read.QUANTITY.tables if t != "events"}
 
 
 def the(watch: gw.GateWatch, name: str) -> Quantity:
@@ -332,7 +333,7 @@ def group_counts(monkeypatch: pytest.MonkeyPatch) -> str:
     name = "kit_toy.group_counts"
     top, package, capture, read = (types.ModuleType(n) for n in ("kit_toy", name, f"{name}.capture", f"{name}.read"))
     capture.KEYWORDS, capture.build = {}, GroupCounts  # type: ignore[attr-defined]
-    read.TABLES, read.SECTIONS, read.RULES, read.REMEDIES = {}, {}, [], {}  # type: ignore[attr-defined]
+    read.QUANTITY = ReadHalf()  # type: ignore[attr-defined]
     for module in (top, package, capture, read):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(registry, "QUANTITIES", list(registry.QUANTITIES))

@@ -507,7 +507,8 @@ def while_steps(watch: gw.GateWatch, first: int, last: int) -> Callable[[], bool
 @pytest.mark.slow
 def test_disk_full_is_reported_once_and_nothing_is_lost(tmp_path) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    caught = train_through(tmp_path / "run", lambda w: failing(run_format.pq, "write_table", full, while_steps(w, 11, 40)))
+    caught = train_through(tmp_path / "run",
+                           lambda w: failing(run_format.pq, "write_table", full, while_steps(w, 11, 40)))
     assert warned(caught, "could not write tables") == 1 and warned(caught, "No space left on device") == 1
     assert warned(caught, "works again") == 1
     run = gw.load_run(tmp_path / "run")

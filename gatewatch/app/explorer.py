@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 
 import pandas as pd
 
-from ..summary import SEVERITY_ORDER
+from ..rules import SEVERITY_ORDER
 from .state import CONFIG_PREFIX
 
 SEVERITIES = ("error", "warning", "info", "healthy", "unknown")

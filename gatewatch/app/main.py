@@ -12,11 +12,14 @@ Page convention
   to resolve inside the root before it is read.
 * The page scripts live in ``views/``, not ``pages/``: a ``pages/`` folder next to this script switches
   Streamlit into its older pages-folder mode, which bypasses ``st.navigation`` (and this sidebar).
-* Ablations: the Ablations page (``views/ablations.py``) imports :mod:`gatewatch.app.ablations` when it exists
-  and calls ``render(run_path: Path, *, root: Path, selected: Sequence[Path]) -> None`` with the chosen run
-  (already checked to lie inside the root), the runs root, and the runs chosen on the Runs page (chosen run
-  first). ``render`` draws with Streamlit into the page body; its figures come from
-  ``gatewatch.figures.ablation``. Until that module exists the page says that ablation results appear there.
+* The pages are the dashboard's own (Runs, Overview, Compare, Ablations) and those the registered quantities
+  declare (``ReadHalf.pages``, an installed quantity's included), in the order :func:`gatewatch.app.pages.pages`
+  gives; a quantity can also add to another's page (``ReadHalf.panels``, drawn by ``ui.panels`` at the page's
+  end: the Experts page shows the gates' utilization and the experts' similarity).
+* Ablations: the Ablations page (``views/ablations.py``) calls :func:`gatewatch.app.ablations.render` with the
+  chosen run (already checked to lie inside the root), the runs root, and the runs chosen on the Runs page
+  (chosen run first); it draws with Streamlit into the page body, with figures from
+  ``gatewatch.figures.ablation``.
 """
 
 from __future__ import annotations
@@ -26,27 +29,17 @@ import sys
 
 import streamlit as st
 
-from gatewatch.app import ui
+from gatewatch.app import pages, ui
 from gatewatch.app.state import root_from
 
-PAGES = [  # (script name in views/, title, icon)
-    ("runs", "Runs", ":material/folder_open:"),
-    ("overview", "Overview", ":material/summarize:"),
-    ("gates", "Gates", ":material/call_split:"),
-    ("experts", "Experts", ":material/groups:"),
-    ("routers", "Routers", ":material/alt_route:"),
-    ("conflict", "Conflict", ":material/compare_arrows:"),
-    ("compare", "Compare", ":material/stacked_line_chart:"),
-    ("ablations", "Ablations", ":material/science:"),
-]
+PAGES = [(page.name, page.title, page.icon) for page in pages.pages()]  # (url path, title, icon), sidebar order
 
 
 def main() -> None:
     st.set_page_config(page_title="gatewatch", page_icon=":material/call_split:", layout="wide")
     root = root_from(sys.argv[1:], os.environ)
-    pages = [st.Page(ui.page_file(name), title=title, icon=icon, url_path=name, default=name == "runs")
-             for name, title, icon in PAGES]
-    page = st.navigation(pages)
+    page = st.navigation([st.Page(pages.script(p), title=p.title, icon=p.icon, url_path=p.name,
+                                  default=p.name == "runs") for p in pages.pages()])
     ui.sidebar(root)
     page.run()
 

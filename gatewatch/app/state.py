@@ -18,6 +18,7 @@ from typing import Any
 
 from ..findings import Finding, Thresholds, gate_unit
 from ..liveness import last_heard, run_status
+from ..registry import declarations
 from ..run_reader import Run, RunReadError, list_runs, read_meta
 from ..summary import SUMMARY_FILE, flat_config, read_summary, summary_from_run, worst_severity
 
@@ -226,11 +227,13 @@ def cut_off_message(run: Run) -> str | None:
 
 
 def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
-    """The page (``gates`` / ``experts`` / ``conflict`` / ``routers``) and query parameters that show a finding."""
+    """The page that shows a finding (its ``chart`` when a registered quantity declares a page of that name, else
+    the Overview) and the query parameters that point it at the finding's gate."""
     params = {}
     if finding.gate:
         params["gate"] = finding.gate
-    return finding.chart if finding.chart in ("gates", "experts", "conflict", "routers") else "overview", params
+    shown = {page.name for _, half in declarations() for page in half.pages}
+    return finding.chart if finding.chart in shown else "overview", params
 
 
 def env_with_root(root: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -18,7 +18,7 @@ from streamlit.delta_generator import DeltaGenerator
 
 from ..findings import Finding, Thresholds, gate_unit
 from ..run_reader import Run
-from . import data
+from . import data, pages
 from .state import (
     SEVERITY_COLOURS,
     STATUS_COLOURS,
@@ -32,7 +32,6 @@ from .state import (
     thresholds_from,
 )
 
-VIEWS = Path(__file__).parent / "views"
 REFRESH_S = 3.0
 CTX_KEY = "_gatewatch_context"
 
@@ -60,7 +59,13 @@ def pick(refs: Sequence[RunRef], ids: Sequence[str]) -> list[RunRef]:
 
 def page_file(name: str) -> str:
     """A page's script path (absolute, so any entry script can route to it: main.py or app/dashboard.py)."""
-    return str(VIEWS / f"{name}.py")
+    return pages.page_script(name)
+
+
+def panels(page: str, ctx: Context, run: Run) -> None:
+    """Draw what the registered quantities add to ``page`` (``ReadHalf.panels``), after the page's own charts."""
+    for draw in pages.panels(page):
+        draw(ctx, run)
 
 
 def remember_selection() -> None:
@@ -210,8 +215,6 @@ def _rerun_on_change(check: Callable[[], tuple], shown: tuple) -> None:
 
 
 SEVERITY_TITLES = {"error": "Error", "warning": "Warning", "info": "Note"}
-CHART_TITLES = {"gates": "Gates", "experts": "Experts", "conflict": "Conflict", "routers": "Routers",
-                "overview": "Overview"}
 
 
 def finding_card(finding: Finding, ref: RunRef, index: int) -> None:
@@ -225,7 +228,7 @@ def finding_card(finding: Finding, ref: RunRef, index: int) -> None:
         st.markdown(finding.message)
         st.markdown(f"**Try:** {finding.remedy}")
         page, params = finding_link(finding)
-        st.page_link(page_file(page), label=f"Show on the {CHART_TITLES[page]} page", icon=":material/insights:",
+        st.page_link(page_file(page), label=f"Show on the {pages.titles()[page]} page", icon=":material/insights:",
                      query_params={**params, "run": ref.id})
 
 

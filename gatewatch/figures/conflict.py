@@ -188,8 +188,6 @@ def purity_distribution(purity: pd.DataFrame, step: int | None = None, *, scope:
                   legend=scope, height=360, hover="closest")
 
 
-__all__ = ["NO_CONFLICT", "conflict_counts", "conflict_ranking", "cosine_heatmap", "cosine_over_time", "pairs",
-           "purity_distribution", "sign_conflict_over_time"]
 
 
 CONTESTED_FILL = "rgba(214, 39, 40, 0.10)"
@@ -254,3 +252,7 @@ def expert_conflict_map(table: pd.DataFrame, pair: str | None = None, *, contest
            y=f"gradient cosine on the expert ({mode})", height=520, hover="closest")
     fig.update_layout(margin={"l": 60, "r": 20, "t": 60, "b": 120})
     return fig
+
+
+__all__ = ["NO_CONFLICT", "conflict_counts", "conflict_ranking", "cosine_heatmap", "cosine_over_time",
+           "expert_conflict_map", "pairs", "purity_distribution", "sign_conflict_over_time"]

@@ -1,10 +1,11 @@
 """TensorBoard event files, written at flush time only.
 
-Scalars are those of :func:`gatewatch.sinks.scalars.scalars` (the choice the other trackers share): tags
-``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>``, ``expert/<expert>/utilization``,
-``experts/load_cv``, ``loss/<task>``, ``eval/<split>/<task>/<metric>``, ``conflict/<a>~<b>/...``,
-``conflict/norm/<task>``. Histograms ``gate/<gate>/weights`` and ``conflict/purity`` (GradDrop sign purity)
-come from precomputed counts. Rows per shared tensor stay in the run directory only.
+Scalars are those of :func:`gatewatch.sinks.scalars.scalars` (the choice the other trackers share, declared by
+each quantity): tags ``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>``, ``router/<gate>/...``,
+``expert/<expert>/utilization``, ``experts/load_cv``, ``loss/<task>``, ``eval/<split>/<task>/<metric>``,
+``conflict/<a>~<b>/...``, ``conflict/norm/<task>``, ``conflict_proxy/...``. Histograms ``gate/<gate>/weights``
+and ``conflict/purity`` (GradDrop sign purity) come from precomputed counts. Rows per shared tensor stay in the run
+directory only.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pandas as pd
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from . import Sink
-from .scalars import CONFLICT_SCALARS, GATE_SCALARS, WINDOW_TABLES, scalars
+from .scalars import scalars, window_tables
 
-__all__ = ["CONFLICT_SCALARS", "GATE_SCALARS", "WINDOW_TABLES", "TensorBoardSink"]
+__all__ = ["TensorBoardSink"]
 
 
 class TensorBoardSink(Sink):
@@ -79,13 +80,15 @@ class TensorBoardSink(Sink):
         self.writer = None
 
     def _thin(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        """The window tables of one flush cut to at most ``max_windows`` windows (evenly spaced, the last kept)."""
-        steps = sorted(set().union(*(tables[t]["step"].tolist() for t in WINDOW_TABLES if t in tables)))
+        """The window tables of one flush (those the quantities declare ``windowed``) cut to at most
+        ``max_windows`` windows (evenly spaced, the last kept)."""
+        windowed = window_tables()
+        steps = sorted(set().union(*(tables[t]["step"].tolist() for t in windowed if t in tables)))
         if len(steps) <= self.max_windows:
             return tables
         stride = -(-len(steps) // self.max_windows)
         keep = set(steps[::-1][::stride])
-        return {name: df[df["step"].isin(keep)] if name in WINDOW_TABLES else df for name, df in tables.items()}
+        return {name: df[df["step"].isin(keep)] if name in windowed else df for name, df in tables.items()}
 
     def _write(self, tables: dict[str, pd.DataFrame]) -> None:
         tables = self._thin(tables)

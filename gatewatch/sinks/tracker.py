@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 
+from ..rules import SEVERITY_ORDER
 from . import Sink
 from .scalars import Scalar, scalars
 
-SEVERITY_ORDER = ("error", "warning", "info")
 TAG_VALUE_CHARS = 250  # finding summaries stay short: the trackers show them in run tables
 
 
@@ -149,7 +149,7 @@ def finding_summaries(findings: list[dict[str, Any]]) -> dict[str, str]:
     out = {}
     for code, group in by_code.items():
         severity = min((str(f.get("severity")) for f in group),
-                       key=lambda s: SEVERITY_ORDER.index(s) if s in SEVERITY_ORDER else len(SEVERITY_ORDER))
+                       key=lambda s: SEVERITY_ORDER.get(s, len(SEVERITY_ORDER)))
         steps = [int(f["step"]) for f in group if f.get("step") is not None]
         who = sorted({str(w) for f in group if (w := f.get("gate") or f.get("task") or f.get("expert"))})
         text = severity + (f" @ step {min(steps)}" if steps else "") + (f": {', '.join(who)}" if who else "")

@@ -47,3 +47,5 @@ if len(experts):
                                          threshold=conflict_threshold(run), mode=mode), key="expert_conflict")
 else:
     st.caption("No gate column maps to a measured expert module (see docs/conflict.md, 'Conflict meets routing').")
+
+ui.panels("conflict", ctx, run)

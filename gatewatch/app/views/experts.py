@@ -30,16 +30,4 @@ with left:
 with right:
     ui.chart(figures.utilization_by_task(run.shares, step, gates=run.gates), key="by_task")
 
-similarity = run.table("similarity")
-if len(similarity):
-    st.markdown("#### Do the experts learn different things?")
-    st.caption("Linear CKA of each pair of experts' outputs on the same rows of a batch: 1 = the same "
-               "representation up to a rotation. Unrelated experts of this size sit around 0.1-0.3, not 0.")
-    pools = sorted(similarity["pool"].dropna().astype(str).unique())
-    pool = st.selectbox("experts of", pools, key="similarity_pool") if len(pools) > 1 else pools[0]
-    redundant = ctx.thresholds.redundant_cka
-    left, right = st.columns(2)
-    with left:
-        ui.chart(figures.similarity_matrix(similarity, pool, threshold=redundant), key="similarity_matrix")
-    with right:
-        ui.chart(figures.similarity_over_time(similarity, pool, threshold=redundant), key="similarity_trend")
+ui.panels("experts", ctx, run)

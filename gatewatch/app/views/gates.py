@@ -32,3 +32,5 @@ with left:
     ui.chart(figures.task_expert_matrix(run.shares, step, gates=run.gates), key="matrix")
 with right:
     ui.chart(figures.weight_histogram(run.hist, step), key="hist")
+
+ui.panels("gates", ctx, run)

@@ -28,3 +28,5 @@ for value, present, curve in (("bias", "bias_max", "bias_changed"), ("dropped", 
             ui.chart(figures.load_heatmap(experts, step, value=value), key=f"router_{value}_map")
         with right:
             ui.chart(figures.router_curves(routers, curve), key=f"router_{curve}")
+
+ui.panels("routers", ctx, run)

@@ -10,11 +10,13 @@ the finding alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ...rules import Finding, Thresholds, num, streak_start
+from ...declarations import Add, Page, ReadHalf, Section, table_rows
+from ...rules import Finding, Thresholds, fmt, num, streak_start
 from ..losses.read import first_nonfinite, nonfinite_finding
 from .routing import COLUMNS, expert_conflict_table, last_rows
 
@@ -37,7 +39,7 @@ TABLES: dict[str, dict[str, str]] = {
                "hi": "float64", "count": "float64"},
 }
 
-REMEDIES = {
+REMEDY_TEXTS = {
     "conflict": (
         "The tasks pull these shared parameters in opposite directions (negative transfer). Give the tasks their "
         "own experts where they fight (CGC/PLE task-specific experts, or make the hot-spot layers task-specific "
@@ -91,7 +93,7 @@ def conflict_findings(run: Run, th: Thresholds) -> list[Finding]:
             f"tasks {a!r} and {b!r} pull against each other on {where}: on {worst['name']} the gradient cosine "
             f"was below {limit:g} in {worst['share']:.0%} of the last {len(steps)} measured steps (mean "
             f"{worst['cosine']:.2f}, {worst['sign']:.0%} of the elements with opposite signs){tail}.",
-            REMEDIES["conflict"], "conflict",
+            REMEDY_TEXTS["conflict"], "conflict",
         ))
     return out
 
@@ -195,11 +197,46 @@ def contested_findings(run: Run, th: Thresholds) -> list[Finding]:
             f"their gradients on it conflict: cosine below {limit:g} in {against.mean():.0%} of the last "
             f"{len(recent)} measured steps (last {last['cosine']:.2f}, {last['mode']}).",
             f"Make expert {expert} task-specific (CGC/PLE: give it to {a!r} or {b!r} and let the other task use "
-            f"its own) or duplicate it so each task trains its own copy. {REMEDIES['contested_expert']}",
+            f"its own) or duplicate it so each task trains its own copy. {REMEDY_TEXTS['contested_expert']}",
             "conflict", expert,
         ))
     return out
 
 
-RULES = [conflict_findings, gradient_findings, contested_findings]
-SECTIONS = {"conflict": conflict_summary, "expert_conflict": expert_conflict_summary}
+CONFLICT_SCALARS = ("cosine", "sign_conflict", "magnitude_sim")
+
+
+def conflict_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
+    """``conflict/<a>~<b>/{cosine,sign_conflict,magnitude_sim}`` over all shared parameters,
+    ``conflict/<a>~<b>/module/<module>/cosine`` and ``conflict/norm/<task>``."""
+    for row in table_rows(tables, "conflict"):
+        pair = f"{row.task_a}~{row.task_b}"
+        if row.scope == "all":
+            for metric in CONFLICT_SCALARS:
+                add(f"conflict/{pair}/{metric}", getattr(row, metric), row.step)
+            add(f"conflict/norm/{row.task_a}", row.norm_a, row.step)
+            add(f"conflict/norm/{row.task_b}", row.norm_b, row.step)
+        elif row.scope == "module":
+            add(f"conflict/{pair}/module/{row.name}/cosine", row.cosine, row.step)
+
+
+def conflict_text(conflict: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in conflict:
+        lines.append(f"conflict {c['tasks'][0]} ~ {c['tasks'][1]}: cosine {fmt(c['cosine'])}, "
+                     f"sign conflict {fmt(c['sign_conflict'])}")
+        if c.get("hot_spots"):
+            spots = ", ".join(f"{h['name']} ({h['below']} of {c['measured']} steps)" for h in c["hot_spots"])
+            lines.append(f"  fighting most on: {spots}")
+    return lines
+
+
+QUANTITY = ReadHalf(
+    tables=TABLES, measured=("conflict",), scalars=conflict_scalars,
+    sections=(Section("conflict", conflict_summary, conflict_text),
+              Section("expert_conflict", expert_conflict_summary)),
+    rules=(conflict_findings, gradient_findings, contested_findings), remedy_texts=REMEDY_TEXTS,
+    pages=(Page("conflict", "Conflict", ":material/compare_arrows:", "gatewatch.app.views.conflict", 50,
+                "?run=polarized", 6),),
+    figures=("gatewatch.figures.conflict",),
+)

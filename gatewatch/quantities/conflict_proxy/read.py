@@ -6,8 +6,12 @@ Its rows feed the report's ``expert_conflict`` list and the Conflict page with `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
+
+from ...declarations import Add, ReadHalf, table_rows
 
 TABLES: dict[str, dict[str, str]] = {
     # conflict proxy (GateWatch(conflict_proxy=True)): one row per step x expert module x task pair. cosine: of
@@ -19,9 +23,6 @@ TABLES: dict[str, dict[str, str]] = {
         "norm_a": "float64", "norm_b": "float64", "below": "int64", "zero_grad": "bool",
     },
 }
-SECTIONS: dict = {}
-RULES: list = []
-REMEDIES: dict[str, str] = {}
 
 
 def proxy_rows(steps: np.ndarray, grams: np.ndarray, tasks: list[str], modules: list[str], threshold: float,
@@ -45,3 +46,12 @@ def proxy_rows(steps: np.ndarray, grams: np.ndarray, tasks: list[str], modules: 
                 "norm_b": nb.ravel(), "below": below.ravel(), "zero_grad": zero.ravel(),
             }))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TABLES["conflict_proxy"]))
+
+
+def proxy_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
+    """``conflict_proxy/<a>~<b>/module/<module>/cosine``, every step: labelled as the proxy."""
+    for row in table_rows(tables, "conflict_proxy"):
+        add(f"conflict_proxy/{row.task_a}~{row.task_b}/module/{row.name}/cosine", row.cosine, row.step)
+
+
+QUANTITY = ReadHalf(tables=TABLES, scalars=proxy_scalars)

@@ -12,11 +12,13 @@ different codes:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ...rules import Finding, Thresholds, gate_unit, num, streak_start, who
+from ...declarations import Add, Page, ReadHalf, Section, per_expert_ok, table_rows
+from ...rules import Finding, Thresholds, fmt, fmt_list, gate_unit, num, streak_start, who
 from ...stats import load_cv
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ TABLES: dict[str, dict[str, str]] = {
                 "selected": "float64", "gates": "int64"},
 }
 
-REMEDIES = {
+REMEDY_TEXTS = {
 
     "polarization": (
         "YouTube (Zhao et al., RecSys 2019) removed it in distributed training with 10% gate dropout "
@@ -260,8 +262,61 @@ def expert_summary(run: Run, thresholds: Thresholds) -> dict[str, Any]:
 
 def _finding(code: str, severity: str, gate: str | None, task: str | None, step: int, message: str,
              chart: str, expert: str | None = None) -> Finding:
-    return Finding(code, severity, gate, task, int(step), message, REMEDIES[code], chart, expert)
+    return Finding(code, severity, gate, task, int(step), message, REMEDY_TEXTS[code], chart, expert)
 
 
-RULES = [gate_findings, expert_findings]
-SECTIONS = {"gates": gate_summaries, "balance": gate_balance, "experts": expert_summary}
+GATE_SCALARS = ("entropy", "entropy_of_mean", "mutual_info", "effective_experts", "polarization",
+                "max_weight", "top_share", "spread", "drift")
+
+
+def gate_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
+    """``gate/<gate>/<metric>``, ``gate/<gate>/share/<expert>`` (while gates x experts <= 256),
+    ``expert/<expert>/utilization`` and ``experts/load_cv``."""
+    for row in table_rows(tables, "gates"):
+        for metric in GATE_SCALARS:
+            add(f"gate/{row.gate}/{metric}", getattr(row, metric), row.step)
+    for row in table_rows(tables, "shares") if per_expert_ok(tables) else ():
+        add(f"gate/{row.gate}/share/{row.expert_name}", row.share, row.step)
+    for row in table_rows(tables, "experts"):
+        add(f"expert/{row.expert}/utilization", row.utilization, row.step)
+    experts = tables.get("experts")
+    if experts is not None and len(experts):
+        for step, util in experts.groupby("step")["utilization"]:
+            cv = load_cv(util)
+            add("experts/load_cv", math.nan if cv is None else cv, step)
+
+
+def gates_text(gates: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    layers = report.get("unit") == "layer"
+    lines = ["", f"{'layers' if layers else 'gates'} (last window):"]
+    for g in gates:
+        task = "" if layers else f"task={g['task'] or '-':<10} "
+        lines.append(f"  {g['name']:<16} {task}entropy={fmt(g['entropy'])} polarized={fmt(g['polarization'])} "
+                     f"top_share={fmt(g['top_share'])}  share=[{fmt_list(g['expert_share'])}]")
+    return lines
+
+
+def balance_text(balance: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    return [f"  {b['gate']:<16} top-{b['top_k']} tokens=[{fmt_list(b['load'])}] load CV {fmt(b['load_cv'])}, "
+            f"small margin {fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}"
+            + (f", MaxVio {fmt(b['max_violation'])}" if b.get("max_violation") is not None else "")
+            for b in balance if b["top_k"]]
+
+
+def experts_text(ex: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    if not ex["names"]:
+        return []
+    util = " ".join(f"{n}:{fmt(u)}" for n, u in zip(ex["names"], ex["utilization"], strict=True))
+    return ["", f"experts: {util}", f"  load CV {fmt(ex['load_cv'])}, dead: {ex['dead'] or 'none'}"]
+
+
+QUANTITY = ReadHalf(
+    tables=TABLES, windowed=("gates", "shares", "hist", "experts"), scalars=gate_scalars,
+    sections=(Section("gates", gate_summaries, gates_text), Section("balance", gate_balance, balance_text),
+              Section("experts", expert_summary, experts_text)),
+    rules=(gate_findings, expert_findings), remedy_texts=REMEDY_TEXTS,
+    pages=(Page("gates", "Gates", ":material/call_split:", "gatewatch.app.views.gates", 20,
+                "?run=polarized&gate=like", 4),
+           Page("experts", "Experts", ":material/groups:", "gatewatch.app.views.experts", 30, "?run=healthy", 4)),
+    figures=("gatewatch.figures.gates", "gatewatch.figures.experts"),
+)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...declarations import ReadHalf, Section
 from ...rules import Thresholds
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
 
-TABLES: dict[str, dict[str, str]] = {}  # its events go to the shared ``events`` table (kind "guard")
-RULES: list = []
-REMEDIES: dict[str, str] = {}
 
 
 def guard_events(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
@@ -21,4 +19,5 @@ def guard_events(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     return list(guard.get("events") or []) if isinstance(guard, dict) else []
 
 
-SECTIONS = {"guard": guard_events}
+# its events go to the shared ``events`` table (kind "guard"); it has no table of its own
+QUANTITY = ReadHalf(sections=(Section("guard", guard_events),))

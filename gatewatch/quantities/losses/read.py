@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import pandas as pd
+
+from ...declarations import Add, ReadHalf, table_rows
 from ...rules import Finding, Thresholds
 
 if TYPE_CHECKING:
@@ -20,7 +24,7 @@ NONFINITE_VALUE_REMEDY = (
     "for log(0) or division by zero, and keep the loss in float32 under mixed precision (a GradScaler skips "
     "such steps on its own)."
 )
-REMEDIES = {"nonfinite_loss": NONFINITE_VALUE_REMEDY}
+REMEDY_TEXTS = {"nonfinite_loss": NONFINITE_VALUE_REMEDY}
 
 
 def first_nonfinite(pairs: list[tuple[object, object]]) -> dict[str, int]:
@@ -47,5 +51,11 @@ def loss_findings(run: Run, th: Thresholds) -> list[Finding]:
     return [nonfinite_finding("loss", task, step) for task, step in first.items()]
 
 
-RULES = [loss_findings]
-SECTIONS: dict[str, object] = {}
+def loss_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
+    """``loss/<task>``."""
+    for row in table_rows(tables, "losses"):
+        add(f"loss/{row.task}", row.loss, row.step)
+
+
+QUANTITY = ReadHalf(tables=TABLES, windowed=("losses",), scalars=loss_scalars, rules=(loss_findings,),
+                    remedy_texts=REMEDY_TEXTS)

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ...declarations import Page, ReadHalf, Section
 from ...rules import Finding, Thresholds, num, streak_start
 from ..gates.read import gate_balance
+from .scalars import router_scalars
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
@@ -106,7 +108,7 @@ def router_tables(gate: str, top_k: int, capacity: bool, steps: np.ndarray, sums
     return {"routers": routers, "router_experts": experts}
 
 
-REMEDIES = {
+REMEDY_TEXTS = {
     "router_imbalance": (
         "Balance the layer's load: raise the load-balancing loss coefficient (e.g. 0.001 -> 0.01), or with "
         "aux-loss-free balancing raise the bias update rate u (DeepSeek-V3: 0.001); a capacity factor above 1 "
@@ -130,7 +132,7 @@ REMEDIES = {
 
 
 def _finding(code: str, severity: str, gate: str, step: int, message: str, expert: str | None = None) -> Finding:
-    return Finding(code, severity, gate, None, int(step), message, REMEDIES[code], "routers", expert)
+    return Finding(code, severity, gate, None, int(step), message, REMEDY_TEXTS[code], "routers", expert)
 
 
 def router_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -215,5 +217,11 @@ def router_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     return out
 
 
-RULES = [router_findings]
-SECTIONS = {"balance": router_balance}
+QUANTITY = ReadHalf(
+    tables=TABLES, windowed=("routers", "router_experts"), scalars=router_scalars,
+    sections=(Section("balance", router_balance, extends=True),), rules=(router_findings,),
+    remedy_texts=REMEDY_TEXTS,
+    pages=(Page("routers", "Routers", ":material/alt_route:", "gatewatch.app.views.routers", 40,
+                "?run=deepseek-routers", 5),),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines
+    figures=("gatewatch.figures.routers",),
+)

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...declarations import ReadHalf, Section
 from ...metric_direction import harm, primary_metric
 from ...rules import Finding, Thresholds
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
 
-TABLES: dict[str, dict[str, str]] = {}  # reads the core ``eval`` table
-REMEDIES = {
+REMEDY_TEXTS = {
     "seesaw": (
         "The tasks compete for the shared capacity: one gains what the other loses. Check the gradient conflict "
         "(GateWatch(conflict_every=...)) and whether dropping the worsening task's partner helps it "
@@ -93,7 +93,7 @@ def seesaw(run: Run, th: Thresholds) -> list[Finding]:
     worse = [t for t in beyond if harm(t.metric, t.slope) > 0]
     return [Finding("seesaw", "warning", None, w.task, w.last,
                     f"seesaw: over the last {min(b.n, w.n)} evaluations {describe(b)} improves while {describe(w)} "
-                    f"worsens.", REMEDIES["seesaw"], "overview")
+                    f"worsens.", REMEDY_TEXTS["seesaw"], "overview")
             for b in better for w in worse]
 
 
@@ -107,5 +107,5 @@ def seesaw_section(run: Run, th: Thresholds) -> list[dict[str, Any]]:
     return out
 
 
-RULES = [seesaw]
-SECTIONS = {"seesaw": seesaw_section}
+QUANTITY = ReadHalf(sections=(Section("seesaw", seesaw_section),), rules=(seesaw,),
+                    remedy_texts=REMEDY_TEXTS)  # reads the core ``eval`` table; has none of its own

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...declarations import Panel, ReadHalf, Section
 from ...rules import Finding, Thresholds, num
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ TABLES: dict[str, dict[str, str]] = {
                    "cka": "float64", "mean_cosine": "float64"},
 }
 
-REMEDIES = {
+REMEDY_TEXTS = {
     "redundant_experts": (
         "These experts compute nearly the same representation, so the mixture pays for experts it does not use "
         "as such. Use fewer experts; initialise them differently (another seed or scale per expert); add gate "
@@ -56,7 +57,7 @@ def redundant_experts(run: Run, th: Thresholds) -> list[Finding]:
         out.append(Finding(
             "redundant_experts", "warning", None, None, int(rows["step"].max()),
             f"experts of {pool!r} compute nearly the same thing: linear CKA >= {th.redundant_cka:g} over the last "
-            f"{steps} measurements for {len(pairs)} pair(s): {shown}{more}.", REMEDIES["redundant_experts"],
+            f"{steps} measurements for {len(pairs)} pair(s): {shown}{more}.", REMEDY_TEXTS["redundant_experts"],
             "experts"))
     return out
 
@@ -73,5 +74,8 @@ def last_similarity(run: Run, th: Thresholds) -> dict[str, Any]:
     return out
 
 
-RULES = [redundant_experts]
-SECTIONS = {"similarity": last_similarity}
+QUANTITY = ReadHalf(
+    tables=TABLES, sections=(Section("similarity", last_similarity),),
+    rules=(redundant_experts,), remedy_texts=REMEDY_TEXTS,
+    panels=(Panel("experts", "gatewatch.app.panels:similarity"),), figures=("gatewatch.figures.similarity",),
+)

@@ -1,35 +1,28 @@
-"""The router scalars a tracker charts, bounded however many layers and experts a model has.
+"""The router scalars TensorBoard and the trackers chart, bounded however many layers and experts a model has.
 
 Per router (layer) and window: ``router/<gate>/{max_violation,dead,margin,small_margin,dropped,bias_changed,
 bias_max}``; across layers: ``routers/<metric>/{p50,p90,max}``; per layer, the ``TOP_K`` busiest and idlest
 experts' loads ``router/<gate>/load/top<i>`` and ``/bottom<i>``. Per-expert tags (``router/<gate>/load/<expert>``
 and the gates quantity's ``gate/<gate>/share/<expert>``) are kept only while gates x experts <=
-``PER_EXPERT_LIMIT``: 48 layers x 128 experts would be 6,144 series. The run directory keeps everything.
+:data:`~gatewatch.declarations.PER_EXPERT_LIMIT`: 48 layers x 128 experts would be 6,144 series. The run
+directory keeps everything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
+from ...declarations import Add, per_expert_ok
+
 ROUTER_SCALARS = ("max_violation", "dead", "margin", "small_margin", "dropped", "bias_changed", "bias_max")
 ACROSS_LAYERS = ("max_violation", "dead", "dropped")
-PER_EXPERT_LIMIT = 256
 TOP_K = 3
 
 
-def per_expert_ok(tables: dict[str, pd.DataFrame]) -> bool:
-    """Whether this flush's gates x experts is small enough for one tag per expert."""
-    shares = tables.get("shares")
-    if shares is None or not len(shares):
-        return True
-    return int(shares.drop_duplicates(["gate", "expert"]).shape[0]) <= PER_EXPERT_LIMIT
-
-
-def router_scalars(tables: dict[str, pd.DataFrame], add: Callable[[str, Any, Any], None], per_expert: bool) -> None:
+def router_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
     """Call ``add(tag, value, step)`` for every router scalar of one flush's tables (see the module docstring)."""
     routers = tables.get("routers")
     if routers is None or not len(routers):
@@ -53,9 +46,9 @@ def router_scalars(tables: dict[str, pd.DataFrame], add: Callable[[str, Any, Any
         for i in range(min(TOP_K, len(load))):
             add(f"router/{gate}/load/top{i + 1}", load[-1 - i], step)
             add(f"router/{gate}/load/bottom{i + 1}", load[i], step)
-        if per_expert:
+        if per_expert_ok(tables):
             for row in rows.itertuples(index=False):
                 add(f"router/{gate}/load/{row.expert_name}", row.load, step)
 
 
-__all__ = ["PER_EXPERT_LIMIT", "ROUTER_SCALARS", "TOP_K", "per_expert_ok", "router_scalars"]
+__all__ = ["ROUTER_SCALARS", "TOP_K", "router_scalars"]
