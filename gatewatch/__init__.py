@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Finding", "FusedExperts", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard", "NonFiniteGateError", "Router",
-    "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
+    "Finding", "FusedExperts", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard",
+    "NonFiniteGateError", "Router", "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
     "run_summaries",
 ]

@@ -23,6 +23,7 @@ Schema (stable; other tools build on it)::
                  "trend": "improving"|"worsening"|"flat"}],   # each task's recent validation trend
      "findings": [{"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart"}],
      "thresholds": {...}, "problems": [str],
+     "skipped": [{"view", "gate", "reason", "fix"}],   # views that could not be computed (quantities/skipped_views)
      "coverage": {"first_step": int|null, "last_step": int|null, "skipped_files": [str]}}
                                             # the steps the readable windows cover; files left out
 
@@ -35,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .findings import Finding, Thresholds, find
+from .quantities.skipped_views import skipped_lines, skipped_views
 from .registry import Gathered
 from .rules import gate_unit
 
@@ -58,7 +60,7 @@ def build_report(
     }
     report.update({key: section(run, th) for key, section in SECTIONS.items()})
     report.update(findings=[f.to_dict() for f in found], thresholds=th.to_dict(), problems=list(run.problems),
-                  coverage=coverage(run))
+                  coverage=coverage(run), skipped=skipped_views(run))
     return report
 
 
@@ -115,6 +117,7 @@ def render_text(report: dict[str, Any]) -> str:
         if c.get("hot_spots"):
             spots = ", ".join(f"{h['name']} ({h['below']} of {c['measured']} steps)" for h in c["hot_spots"])
             lines.append(f"  fighting most on: {spots}")
+    lines += skipped_lines(report.get("skipped") or [])
     lines += ["", f"findings ({len(report['findings'])}):"]
     if not report["findings"]:
         lines.append("  none: the gates look healthy." if cov.get("first_step") is not None or not cov else

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ class SharedLayout:
             return [(row[starts[0]:starts[0] + p.numel()].view(p.shape), None)]
         shape = [n for k, n in enumerate(p.shape) if k != d]
         inner = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
-        if len(starts) > 1 and any(b - a != starts[1] - starts[0] for a, b in zip(starts, starts[1:], strict=False)):
+        if len(starts) > 1 and any(b - a != starts[1] - starts[0] for a, b in pairwise(starts)):
             return [(row.as_strided(shape, inner, row.storage_offset() + s), e) for e, s in enumerate(starts)]
         spacing = starts[1] - starts[0] if len(starts) > 1 else 0
         block = row.as_strided([len(starts), *shape], [spacing, *inner], row.storage_offset() + starts[0])
