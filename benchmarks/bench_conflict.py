@@ -116,7 +116,8 @@ def watched_step(model: nn.Module, watch: gw.GateWatch) -> Callable[[], None]:
 
 def grads_then_backward(model: nn.Module, every_task: bool, watch: gw.GateWatch | None = None) -> Callable[[], None]:
     """``autograd.grad`` on the experts (the fused backbone) for every task's loss (or all but the last), graph
-    kept, then the ordinary backward of their sum (through ``watch`` if given, which then also gets ``watch.step()``)."""
+    kept, then the ordinary backward of their sum (through ``watch`` if given, which then also gets
+    ``watch.step()``)."""
     shared = list((model.backbone if isinstance(model, FusedBackbone) else model.experts).parameters())
 
     def backward(losses: dict[str, torch.Tensor]) -> None:

@@ -61,6 +61,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Finding", "FusedExperts", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard",
-    "NonFiniteGateError", "Router", "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
-    "run_summaries",
+    "NonFiniteGateError", "Router", "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find",
+    "list_runs", "load_run", "run_summaries",
 ]
