@@ -14,7 +14,12 @@ the ratios are printed for:
 
 Then the cost of the reduction of one conflict step (``task_statistics``) on the census shapes.
 
+``--fused``: instead, the conflict step on fused experts (a transformers 5 Qwen3-MoE backbone, every expert
+of a layer held in ``[E, ...]`` parameters and measured per expert slice) with two task heads, against the
+plain step and its floor (one ``autograd.grad`` on the backbone, then the ordinary backward).
+
     python benchmarks/bench_conflict.py [--steps 300] [--block 50] [--threads 2] [--quick] [--per-step-only]
+    python benchmarks/bench_conflict.py --fused [--experts 32] [--steps 100]
 """
 
 from __future__ import annotations
@@ -40,6 +45,34 @@ from gatewatch.quantities.conflict.maths import PURITY_BINS, SignSample, UnitRun
 AMORTISED_EVERY = 50
 
 
+class FusedBackbone(nn.Module):
+    """A Qwen3-MoE backbone (transformers 5, fused experts: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+    with one linear head per task on its last hidden state; ``forward(ids)`` returns the heads' outputs."""
+
+    def __init__(self, tasks: list[str], experts: int) -> None:
+        super().__init__()
+        import transformers as tf
+
+        torch.manual_seed(0)
+        config = tf.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   vocab_size=256, max_position_embeddings=128, num_experts=experts,
+                                   num_experts_per_tok=4, norm_topk_prob=True, use_cache=False)
+        self.tasks = tasks
+        self.backbone = tf.AutoModel.from_config(config)
+        self.heads = nn.ModuleList(nn.Linear(64, 1) for _ in tasks)
+
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        h = self.backbone(input_ids=ids).last_hidden_state.mean(1)
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+def fused_batches(k: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (8, 64), generator=g), torch.randint(0, 2, (8, k), generator=g).float())
+            for _ in range(count)]
+
+
 def mmoe(tasks: list[str]) -> MMoE:
     torch.manual_seed(0)
     return MMoE(tasks=tasks, **CENSUS_SIZE)
@@ -54,10 +87,10 @@ def batches(k: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
 Backward = Callable[[dict[str, torch.Tensor]], None]
 
 
-def step_fn(model: MMoE, backward: Backward, after: Callable[[], None] = lambda: None) -> Callable[[], None]:
+def step_fn(model: nn.Module, backward: Backward, after: Callable[[], None] = lambda: None) -> Callable[[], None]:
     """One Adam step per call; ``backward(losses)`` does the backward pass, ``after()`` runs after the update."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = batches(len(model.tasks))
+    data = (fused_batches if isinstance(model, FusedBackbone) else batches)(len(model.tasks))
     bce = nn.functional.binary_cross_entropy_with_logits
     count = [0]
 
@@ -73,18 +106,19 @@ def step_fn(model: MMoE, backward: Backward, after: Callable[[], None] = lambda:
     return step
 
 
-def plain_step(model: MMoE) -> Callable[[], None]:
+def plain_step(model: nn.Module) -> Callable[[], None]:
     return step_fn(model, lambda losses: sum(losses.values()).backward())
 
 
-def watched_step(model: MMoE, watch: gw.GateWatch) -> Callable[[], None]:
+def watched_step(model: nn.Module, watch: gw.GateWatch) -> Callable[[], None]:
     return step_fn(model, watch.backward, watch.step)
 
 
-def grads_then_backward(model: MMoE, every_task: bool, watch: gw.GateWatch | None = None) -> Callable[[], None]:
-    """``autograd.grad`` on the experts for every task's loss (or all but the last), graph kept, then the ordinary
-    backward of their sum (through ``watch`` if given, which then also gets ``watch.step()``)."""
-    shared = list(model.experts.parameters())
+def grads_then_backward(model: nn.Module, every_task: bool, watch: gw.GateWatch | None = None) -> Callable[[], None]:
+    """``autograd.grad`` on the experts (the fused backbone) for every task's loss (or all but the last), graph
+    kept, then the ordinary backward of their sum (through ``watch`` if given, which then also gets
+    ``watch.step()``)."""
+    shared = list((model.backbone if isinstance(model, FusedBackbone) else model.experts).parameters())
 
     def backward(losses: dict[str, torch.Tensor]) -> None:
         values = list(losses.values())
@@ -98,12 +132,12 @@ def grads_then_backward(model: MMoE, every_task: bool, watch: gw.GateWatch | Non
     return step_fn(model, backward) if watch is None else step_fn(model, backward, watch.step)
 
 
-def naive_step(model: MMoE) -> Callable[[], None]:
+def naive_step(model: nn.Module) -> Callable[[], None]:
     """One autograd.grad per task on the experts, then the ordinary backward (what gatewatch avoids)."""
     return grads_then_backward(model, every_task=True)
 
 
-def floor_step(model: MMoE, watch: gw.GateWatch | None = None) -> Callable[[], None]:
+def floor_step(model: nn.Module, watch: gw.GateWatch | None = None) -> Callable[[], None]:
     """The floor of an exact conflict step: K-1 autograd.grad on the experts (graph kept), then the ordinary
     backward; no statistics. With ``watch`` (one that logs no conflict): the same floor under the gate capture
     of the conflict step's watch."""
@@ -114,20 +148,23 @@ def show(label: str, base: list[float], monitored: list[float]) -> None:
     print(ratio_report(label, base, monitored), flush=True)
 
 
-def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = True) -> float:
-    """Print the ratio lines for ``k`` tasks; return the median plain step (s)."""
+def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = True,
+            make: Callable[[list[str]], nn.Module] | None = None) -> float:
+    """Print the ratio lines for ``k`` tasks (on ``make(tasks)``, the census MMoE by default); return the median
+    plain step (s)."""
     tasks = [f"task{i}" for i in range(k)]
+    build = make or mmoe
     print(f"\n{k} tasks", flush=True)
 
-    def watch(name: str, sides: int, **kwargs: int) -> tuple[MMoE, gw.GateWatch]:
-        model = mmoe(tasks)
+    def watch(name: str, sides: int, **kwargs: int) -> tuple[nn.Module, gw.GateWatch]:
+        model = build(tasks)
         return model, gw.GateWatch(model, tasks=tasks, log_dir=log_root / f"{k}_{name}", tensorboard=False,
                                    flush_secs=interleaved_flush_secs(sides), **kwargs)
 
     every_step, every_step_watch = watch("every1", 5, conflict_every=1)
     floor_model, floor_watch = watch("floor", 5)
-    times = interleaved({"plain": plain_step(mmoe(tasks)), "conflict": watched_step(every_step, every_step_watch),
-                         "naive": naive_step(mmoe(tasks)), "floor": floor_step(mmoe(tasks)),
+    times = interleaved({"plain": plain_step(build(tasks)), "conflict": watched_step(every_step, every_step_watch),
+                         "naive": naive_step(build(tasks)), "floor": floor_step(build(tasks)),
                          "floor+gates": floor_step(floor_model, floor_watch)},
                         steps=steps, block=block)
     every_step_watch.close()
@@ -146,7 +183,7 @@ def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = Tr
     gates_model, gates_watch = watch("gates", 3)
     amortised_model, amortised_watch = watch("every50", 3, conflict_every=AMORTISED_EVERY)
     amortised_steps = max(steps, 4 * AMORTISED_EVERY)
-    times = interleaved({"plain": plain_step(mmoe(tasks)), "gates": watched_step(gates_model, gates_watch),
+    times = interleaved({"plain": plain_step(build(tasks)), "gates": watched_step(gates_model, gates_watch),
                          "amortised": watched_step(amortised_model, amortised_watch)},
                         steps=amortised_steps, block=AMORTISED_EVERY, warmup=AMORTISED_EVERY)  # past the probe
     gates_watch.close()
@@ -192,9 +229,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps")
     parser.add_argument("--per-step-only", action="store_true",
                         help="only the conflict step against the plain step and the floor (no conflict_every=50)")
+    parser.add_argument("--fused", action="store_true", help="fused experts: a Qwen3-MoE backbone with two heads")
+    parser.add_argument("--experts", type=int, default=32, help="experts per layer with --fused")
     args = parser.parse_args(argv)
     steps = 40 if args.quick else args.steps
     setup(args.threads)
+    if args.fused:
+        print(f"gradient conflict on fused experts: Qwen3-MoE backbone, 2 layers, {args.experts} experts (top 4), "
+              f"hidden 64, 8 x 64 tokens, 2 heads, {args.threads} threads, {steps} steps per side, torch "
+              f"{torch.__version__}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            compare(2, steps, min(args.block, steps), Path(tmp), amortised=not args.per_step_only,
+                    make=lambda tasks: FusedBackbone(tasks, args.experts))
+        return
     print(f"gradient conflict overhead: census-sized MMoE, batch {CENSUS_BATCH}, {args.threads} threads, "
           f"{steps} steps per side, torch {torch.__version__}, denormals flushed", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

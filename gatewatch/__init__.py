@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _NAMES = {
     "GateWatch": "watch", "Gate": "gating.specs", "Router": "gating.router_table",
+    "FusedExperts": "gating.fused_experts",
     "GateDiscoveryError": "gating.specs", "GateOutputError": "gating.specs", "NonFiniteGateError": "gating.specs",
     "Finding": "rules", "Thresholds": "rules", "find": "findings", "build_report": "report", "Run": "loaded_run",
     "RunReadError": "run_reader", "list_runs": "run_reader", "load_run": "run_reader",
@@ -25,6 +26,7 @@ _SUBMODULES = ("remedies", "masking", "models", "data", "training", "ablation", 
 if TYPE_CHECKING:
     from . import remedies as remedies
     from .findings import find as find
+    from .gating.fused_experts import FusedExperts as FusedExperts
     from .gating.router_table import Router as Router
     from .gating.specs import Gate as Gate
     from .gating.specs import GateDiscoveryError as GateDiscoveryError
@@ -58,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Finding", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard", "NonFiniteGateError", "Router",
-    "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find", "list_runs", "load_run",
-    "run_summaries",
+    "Finding", "FusedExperts", "Gate", "GateDiscoveryError", "GateOutputError", "GateWatch", "Guard",
+    "NonFiniteGateError", "Router", "Run", "RunReadError", "Thresholds", "__version__", "build_report", "find",
+    "list_runs", "load_run", "run_summaries",
 ]

@@ -25,6 +25,7 @@ Scalars = Callable[[Mapping[str, pd.DataFrame], Add], None]  # one flush's table
 Rule = Callable[["Run", "Thresholds"], "list[Finding]"]
 Build = Callable[["Run", "Thresholds"], Any]  # one key of the report JSON
 Text = Callable[[Any, "dict[str, Any]"], "list[str]"]  # (the section's value, the whole report) -> terminal lines
+Skipped = Callable[["Run"], "list[dict[str, Any]]"]  # the views this quantity could not compute (gatewatch.skipped)
 
 PER_EXPERT_LIMIT = 256  # per-expert scalar tags only while gates x experts <= this (48 x 128 would be 6,144 series)
 
@@ -83,7 +84,9 @@ class ReadHalf:
       ``remedy_texts``: the remedy text of each finding code (the nn.Modules that implement remedies are in
       :mod:`gatewatch.remedies`);
     * ``pages``, ``panels``: its dashboard pages, and what it adds to other quantities' pages;
-    * ``figures``: modules whose public functions join the ``gatewatch.figures`` namespace.
+    * ``figures``: modules whose public functions join the ``gatewatch.figures`` namespace;
+    * ``skipped``: ``skipped(run)``, the views of this quantity a run could not compute, each with the reason and
+      what to pass (the report's ``skipped`` list, :mod:`gatewatch.skipped`).
     """
 
     tables: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -96,6 +99,7 @@ class ReadHalf:
     pages: tuple[Page, ...] = ()
     panels: tuple[Panel, ...] = ()
     figures: tuple[str, ...] = ()
+    skipped: Skipped | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted((set(self.windowed) | set(self.measured)) - set(self.tables))
@@ -118,4 +122,5 @@ def per_expert_ok(tables: Mapping[str, pd.DataFrame]) -> bool:
     return int(shares.drop_duplicates(["gate", "expert"]).shape[0]) <= PER_EXPERT_LIMIT
 
 
-__all__ = ["PER_EXPERT_LIMIT", "Add", "Page", "Panel", "ReadHalf", "Rule", "Section", "per_expert_ok", "table_rows"]
+__all__ = ["PER_EXPERT_LIMIT", "Add", "Page", "Panel", "ReadHalf", "Rule", "Section", "Skipped", "per_expert_ok",
+           "table_rows"]

@@ -25,7 +25,8 @@ later adds its own keys. Schema (stable; other tools build on it)::
                  "trend": "improving"|"worsening"|"flat"}],   # each task's recent validation trend
      "findings": [{"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart"}],
      "thresholds": {...}, "problems": [str],
-     "coverage": {"first_step": int|null, "last_step": int|null, "skipped_files": [str]}}
+     "coverage": {"first_step": int|null, "last_step": int|null, "skipped_files": [str]},
+     "skipped": [{"view", "gate", "reason", "fix"}]}   # views that could not be computed, and what to pass
                                             # the steps the readable windows cover; files left out
 
 ``entropy`` and ``mutual_info`` are normalised by log E into [0, 1].
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from .findings import Finding, Thresholds, find
 from .registry import declarations, sections
 from .rules import gate_unit
+from .skipped import skipped_lines
 
 if TYPE_CHECKING:
     from .loaded_run import Run
@@ -54,8 +56,13 @@ def build_report(
     }
     report.update({key: section.build(run, th) for key, section in sections().items()})
     report.update(findings=[f.to_dict() for f in found], thresholds=th.to_dict(), problems=list(run.problems),
-                  coverage=coverage(run))
+                  coverage=coverage(run), skipped=skipped_views(run))
     return report
+
+
+def skipped_views(run: Run) -> list[dict[str, Any]]:
+    """The views the run could not compute, of every quantity (:mod:`gatewatch.skipped`)."""
+    return [entry for _, half in declarations() if half.skipped is not None for entry in half.skipped(run)]
 
 
 def covered_tables() -> list[str]:
@@ -96,6 +103,7 @@ def render_text(report: dict[str, Any]) -> str:
     for key, section in sections().items():
         if section.text is not None and key in report:
             lines += section.text(report[key], report)
+    lines += skipped_lines(report.get("skipped") or [])
     lines += ["", f"findings ({len(report['findings'])}):"]
     if not report["findings"]:
         lines.append("  none: the gates look healthy." if cov.get("first_step") is not None or not cov else

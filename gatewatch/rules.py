@@ -50,8 +50,11 @@ class Thresholds:
     router_imbalanced_share: float = _th(0.6, "imbalanced router layer: in at least this share of the recent "
                                               "windows")
     router_windows: float = _th(10, "router findings: how many of the last windows are looked at (a count)")
-    contested_share: float = _th(0.2, "contested expert: both tasks' gates give the expert at least this mean "
-                                      "weight in the last window")
+    contested_even: float = _th(0.8, "contested expert: both tasks' gates (or the shared router) give the expert "
+                                     "at least this multiple of an even share 1/E in the last window (0.8: 0.2 at "
+                                     "E=4, 0.1 at E=8)")
+    contested_share: float = _th(0.0, "contested expert: an absolute floor on both tasks' mean share, on top of "
+                                      "contested_even (0: none)")
     contested_below: float = _th(0.6, "contested expert: the pair's cosine on the expert is below the run's "
                                       "conflict_threshold in at least this share of its last conflict_steps "
                                       "measured steps")

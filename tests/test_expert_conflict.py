@@ -15,6 +15,7 @@ from torch import nn
 import gatewatch as gw
 from gatewatch.gating.expert_map import ExpertMapError, infer_expert_modules
 from gatewatch.models import PLE, MMoE, OMoE
+from gatewatch.quantities.conflict.read import contested_floor
 from gatewatch.report import build_report
 from gatewatch.rules import Thresholds
 
@@ -164,11 +165,13 @@ def test_contested_expert_fires_on_shared_fighting_expert(tmp_path: Path) -> Non
     report = build_report(run)
     rows = {e["expert"]: e for e in report["expert_conflict"]}
     for finding in [f for f in report["findings"] if f["code"] == "contested_expert"]:
-        assert min(rows[finding["expert"]]["share"].values()) >= Thresholds().contested_share
-    loose = build_report(run, Thresholds(contested_share=0.0, contested_below=0.0))
+        assert min(rows[finding["expert"]]["share"].values()) >= contested_floor(Thresholds(), 2)
+    assert contested_floor(Thresholds(), 2) == Thresholds().contested_even / 2  # relative to an even share 1/E
+    loose = build_report(run, Thresholds(contested_share=0.0, contested_even=0.0, contested_below=0.0))
     flagged = [f for f in loose["findings"] if f["code"] == "contested_expert"]
     assert len(flagged) == len(rows)  # everything fires when the thresholds let it
     assert "task-specific" in flagged[0]["remedy"] and flagged[0]["expert"] in flagged[0]["remedy"]
+    assert {e["share_source"] for e in report["expert_conflict"]} == {"task gate"}
     strict = build_report(run, Thresholds(contested_share=1.01))
     assert not [f for f in strict["findings"] if f["code"] == "contested_expert"]
 
@@ -188,7 +191,7 @@ def test_sample_run_report_shape_and_figure() -> None:
     entries = build_report(run)["expert_conflict"]
     assert [e["module"] for e in entries] == [f"experts.{i}" for i in range(4)]
     assert set(entries[0]) == {"expert", "module", "tasks", "mode", "cosine", "below", "measured", "share", "step",
-                               "window_step"}
+                               "window_step", "experts", "share_source"}
     top = max(entries, key=lambda e: e["share"]["income"])
     assert top["module"] == "experts.0" and top["share"]["income"] > 0.9
     table = expert_table(run)

@@ -83,7 +83,7 @@ def test_close_compacts_into_one_chunk_per_table(tmp_path) -> None:
         "name": "ctr", "task": "ctr", "level": 0, "path": "gates.ctr.2", "output": "probs", "experts": 4,
         "expert_names": ["0", "1", "2", "3"], "top_k": None, "module_class": None,
         "expert_modules": ["experts.0", "experts.1", "experts.2", "experts.3"],
-        "expert_map": "inferred: children of experts", "scoring": None,
+        "expert_map": "inferred: children of experts", "scoring": None, "fused_experts": None,
     }
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..wrappers import unwrap
 from .expert_map import explicit_expert_modules
+from .fused_experts import FusedExperts, declared
 from .router_probe import Probed, named_like_router, router_hint, structural_routers
 from .router_table import find_routers
 from .specs import Gate, GateDiscoveryError, ResolvedGate
@@ -80,6 +81,15 @@ def _output_size(model: nn.Module, path: str) -> int | None:
             if isinstance(child, nn.Linear):
                 size = child.out_features
     return None
+
+
+def expected_width(model: nn.Module, gate: ResolvedGate) -> int | None:
+    """The number of experts a gate's module suggests before its first output: a router's first weight matrix's
+    rows, or the Linear feeding a softmax gate (None when neither tells)."""
+    if gate.router is not None:
+        weight = next((p for p in gate.module.parameters() if p.dim() == 2), None)
+        return None if weight is None else int(weight.shape[0])
+    return _output_size(model, gate.path)
 
 
 def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -255,16 +265,23 @@ def resolve(
             name=name or "", module=module, path=path, output=spec.output, extract=spec.extract, task=task,
             level=spec.level if spec.level is not None else 0,
             experts=list(spec.experts) if spec.experts is not None else None, top_k=spec.top_k,
-            inject=spec.inject, router=spec.router,
-            expert_modules=None if spec.expert_modules is None else explicit_expert_modules(
-                model, spec.expert_modules, name or path),
-            expert_map=None if spec.expert_modules is None else "explicit",
+            inject=spec.inject, router=spec.router, **_explicit_map(model, spec, name or path),
         ))
     _name_unnamed(resolved, explicit_levels=[_as_gate(g).level is not None for _, g in items])
     names = [g.name for g in resolved]
     if len(set(names)) != len(names):
         raise GateDiscoveryError(f"Gate names must be unique; got {names}.")
     return resolved
+
+
+def _explicit_map(model: nn.Module, spec: Gate, gate: str) -> dict[str, Any]:
+    """The ``expert_modules`` / ``fused`` / ``expert_map`` of a gate spec that gives its experts (else empty)."""
+    if spec.expert_modules is None:
+        return {}
+    if isinstance(spec.expert_modules, FusedExperts):
+        fused = declared(model, spec.expert_modules, gate)
+        return {"fused": fused, "expert_map": fused.how("explicit")}
+    return {"expert_modules": explicit_expert_modules(model, spec.expert_modules, gate), "expert_map": "explicit"}
 
 
 def _name_unnamed(gates: list[ResolvedGate], explicit_levels: list[bool]) -> None:

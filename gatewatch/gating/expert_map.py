@@ -15,8 +15,11 @@
     value says ``shared_first`` or ``specific_first`` (this project's ``expert_order``), else from the gate's
     expert labels (the first names ``shared``: shared first), else specific first (Tang et al.'s order).
 
-Fused experts (one ``[E, ...]`` parameter holding every expert, as in transformers 5) have no module per
-expert and are not mapped. The map is stored in run.json per gate (``expert_modules``, ``expert_map``).
+  - **fused experts** (:mod:`.fused_experts`): one module holding every expert as a slice of ``[E, ...]``
+    parameters (transformers 5, torchtitan, batched-einsum MMoEs); the gate keeps it as ``fused``, with
+    ``expert_modules`` left None as there is no module per expert.
+
+The map is stored in run.json per gate (``expert_modules``, ``fused_experts``, ``expert_map``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..wrappers import unwrap
+from .fused_experts import NOT_EXPERTS, SHARED, FusedExpertsError, FusedSlices, fused_in_scope
 
 if TYPE_CHECKING:
     from .specs import ResolvedGate
 
-NOT_EXPERTS = re.compile(r"gate|gating|router|routing|tower|head", re.IGNORECASE)
-SHARED = re.compile(r"shared|common", re.IGNORECASE)
 Containers = (nn.ModuleList, nn.ModuleDict)
 
 
@@ -74,16 +76,34 @@ def infer_expert_modules(model: nn.Module, gate_path: str, n_experts: int, task:
                          tasks: Sequence[str] | None = None, labels: Sequence[str] | None = None
                          ) -> tuple[list[str] | None, str]:
     """``(paths, how)``: the expert module of each of the gate's ``n_experts`` columns and how it was found
-    (see the module docstring), or ``(None, why not)``."""
+    (see the module docstring), or ``(None, why not)`` (also when the experts found are fused)."""
+    paths, _, how = find_experts(model, gate_path, n_experts, task, tasks, labels)
+    return paths, how
+
+
+def find_experts(model: nn.Module, gate_path: str, n_experts: int | None, task: str | None = None,
+                 tasks: Sequence[str] | None = None, labels: Sequence[str] | None = None
+                 ) -> tuple[list[str] | None, FusedSlices | None, str]:
+    """``(paths, fused, how)``: the gate's experts, as one module per column or as fused experts, found at the
+    nearest scope around the gate that holds either (see the module docstring), or ``(None, None, why not)``.
+    ``n_experts=None`` (the gate's width not known yet) looks for fused experts of any count only."""
     modules = dict(model.named_modules())
     parts = gate_path.split(".") if gate_path else []
     for depth in range(len(parts) - 1, -1, -1):
         scope = ".".join(parts[:depth])
-        found = _in_scope(modules[scope], scope, gate_path, n_experts, task, list(tasks or []), labels)
-        if found[0] is not None or found[1]:
-            return found
-    return None, (f"no ModuleList/ModuleDict of {n_experts} experts around {gate_path!r}; pass "
-                  "gw.Gate(..., expert_modules=[...])")
+        paths, how = (None, "") if n_experts is None else _in_scope(
+            modules[scope], scope, gate_path, n_experts, task, list(tasks or []), labels)
+        if paths is not None or how:
+            return paths, None, how
+        fused, why = fused_in_scope(modules[scope], scope, gate_path, n_experts)
+        if fused is not None:
+            return None, fused, fused.how("inferred")
+        if why:
+            return None, None, why
+    return None, None, (f"experts of {gate_path!r} not found (no ModuleList/ModuleDict of {n_experts or 'E'} "
+                        "expert modules and no module of fused [E, ...] expert parameters around it): pass "
+                        "gw.Gate(..., expert_modules=[...]) or gw.Gate(..., expert_modules=gw.FusedExperts(module, "
+                        "dim=...))")
 
 
 def _join(scope: str, name: str) -> str:
@@ -171,11 +191,17 @@ def _shared_first(owner: nn.Module, labels: Sequence[str] | None) -> bool | None
 
 
 def map_experts(model: nn.Module, gate: ResolvedGate, n_experts: int, tasks: Sequence[str] | None) -> None:
-    """Check a gate's explicit map against its width, or infer one (sets ``expert_modules`` / ``expert_map``)."""
-    if gate.expert_map == "explicit" and gate.expert_modules is not None:
-        check_width(gate.expert_modules, n_experts, gate.name)
+    """Check a gate's explicit map against its width, or infer one (sets ``expert_modules`` or ``fused``, and
+    ``expert_map``)."""
+    if gate.expert_map is not None and gate.expert_map.startswith("explicit"):
+        if gate.expert_modules is not None:
+            check_width(gate.expert_modules, n_experts, gate.name)
+        if gate.fused is not None and gate.fused.n_experts != n_experts:
+            raise FusedExpertsError(f"Gate {gate.name!r} has {n_experts} outputs but its FusedExperts "
+                                    f"{gate.fused.path!r} holds {gate.fused.n_experts} experts along the dimension "
+                                    "given: pass dim= with the dimension that indexes the experts.")
         return
-    gate.expert_modules, gate.expert_map = infer_expert_modules(
+    gate.expert_modules, gate.fused, gate.expert_map = find_experts(
         unwrap(model), gate.path, n_experts, gate.task, tasks, gate.experts)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..validate import positive_int
+from .fused_experts import FusedExperts, FusedSlices
 from .router_table import Router, affinity
 
 Output = Literal["probs", "logits"]
@@ -52,11 +53,18 @@ class Gate:
     top_k: int | None = None
     inject: Callable[[Any, torch.Tensor], Any] | None = None
     router: Router | None = None  # a sparse router: its scoring, choice and dispatch (sets extract, top_k, inject)
-    expert_modules: Sequence[str | nn.Module] | None = None  # the module of each gate column (gatewatch.expert_map)
+    # the experts the gate's columns weigh (gatewatch.gating.expert_map): one module per column, or
+    # gw.FusedExperts(module, dim=...) for experts held as slices of [E, ...] parameters
+    expert_modules: Sequence[str | nn.Module] | FusedExperts | None = None
 
     def __post_init__(self) -> None:
         if self.output not in ("probs", "logits"):
             raise ValueError(f"Gate output must be 'probs' or 'logits', got {self.output!r}.")
+        if isinstance(self.experts, (FusedExperts, nn.Module)):
+            raise TypeError(f"Gate experts= takes the names of the gate's columns (a list of str), got "
+                            f"{type(self.experts).__name__}. Pass the expert modules as expert_modules=[...], or "
+                            "experts held as slices of [E, ...] parameters as "
+                            "expert_modules=gw.FusedExperts(module, dim=0).")
         if self.top_k is not None:
             positive_int("top_k", self.top_k, owner="Gate")
 
@@ -78,6 +86,7 @@ class ResolvedGate:
     expert_modules: list[str] | None = None  # module path per column: explicit, or inferred at the first output
     expert_map: str | None = None  # how expert_modules was found ("explicit", "inferred ...") or why not
     router: Router | None = None
+    fused: FusedSlices | None = None  # fused experts: declared, or inferred at the first output
     n_experts: int | None = field(default=None, init=False)
 
     def describe(self) -> dict[str, Any]:
@@ -87,6 +96,7 @@ class ResolvedGate:
             "output": self.output, "experts": self.n_experts, "expert_names": self.expert_names(),
             "top_k": self.top_k, "module_class": type(self.module).__name__,
             "expert_modules": self.expert_modules, "expert_map": self.expert_map,
+            "fused_experts": None if self.fused is None else self.fused.describe(),
             "scoring": None if self.router is None else self.router.scoring,
         }
 

@@ -7,7 +7,7 @@ import streamlit as st
 from gatewatch import figures
 from gatewatch.app import ui
 from gatewatch.figures.conflict import pair_label
-from gatewatch.quantities.conflict.read import conflict_threshold, expert_table
+from gatewatch.quantities.conflict.read import conflict_threshold, contested_floor, expert_table
 
 ctx, ref, run, tok = ui.current_run()
 conflict = run.tables.get("conflict")
@@ -43,7 +43,8 @@ if len(experts):
     expert_pair = st.selectbox("Task pair", expert_pairs, key="expert_pair")
     modes = list(dict.fromkeys(experts["mode"]))
     mode = st.radio("Measured by", modes, horizontal=True, key="expert_mode") if len(modes) > 1 else modes[0]
-    ui.chart(figures.expert_conflict_map(experts, expert_pair, contested_share=ctx.thresholds.contested_share,
+    floor = contested_floor(ctx.thresholds, int(experts["experts"].max()))
+    ui.chart(figures.expert_conflict_map(experts, expert_pair, contested_share=floor,
                                          threshold=conflict_threshold(run), mode=mode), key="expert_conflict")
 else:
     st.caption("No gate column maps to a measured expert module (see docs/conflict.md, 'Conflict meets routing').")

@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
+from ...gating.discovery import expected_width
+from ...gating.expert_map import find_experts
+from ...gating.specs import ResolvedGate
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from ...wrappers import unwrap
@@ -71,9 +74,32 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
     if ctx.tasks is not None and len(ctx.tasks) < 2:
         raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
                             "conflict_every=0.")
+    warn_unmapped(ctx.model, ctx.gates, ctx.tasks)
     return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
-                             distributed=ctx.distributed)
+                             distributed=ctx.distributed, gates=ctx.gates)
+
+
+def warn_unmapped(model: nn.Module, gates: Sequence[ResolvedGate], tasks: Sequence[str] | None) -> None:
+    """Warn once, at construction, about the gates whose experts cannot be found, so that their per-expert
+    conflict (``expert_conflict``) cannot be computed. A gate's width is known at its first output; here the
+    experts are looked for with the count the gate's module suggests (a router's weight rows, the Linear before a
+    softmax); a gate whose count cannot be told yet is checked at its first output (run.json's ``expert_map``)."""
+    model = unwrap(model)
+    missing = {}
+    for gate in gates:
+        if gate.expert_modules is not None or gate.fused is not None:
+            continue
+        width = expected_width(model, gate)
+        paths, fused, why = (None, None, "") if width is None else find_experts(
+            model, gate.path, width, gate.task, tasks, gate.experts)
+        if why and paths is None and fused is None:
+            missing[gate.name] = why
+    if missing:
+        said = "; ".join(f"{name}: {why}" for name, why in list(missing.items())[:3])
+        more = f" (and {len(missing) - 3} more gates)" if len(missing) > 3 else ""
+        warnings.warn(f"gatewatch: expert_conflict will be skipped for {len(missing)} gate(s): {said}{more}.",
+                      RuntimeWarning, stacklevel=4)
 
 
 class ConflictGradients(Quantity):
@@ -88,7 +114,8 @@ class ConflictGradients(Quantity):
     name = "conflict"
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, shared: SharedSpec = None, threshold: float = 0.0,
-                 group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False) -> None:
+                 group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False,
+                 gates: Sequence[ResolvedGate] = ()) -> None:
         if not -1.0 < threshold <= 0.0:
             raise ConflictError(
                 f"conflict_threshold is a cosine S in (-1, 0] (a step counts as conflict when cosine < S); "
@@ -100,6 +127,8 @@ class ConflictGradients(Quantity):
         self.threshold = threshold
         self.param_limit = param_limit
         self.grouper = module_grouper(self.model, group)
+        self.expert_groups = group is None  # fused experts' slices group by expert unless conflict_group says
+        self.gates = gates  # their fused experts (known after their first output) are cut into slices
         self.shared_names = select_shared(self.model, shared)
         self.exact = distributed  # every task by autograd.grad (no subtraction from .grad)
         self.layout: SharedLayout | None = None
@@ -212,9 +241,10 @@ class ConflictGradients(Quantity):
                 last.div_(self._scale)  # .grad holds scale * gradient; autograd.grad gave the loss's own
             for i in range(k - 1):
                 last.sub_(g[i])
-            for i, (s, e) in enumerate(layout.bounds):
+            for i in range(len(layout.params)):
                 if not layout.reach[k - 1][i]:
-                    last[s:e].zero_()  # rounding noise on a parameter the last task cannot reach
+                    for view, _ in layout.views(last, i):
+                        view.zero_()  # rounding noise on a parameter the last task cannot reach
         if self._filled:
             assert self._stack is not None
             self._stack[:k].add_(g)
@@ -282,10 +312,19 @@ class ConflictGradients(Quantity):
 
     def _flat_grads(self, out: torch.Tensor, grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
         """Write gradients (None: zeros) into the flat row ``out``."""
-        assert self.layout is not None
-        parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=out.dtype, device=out.device)
-                 for g, p in zip(grads, self.layout.params, strict=True)]
-        return torch.cat(parts, out=out)
+        layout = self.layout
+        assert layout is not None
+        if not layout.fused:
+            parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=out.dtype, device=out.device)
+                     for g, p in zip(grads, layout.params, strict=True)]
+            return torch.cat(parts, out=out)
+        for i, g in enumerate(grads):  # fused experts: each parameter into its evenly spaced slices
+            for view, e in layout.views(out, i):
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g if e is None else g.select(layout.dims[i], e))  # type: ignore[arg-type]
+        return out
 
     def _discover(self, items: list[tuple[str, torch.Tensor]]) -> bool:
         """Find the shared parameters (the first conflict step): every task's gradient, once."""
@@ -312,12 +351,14 @@ class ConflictGradients(Quantity):
             self._disable(f"the shared parameters span several devices ({sorted(map(str, devices))}); pass "
                           "shared= with parameters of one device")
             return False
+        fused = {name: (d, g.fused.path) for g in self.gates if g.fused is not None
+                 for name, d in g.fused.params.items()}
         self.layout = SharedLayout.build(
             [names[i] for i in keep], [params[i] for i in keep], [[r[i] for i in keep] for r in reach],
-            self.grouper, self.param_limit,
+            self.grouper, self.param_limit, fused, self.expert_groups,
         )
         position = {n: i for i, n in enumerate(names)}
-        order = [position[n] for n in self.layout.names]
+        order = [position[n] for n in self.layout.param_names]
         self._probe = [[task[i] for i in order] for task in grads]
         return True
 
@@ -353,8 +394,10 @@ class ConflictGradients(Quantity):
         }
         if layout is not None:
             out.update(
-                per_param=layout.per_param, tensors=len(layout.names), elements=layout.size,
+                per_param=layout.per_param, tensors=len(layout.param_names), elements=layout.size,
                 groups={g: sum(1 for x in layout.group_of if x == i) for i, g in enumerate(layout.groups)},
-                shared=layout.names if len(layout.names) <= SHARED_NAMES_LIMIT else None,
+                shared=layout.param_names if len(layout.param_names) <= SHARED_NAMES_LIMIT else None,
+                slices=sum(e is not None for _, e in layout.pieces),
+                fused={n: d for n, d in zip(layout.param_names, layout.dims, strict=True) if d is not None},
             )
         return out

@@ -2,15 +2,17 @@
 
 ``shared=`` picks them (names, prefixes or modules), or they are discovered: every parameter that two or
 more tasks' losses reach. :class:`SharedLayout` orders them so that each module group is one contiguous
-range of the flat gradient buffer.
+range of the flat gradient buffer; fused experts' parameters are cut into one slice per expert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
+import torch
 from torch import nn
 
 from .maths import sample_ranges
@@ -88,14 +90,27 @@ def select_shared(model: nn.Module, spec: SharedSpec) -> list[str] | None:
     return list(chosen)
 
 
+Fused = dict[str, tuple[int, str]]  # fused parameter name -> (expert dimension, name of the experts' module)
+
+
 @dataclass
 class SharedLayout:
-    """The shared parameters in group order, their place in the flat buffer, and which task reaches which."""
+    """The shared parameters, their pieces in group order in the flat buffer, and which task reaches which.
 
-    names: list[str]
-    params: list[nn.Parameter]
+    A piece is a whole parameter, or for fused experts (``fused``) the slice of one expert along the
+    parameter's expert dimension, named ``<parameter>[i]`` and grouped with the expert's other slices under
+    ``<experts module>[i]`` (unless ``conflict_group`` says otherwise). Every group's pieces are contiguous, so a
+    fused parameter lies in the buffer as E evenly spaced slices: :meth:`view` is a strided view of it, and
+    the Gram matrices and sign counts of its slices are batched operations on views, with no copy.
+    """
+
+    names: list[str]  # piece names, in buffer order
+    params: list[nn.Parameter]  # in the order of their first piece
+    param_names: list[str]
+    pieces: list[tuple[int, int | None]]  # (parameter index, expert index or None), in buffer order
+    dims: list[int | None]  # each parameter's expert dimension (None: not fused)
     groups: list[str]
-    group_of: list[int]  # group index of each parameter
+    group_of: list[int]  # group index of each piece
     reach: list[list[bool]]  # [task][parameter]: the task's loss reaches the parameter
     per_param: bool
     bounds: list[tuple[int, int]] = field(init=False)
@@ -103,13 +118,18 @@ class SharedLayout:
 
     def __post_init__(self) -> None:
         start, self.bounds = 0, []
-        for p in self.params:
-            self.bounds.append((start, start + p.numel()))
-            start += p.numel()
+        for i, e in self.pieces:
+            p, d = self.params[i], self.dims[i]
+            size = p.numel() if e is None else p.numel() // p.shape[d]  # type: ignore[index]
+            self.bounds.append((start, start + size))
+            start += size
         self.group_bounds = []
         for gi in range(len(self.groups)):
             members = [b for b, g in zip(self.bounds, self.group_of, strict=True) if g == gi]
             self.group_bounds.append((members[0][0], members[-1][1]))
+        self._starts: list[list[int]] = [[] for _ in self.params]
+        for (i, _), (s, _) in zip(self.pieces, self.bounds, strict=True):
+            self._starts[i].append(s)
 
     @property
     def size(self) -> int:
@@ -119,6 +139,10 @@ class SharedLayout:
     def units(self) -> list[tuple[int, int]]:
         return self.bounds if self.per_param else self.group_bounds
 
+    @property
+    def fused(self) -> bool:
+        return any(d is not None for d in self.dims)
+
     def elements(self, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
         return np.array([e - s for s, e in bounds], dtype=np.float64)
 
@@ -126,15 +150,49 @@ class SharedLayout:
         """How many elements of each range the sign statistics count (ranges tile units end to end)."""
         return np.array([e - s for s, e in sample_ranges(self.units, bounds)], dtype=np.float64)
 
+    def views(self, row: torch.Tensor, i: int) -> list[tuple[torch.Tensor, int | None]]:
+        """Where parameter ``i`` lies in the flat ``row`` (1-D, contiguous): ``(view, None)`` shaped like the
+        parameter, or, for a fused parameter whose slices are not evenly spaced, ``(view, e)`` per expert e."""
+        p, d, starts = self.params[i], self.dims[i], self._starts[i]
+        if d is None:
+            return [(row[starts[0]:starts[0] + p.numel()].view(p.shape), None)]
+        shape = [n for k, n in enumerate(p.shape) if k != d]
+        inner = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
+        if len(starts) > 1 and any(b - a != starts[1] - starts[0] for a, b in pairwise(starts)):
+            return [(row.as_strided(shape, inner, row.storage_offset() + s), e) for e, s in enumerate(starts)]
+        spacing = starts[1] - starts[0] if len(starts) > 1 else 0
+        block = row.as_strided([len(starts), *shape], [spacing, *inner], row.storage_offset() + starts[0])
+        return [(block.movedim(0, d), None)]
+
     @classmethod
     def build(cls, names: list[str], params: list[nn.Parameter], reach: list[list[bool]],
-              grouper: Callable[[str], str], param_limit: int) -> SharedLayout:
-        """Order the parameters so that every group's elements are contiguous (groups in first-seen order)."""
-        labels = [str(grouper(n)) for n in names]
+              grouper: Callable[[str], str], param_limit: int, fused: Fused | None = None,
+              expert_groups: bool = True) -> SharedLayout:
+        """Order the pieces so that every group's elements are contiguous (groups in first-seen order); a fused
+        parameter (``fused``) is cut into its experts' slices, grouped by expert when ``expert_groups``."""
+        fused = fused or {}
+        pieces: list[tuple[int, int | None]] = []
+        piece_names, labels = [], []
+        for i, (name, p) in enumerate(zip(names, params, strict=True)):
+            if name not in fused:
+                pieces.append((i, None))
+                piece_names.append(name)
+                labels.append(str(grouper(name)))
+                continue
+            d, module = fused[name]
+            for e in range(p.shape[d]):
+                pieces.append((i, e))
+                piece_names.append(f"{name}[{e}]")
+                labels.append(f"{module}[{e}]" if expert_groups else str(grouper(f"{name}[{e}]")))
         groups = list(dict.fromkeys(labels))
-        order = sorted(range(len(names)), key=lambda i: groups.index(labels[i]))
+        rank = {g: k for k, g in enumerate(groups)}
+        order = sorted(range(len(pieces)), key=lambda k: rank[labels[k]])
+        first = list(dict.fromkeys(pieces[k][0] for k in order))  # parameters in the order of their first piece
+        position = {i: n for n, i in enumerate(first)}
         return cls(
-            names=[names[i] for i in order], params=[params[i] for i in order], groups=groups,
-            group_of=[groups.index(labels[i]) for i in order], reach=[[r[i] for i in order] for r in reach],
-            per_param=len(names) <= param_limit,
+            names=[piece_names[k] for k in order], params=[params[i] for i in first],
+            param_names=[names[i] for i in first], pieces=[(position[pieces[k][0]], pieces[k][1]) for k in order],
+            dims=[fused[names[i]][0] if names[i] in fused else None for i in first], groups=groups,
+            group_of=[rank[labels[k]] for k in order], reach=[[r[i] for i in first] for r in reach],
+            per_param=len(pieces) <= param_limit,
         )

@@ -17,8 +17,9 @@ import pandas as pd
 
 from ...declarations import Add, Page, ReadHalf, Section, table_rows
 from ...rules import Finding, Thresholds, fmt, num, streak_start
+from ...skipped import MAP_FIX, described_gates, entry, unmapped, why_unmapped
 from ..losses.read import first_nonfinite, nonfinite_finding
-from .routing import COLUMNS, expert_conflict_table, last_rows
+from .routing import COLUMNS, SHARED_ROUTER, TASK_GATE, expert_conflict_table, last_rows
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
@@ -50,6 +51,12 @@ REMEDY_TEXTS = {
         "The gates send both tasks through an expert their gradients fight over, so MMoE's routing does not keep "
         "them apart there. Gate dropout (gw.remedies.GateDropout(0.1)) or PCGrad on that expert's parameters are "
         "lighter alternatives."
+    ),
+    "contested_router_expert": (
+        "The router sends both tasks' tokens to an expert their gradients fight over, and one router cannot route "
+        "the tasks apart. Condition the router on the task (a task embedding in its input, or one router per task), "
+        "add task-specific experts next to the routed ones, or project the conflicting gradients (PCGrad) on that "
+        "expert's slices; router dropout (gw.remedies.GateDropout on the router) is a lighter alternative."
     ),
 }
 
@@ -156,8 +163,11 @@ def expert_table(run: Run) -> pd.DataFrame:
 
 
 def expert_conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
-    """The report's ``expert_conflict`` list: per expert module and task pair at the pair's last measured step,
-    the cosine, the running ``below`` count, the measured steps, each task's share (``window_step``: its window)."""
+    """The report's ``expert_conflict`` list: per expert (a module, or a fused expert ``<module>[i]``) and task
+    pair at the pair's last measured step, the cosine, the running ``below`` count, the measured steps, each
+    task's share (``window_step``: its window), the gate's expert count ``experts`` and ``share_source``: "task
+    gate", or "shared router (same for every task)" / "shared gate (same for every task)" when one gate serves
+    every task, so that the tasks' shares are one and the same."""
     out = []
     for _, r in last_rows(expert_table(run)).iterrows():
         a, b = str(r["task_a"]), str(r["task_b"])
@@ -166,13 +176,20 @@ def expert_conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, 
             "cosine": num(r["cosine"]), "below": int(r["below"]), "measured": int(r["measured"]),
             "share": {a: num(r["share_a"]) or 0.0, b: num(r["share_b"]) or 0.0}, "step": int(r["step"]),
             "window_step": None if pd.isna(r["window_step"]) else int(r["window_step"]),
+            "experts": int(r["experts"]), "share_source": str(r["share_source"]),
         })
     return out
 
 
+def contested_floor(th: Thresholds, experts: int) -> float:
+    """The share both tasks must give an expert of a gate of ``experts`` columns for it to count as contested."""
+    return max(th.contested_share, th.contested_even / max(experts, 1))
+
+
 def contested_findings(run: Run, th: Thresholds) -> list[Finding]:
-    """An expert both tasks of a pair use substantially (each share >= ``contested_share`` in the last window)
-    while their gradients on it conflict in most recent measured steps (``contested_below``)."""
+    """An expert both tasks of a pair use substantially (each share at least ``contested_even`` / E and
+    ``contested_share`` in the last window) while their gradients on it conflict in most recent measured steps
+    (``contested_below``). On a sparse router the share is the router's, the same for every task."""
     limit = conflict_threshold(run)
     table = expert_table(run)
     if (table["mode"] == "exact").any():
@@ -186,16 +203,22 @@ def contested_findings(run: Run, th: Thresholds) -> list[Finding]:
         against = (recent["cosine"] < limit) & ~recent["zero_grad"].astype(bool)
         last = recent.iloc[-1]
         used = min(last["share_a"], last["share_b"])
-        if against.mean() < th.contested_below or used < th.contested_share:
+        floor = contested_floor(th, int(last["experts"]))
+        if against.mean() < th.contested_below or used < floor:
             continue
-        expert = str(last["expert"])
+        expert, shared = str(last["expert"]), last["share_source"] != TASK_GATE
+        share = (f"the {last['share_source'].split(' (')[0]} gives it {last['share_a']:.0%} of the weight "
+                 f"(the same for every task)" if shared else
+                 f"mean gate share {last['share_a']:.0%} and {last['share_b']:.0%}")
+        router = last["share_source"] == SHARED_ROUTER
         out.append(Finding(
             "contested_expert", "warning", None, None,
             streak_start(rows["step"], (rows["cosine"] < limit) & ~rows["zero_grad"].astype(bool)),
-            f"expert {expert} ({module}) is contested by tasks {a!r} and {b!r}: both route to it (mean gate share "
-            f"{last['share_a']:.0%} and {last['share_b']:.0%} in the window of step {last['window_step']}) while "
+            f"expert {expert} ({module}) is contested by tasks {a!r} and {b!r}: both route to it ({share} in the "
+            f"window of step {last['window_step']}; an even share is {1 / max(int(last['experts']), 1):.0%}) while "
             f"their gradients on it conflict: cosine below {limit:g} in {against.mean():.0%} of the last "
             f"{len(recent)} measured steps (last {last['cosine']:.2f}, {last['mode']}).",
+            REMEDY_TEXTS["contested_router_expert"] if router else
             f"Make expert {expert} task-specific (CGC/PLE: give it to {a!r} or {b!r} and let the other task use "
             f"its own) or duplicate it so each task trains its own copy. {REMEDY_TEXTS['contested_expert']}",
             "conflict", expert,
@@ -231,8 +254,22 @@ def conflict_text(conflict: list[dict[str, Any]], report: dict[str, Any]) -> lis
     return lines
 
 
+def conflict_skipped(run: Run) -> list[dict[str, Any]]:
+    """Conflict that turned itself off, and, while conflict or its proxy ran, the gates whose experts were not
+    found (they get no ``expert_conflict`` entry)."""
+    meta = run.meta
+    conflict = meta.get("conflict") if isinstance(meta.get("conflict"), dict) else None
+    out = []
+    if conflict is not None and conflict.get("disabled"):
+        out.append(entry("conflict", None, str(conflict["disabled"])))
+    if (conflict is not None and not conflict.get("disabled")) or isinstance(meta.get("conflict_proxy"), dict):
+        out += [entry("expert_conflict", g["name"], why_unmapped(g), MAP_FIX)
+                for g in described_gates(meta) if unmapped(g)]
+    return out
+
+
 QUANTITY = ReadHalf(
-    tables=TABLES, measured=("conflict",), scalars=conflict_scalars,
+    tables=TABLES, measured=("conflict",), scalars=conflict_scalars, skipped=conflict_skipped,
     sections=(Section("conflict", conflict_summary, conflict_text),
               Section("expert_conflict", expert_conflict_summary)),
     rules=(conflict_findings, gradient_findings, contested_findings), remedy_texts=REMEDY_TEXTS,

@@ -4,10 +4,11 @@ next to how much each task's gates use it.
 The ``conflict`` table's module rows are joined with the ``shares`` table through the expert map each gate
 keeps in run.json (``expert_modules``, see :mod:`gatewatch.gating.expert_map`). A task's share on an expert is the
 mean, over the task's own gates that mix it, of the gate's mean weight on its column; a task whose gates do not
-mix the expert has share 0. When no gate has a task (OMoE: one gate serves every task), every task's share is
-that of the task-less gates. Runs recorded before the map was stored fall back on the default inference done
-on the module names: column i of an E-expert gate is ``<container>.<i>`` when the conflict table holds exactly
-one such container of E modules.
+mix the expert has share 0. When no gate has a task (OMoE: one gate serves every task; a sparse MoE's routers,
+one per layer), every task's share is that of the task-less gates, the same for every task: ``share_source``
+says which of the two a row's shares are. Fused experts are joined by their names ``<module>[i]``. Runs
+recorded before the map was stored fall back on the default inference done on the module names: column i of an
+E-expert gate is ``<container>.<i>`` when the conflict table holds exactly one such container of E modules.
 """
 
 from __future__ import annotations
@@ -19,22 +20,35 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ["step", "window_step", "mode", "expert", "module", "task_a", "task_b", "cosine", "below", "measured",
-           "share_a", "share_b", "zero_grad"]
+           "share_a", "share_b", "zero_grad", "experts", "share_source"]
+TASK_GATE = "task gate"  # share_source: each task's share comes from its own gates
+SHARED_ROUTER = "shared router (same for every task)"  # one router serves every task: one share for all
+SHARED_GATE = "shared gate (same for every task)"
 
 
 def expert_columns(gates: list[dict[str, Any]], modules: list[str]) -> pd.DataFrame:
     """One row per gate column that weighs an expert module: ``gate``, ``task``, ``column``, ``module``,
-    ``expert`` (the column's label)."""
+    ``expert`` (the column's label), ``experts`` (the gate's width) and ``router`` (the gate is a sparse router).
+    Fused experts (run.json's ``fused_experts``) are named ``<module>[i]``, as conflict names their groups."""
     rows = []
     for g in gates:
         if not isinstance(g, dict) or "name" not in g:
             continue
-        paths = g.get("expert_modules") or _legacy_map(g, modules)
+        paths = g.get("expert_modules") or _fused_names(g) or _legacy_map(g, modules)
         names = g.get("expert_names") or [str(i) for i in range(len(paths or []))]
         for i, path in enumerate(paths or []):
             rows.append({"gate": g["name"], "task": g.get("task"), "column": i, "module": str(path),
-                         "expert": str(names[i]) if i < len(names) else str(i)})
-    return pd.DataFrame(rows, columns=["gate", "task", "column", "module", "expert"])
+                         "expert": str(names[i]) if i < len(names) else str(i), "experts": len(paths or []),
+                         "router": g.get("scoring") is not None})
+    return pd.DataFrame(rows, columns=["gate", "task", "column", "module", "expert", "experts", "router"])
+
+
+def _fused_names(gate: dict[str, Any]) -> list[str] | None:
+    """``<module>[i]`` for each expert of a gate whose experts are fused (None otherwise)."""
+    fused = gate.get("fused_experts")
+    if not isinstance(fused, dict) or not isinstance(fused.get("experts"), int):
+        return None
+    return [f"{fused['module']}[{i}]" for i in range(fused["experts"])]
 
 
 def _legacy_map(gate: dict[str, Any], modules: list[str]) -> list[str] | None:
@@ -97,7 +111,12 @@ def expert_conflict_table(conflict: pd.DataFrame, shares: pd.DataFrame, gates: l
     for side in ("a", "b"):
         keys = pd.MultiIndex.from_arrays([rows["window_step"], rows["name"], rows[f"task_{side}"]])
         rows[f"share_{side}"] = share.reindex(keys).fillna(0.0).to_numpy() if len(share) else 0.0
-    rows = rows.assign(mode=mode, module=rows["name"], expert=rows["name"].map(label))
+    first = columns.drop_duplicates("module").set_index("module")
+    own = columns["task"].notna().any()
+    source = np.where(first["router"], SHARED_ROUTER, SHARED_GATE) if not own else np.full(len(first), TASK_GATE)
+    rows = rows.assign(mode=mode, module=rows["name"], expert=rows["name"].map(label),
+                       experts=rows["name"].map(first["experts"]).astype("int64"),
+                       share_source=rows["name"].map(pd.Series(source, index=first.index)))
     return rows[COLUMNS].sort_values(["step", "task_a", "task_b", "module"], ignore_index=True)
 
 

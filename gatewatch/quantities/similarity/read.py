@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...declarations import Panel, ReadHalf, Section
 from ...rules import Finding, Thresholds, num
+from ...skipped import MAP_FIX, NONE_YET, described_gates, entry, unmapped, why_unmapped
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
@@ -74,8 +75,27 @@ def last_similarity(run: Run, th: Thresholds) -> dict[str, Any]:
     return out
 
 
+def similarity_skipped(run: Run) -> list[dict[str, Any]]:
+    """Pools whose experts could not be compared, and, while similarity was on, each gate in no pool."""
+    similarity = run.meta.get("similarity") if isinstance(run.meta.get("similarity"), dict) else None
+    if similarity is None:
+        return []
+    out = [entry("similarity", None, f"pool {pool!r}: {why}")
+           for pool, why in (similarity.get("skipped") or {}).items()]
+    pooled = {name for pool in (similarity.get("pools") or {}).values() for name in pool.get("gates", [])}
+    for g in described_gates(run.meta):
+        if g["name"] in pooled or "expert_modules" not in g:
+            continue
+        if unmapped(g):
+            out.append(entry("similarity", g["name"], why_unmapped(g), MAP_FIX))
+        elif g.get("fused_experts"):
+            out.append(entry("similarity", g["name"], "its experts are fused (slices of [E, ...] parameters), which "
+                             "expert similarity does not measure", NONE_YET))
+    return out
+
+
 QUANTITY = ReadHalf(
-    tables=TABLES, sections=(Section("similarity", last_similarity),),
+    tables=TABLES, sections=(Section("similarity", last_similarity),), skipped=similarity_skipped,
     rules=(redundant_experts,), remedy_texts=REMEDY_TEXTS,
     panels=(Panel("experts", "gatewatch.app.panels:similarity"),), figures=("gatewatch.figures.similarity",),
 )

@@ -1,0 +1,51 @@
+"""The views a run could not compute, and why: the report's ``skipped`` list.
+
+Each quantity's read half declares ``skipped(run)`` (:class:`~gatewatch.declarations.ReadHalf`), read from the
+fields its capture half wrote to run.json; an entry is ``{"view", "gate", "reason", "fix"}`` (``gate`` None when
+the whole view is off; ``fix`` says what to pass). A view is never silently empty: when it has no rows for a gate,
+the report says why here. Runs recorded before run.json kept the expert map (no ``expert_modules`` key) are not
+judged on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAP_FIX = ("pass gw.Gate(..., expert_modules=[one module per gate column]) or, for experts held as slices of "
+           "[E, ...] parameters, gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))")
+SEE_REASON = "see the reason"
+NONE_YET = "none yet"
+
+
+def entry(view: str, gate: str | None, reason: str, fix: str = SEE_REASON) -> dict[str, Any]:
+    """One entry of the ``skipped`` list."""
+    return {"view": view, "gate": gate, "reason": reason, "fix": fix}
+
+
+def described_gates(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gates run.json describes."""
+    return [g for g in meta.get("gates") or [] if isinstance(g, dict) and "name" in g]
+
+
+def unmapped(gate: dict[str, Any]) -> bool:
+    """Whether the run looked for this gate's experts (module or fused) and found none."""
+    return "expert_modules" in gate and not gate.get("expert_modules") and not gate.get("fused_experts")
+
+
+def why_unmapped(gate: dict[str, Any]) -> str:
+    """Why a gate's experts were not found, as run.json recorded it."""
+    return str(gate.get("expert_map") or "the gate produced no output in training mode, so its experts were never "
+                                         "looked for")
+
+
+def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """The text report's lines for the ``skipped`` list (none when nothing was skipped)."""
+    if not skipped:
+        return []
+    lines = ["", f"skipped ({len(skipped)}):"]
+    for s in skipped:
+        who = f" of gate {s['gate']!r}" if s["gate"] is not None else ""
+        lines.append(f"  {s['view']}{who}: {s['reason']}")
+        if s["fix"] not in (SEE_REASON, NONE_YET) and s["fix"] not in s["reason"]:
+            lines.append(f"      fix: {s['fix']}")
+    return lines
