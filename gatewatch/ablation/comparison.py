@@ -18,10 +18,8 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from ..findings import find
 from ..masking import GateSpecs, gate_dropout
-from ..quantities.gates.read import gate_summaries
-from ..rules import Thresholds
+from ..report import build_report
 from ..run_reader import RunReadError, load_run
 from ..training import MODELS, TrainConfig, train
 from ..training.checkpoint import resolve_factory
@@ -47,13 +45,13 @@ def gate_health(run_dir: str | os.PathLike[str]) -> dict[str, float]:
     except RunReadError:
         return {"polarized_gates": math.nan, "dead_experts": math.nan, "mean_entropy": math.nan,
                 "max_top_share": math.nan}
-    found = find(run)
-    last = gate_summaries(run, Thresholds())
+    report = build_report(run)
+    found, last = report["findings"], report["gates"]
     entropies = [g["entropy"] for g in last if g["entropy"] is not None]
     tops = [g["top_share"] for g in last if g["top_share"] is not None]
     return {
-        "polarized_gates": float(sum(f.code == "polarization" for f in found)),
-        "dead_experts": float(sum(f.code == "dead_expert" for f in found)),
+        "polarized_gates": float(sum(f["code"] == "polarization" for f in found)),
+        "dead_experts": float(sum(f["code"] == "dead_expert" for f in found)),
         "mean_entropy": float(sum(entropies) / len(entropies)) if entropies else math.nan,
         "max_top_share": float(max(tops)) if tops else math.nan,
     }
