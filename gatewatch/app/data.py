@@ -20,7 +20,7 @@ from ..report import build_report
 from ..runs import Run, RunReadError, load_run
 from ..summary import SUMMARY_FILE
 from ..summary_cache import kept_summary, summarize
-from .state import OutsideRoot, RunRef, change_token, check_inside, inside, summary_row
+from .state import OutsideRoot, RunRef, change_token, check_inside, inside, summary_row, write_stamp
 
 
 class RunUnavailable(Exception):
@@ -82,7 +82,8 @@ def findings(ref: RunRef, tok: tuple, thresholds: Thresholds) -> list[Finding]:
     return _findings(str(ref.path), tok, _key(thresholds))
 
 
-# what the Runs page read in full this session: run id -> (change token, row or why the run cannot be shown)
+# what the Runs page read in full this session: run id -> (the run's write stamp after the read, its row or why the
+# run cannot be shown); the stamp (run.json's and summary.json's size and mtime) changes when the run writes
 Reads = MutableMapping[str, tuple[tuple, "dict[str, object] | str"]]
 
 
@@ -90,31 +91,27 @@ def kept_row(root: Path, ref: RunRef, reads: Reads) -> dict[str, object] | str |
     """The Runs page's row of a run: the one read in full this session while the run is unchanged (it counts the
     unreadable files), else from its kept summary (``summary.json`` or the summary cache; findings at the default
     thresholds, as the run recorded them); a message when the run cannot be shown; None when it waits to be read."""
-    try:
-        for p in (ref.path, ref.path / SUMMARY_FILE, ref.path / "run.json"):
-            if (p.exists() or p.is_symlink()) and not inside(root, p):
-                raise RunUnavailable(f"{p} points outside the dashboard's folder {root}; it is not shown.")
-        if ref.id in reads and reads[ref.id][0] == token(root, ref):
-            return reads[ref.id][1]
-        kept = kept_summary(ref.path)
-    except RunUnavailable as err:
-        return str(err)
+    for p in (ref.path, ref.path / SUMMARY_FILE, ref.path / "run.json"):
+        if (p.exists() or p.is_symlink()) and not inside(root, p):
+            return f"{p} points outside the dashboard's folder {root}; it is not shown."
+    if ref.id in reads and reads[ref.id][0] == write_stamp(ref.path):
+        return reads[ref.id][1]
+    kept = kept_summary(ref.path)
     return None if kept is None else summary_row(ref.id, kept, run_status(kept, ref.path))
 
 
 def read_in_full(root: Path, ref: RunRef, reads: Reads) -> None:
     """Read a run without a kept summary in full, keep its summary (:func:`gatewatch.summary_cache.summarize`) and
     record its row, or why it cannot be shown, in ``reads``."""
-    tok: tuple = ()
     try:
-        tok = token(root, ref)
+        token(root, ref)  # raises when a file of the run lies outside the root
         with _readable(ref):
             done = summarize(ref.path)
         row: dict[str, object] | str = summary_row(ref.id, done.summary, run_status(done.summary, ref.path),
                                                    done.problems)
     except RunUnavailable as err:
         row = str(err)
-    reads[ref.id] = (tok, row)
+    reads[ref.id] = (write_stamp(ref.path), row)
 
 
 def report(ref: RunRef, tok: tuple, thresholds: Thresholds) -> dict:

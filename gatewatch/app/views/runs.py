@@ -31,8 +31,8 @@ def read_more() -> None:
 if found.pending:
     total = len(found.pending) + sum(ref.id in reads for ref in ctx.refs)
     st.progress((total - len(found.pending)) / total,
-                      text=f"Reading {len(found.pending)} run(s) without a summary in full (each once: its summary "
-                           f"is kept); {total - len(found.pending)} of {total} read.")
+                text=f"Reading {len(found.pending)} run(s) without a summary in full (each once: its summary is "
+                     f"kept); {total - len(found.pending)} of {total} read.")
 table = pd.DataFrame(found.rows)
 if table.empty:
     for msg in found.unreadable:
