@@ -18,7 +18,7 @@ _NAMES = {
     "GateDiscoveryError": "gating.specs", "GateOutputError": "gating.specs", "NonFiniteGateError": "gating.specs",
     "Finding": "rules", "Thresholds": "rules", "find": "findings", "build_report": "report", "Run": "loaded_run",
     "RunReadError": "run_reader", "list_runs": "run_reader", "load_run": "run_reader",
-    "run_summaries": "run_reader", "Guard": "guard",
+    "run_summaries": "summary_cache", "Guard": "guard",
 }
 _SUBMODULES = ("remedies", "masking", "models", "data", "training", "ablation", "integrations", "sinks", "figures",
                "quantities", "schema", "findings", "report", "run_reader")
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .run_reader import RunReadError as RunReadError
     from .run_reader import list_runs as list_runs
     from .run_reader import load_run as load_run
-    from .run_reader import run_summaries as run_summaries
+    from .summary_cache import run_summaries as run_summaries
     from .watch import GateWatch as GateWatch
 
 

@@ -1,8 +1,8 @@
-"""The ``gatewatch`` command: ``report`` (and the other subcommands registered in COMMANDS).
+"""The ``gatewatch`` command: ``report``, ``summarize`` (and the other subcommands registered in COMMANDS).
 
-Each subcommand is registered by a function of a light module: building the parser and ``gatewatch report``
-load no torch; ``demo`` and ``ablate`` import the training and ablation code when they run. No subcommand
-module imports this one (the exit statuses live in :mod:`gatewatch.exit_codes`).
+Each subcommand is registered by a function of a light module: building the parser, ``gatewatch report`` and
+``gatewatch summarize`` load no torch; ``demo`` and ``ablate`` import the training and ablation code when they run.
+No subcommand module imports this one (the exit statuses live in :mod:`gatewatch.exit_codes`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .ablation.command import add_ablate
 from .app.launch import add_dashboard
@@ -19,7 +21,8 @@ from .demo.command import add_demo
 from .exit_codes import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK
 from .findings import Thresholds
 from .report import build_report, no_data_reason, render_text
-from .run_reader import RunReadError, load_run
+from .run_reader import RunReadError, list_runs, load_run
+from .summary_cache import cache_dir, summarize
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_FINDINGS", "EXIT_OK", "build_parser", "main"]
 
@@ -71,8 +74,57 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    """Give every run below a folder its summary; exit 0 when every run has one kept, 2 when one could not."""
+    from tqdm import tqdm
+
+    root = Path(args.runs_dir)
+    if not root.is_dir():
+        print(f"gatewatch summarize: {root} is not a folder. Pass the folder of your runs.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    paths = list_runs(root)
+    if not paths:
+        print(f"gatewatch summarize: no gatewatch run at or below {root} (a run is a folder with run.json or "
+              "tables/). Pass the folder given to GateWatch(log_dir=...), or its parent.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    counts: Counter[str] = Counter()
+    failed = []
+    for path in tqdm(paths, desc="summarizing", unit="run", file=sys.stderr, disable=args.quiet):
+        try:
+            done = summarize(path, into_run=not args.cache)
+        except RunReadError as err:
+            failed.append(f"{path}: {err}")
+            continue
+        except Exception as err:  # a run that cannot be read: named, and the others go on
+            failed.append(f"{path}: could not be read ({type(err).__name__}: {err})")
+            continue
+        if done.why:
+            failed.append(f"{path}: {done.why}")
+        counts[done.outcome] += 1
+    print(f"{len(paths)} run(s) at or below {root}:\n"
+          f"  written into the run:  {counts['written']}\n"
+          f"  cached in {cache_dir()} (live, read-only or committed runs, or --cache):  {counts['cached']}\n"
+          f"  already had one (summary.json, or an up-to-date cache entry):  {counts['had one']}\n"
+          f"  failed:  {len(failed)}")
+    for line in failed:
+        print(f"    {line}")
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def add_summarize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summarize", help="give every run without summary.json (written before summaries) its "
+                                         "summary, so the dashboard's Runs page lists it at once")
+    p.add_argument("runs_dir", help="a folder of runs (searched recursively), or one run directory")
+    p.add_argument("--cache", action="store_true",
+                   help="leave the runs untouched: keep every summary in the per-user cache ($GATEWATCH_SUMMARIES, "
+                        "else summaries/ in $GATEWATCH_CACHE or ~/.cache/gatewatch)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_summarize)
+
+
 # Each entry adds one subcommand to the parser; its handler returns the exit status.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_demo, add_ablate, add_dashboard]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_summarize, add_demo, add_ablate,
+                                                                 add_dashboard]
 
 
 def build_parser() -> argparse.ArgumentParser:

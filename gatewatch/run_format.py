@@ -147,3 +147,14 @@ def table_files(folder: Path, done: set[int] | None = None) -> list[Path]:
     return kept
 
 
+
+
+PACKAGE = Path(__file__).resolve().parent  # gatewatch/
+SAMPLE_RUNS = PACKAGE.parent / "sample_runs"  # the committed sample runs of a source checkout
+
+
+def read_only_run(run_dir: str | os.PathLike[str]) -> bool:
+    """True for a run inside the gatewatch package or the checkout's ``sample_runs/`` (committed files): nothing
+    is written into it (ablation results and summaries go elsewhere)."""
+    path = Path(run_dir).resolve()
+    return path.is_relative_to(PACKAGE) or path.is_relative_to(SAMPLE_RUNS)

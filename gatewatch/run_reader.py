@@ -229,20 +229,3 @@ def list_runs(root: str | os.PathLike[str]) -> list[Path]:
         if is_run(Path(dirpath)):
             found.append(Path(dirpath))
     return found
-
-
-def run_summaries(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The summary of every run at or below ``root`` (:mod:`gatewatch.summary`), with ``path`` and the ``status``
-    the reader decides (``live``, ``finished``, ``cut off``). A run's ``summary.json`` is read alone; a run without
-    one (written before summaries) is read in full and its findings evaluated at the default thresholds."""
-    from .findings import find
-    from .summary import read_summary, summary_from_run
-
-    out = []
-    for path in list_runs(root):
-        summary = read_summary(path)
-        if summary is None:
-            run = load_run(path)
-            summary = summary_from_run(run, find(run))
-        out.append({**summary, "path": str(path), "status": run_status(summary, path)})
-    return out

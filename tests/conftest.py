@@ -3,7 +3,7 @@ directories that several test modules read (fixtures)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -98,6 +98,16 @@ def train(
             watch.step()
     return model
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def summary_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The summaries of runs without summary.json that cannot be written into the run (the sample runs, live runs)
+    go to a folder of the test session, not to the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("summaries")
+        patch.setenv("GATEWATCH_SUMMARIES", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -354,12 +354,12 @@ def test_thin_entry_runs_the_package_app(root: Path, monkeypatch: pytest.MonkeyP
 def test_installed_package_serves_the_app(tmp_path: Path, root: Path) -> None:
     """A plain (non-editable) install holds the app and its pages, and the installed copy renders.
 
-    The wheel is built from a copy of what the build reads (pyproject.toml, README.md, the package), so the
-    build leaves no ``build/`` or ``*.egg-info`` in the checkout."""
+    The wheel is built from a copy of what the build reads (pyproject.toml, README.md, LICENSE, the package), so
+    the build leaves no ``build/`` or ``*.egg-info`` in the checkout. It declares its licence as an SPDX string."""
     repo = Path(__file__).parents[1]
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(repo / name, source / name)
     shutil.copytree(repo / "gatewatch", source / "gatewatch", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheel_dir = tmp_path / "wheel"
@@ -369,6 +369,8 @@ def test_installed_package_serves_the_app(tmp_path: Path, root: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for page, _, _ in PAGES:
         assert f"gatewatch/app/views/{page}.py" in names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines() and any(n.endswith("licenses/LICENSE") for n in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)

@@ -192,4 +192,4 @@ def test_every_gatewatch_command_in_a_bash_example_parses(where: str, argv: list
 
 def test_the_documents_show_each_subcommand() -> None:
     shown = {argv[0] for _, argv in commands()}
-    assert {"report", "dashboard", "ablate"} <= shown
+    assert {"report", "summarize", "dashboard", "ablate"} <= shown

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from gatewatch.ablation import read_result
-from gatewatch.ablation.store import RESULTS_ENV, ablations_dir, read_only_run, results_root
+from gatewatch.ablation.store import RESULTS_ENV, ablations_dir, results_root
 from gatewatch.cli import main
+from gatewatch.run_format import read_only_run
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_runs" / "mmoe-p0.5"

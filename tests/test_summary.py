@@ -1,5 +1,6 @@
 """Run summaries: written by the run-directory sink at each flush and at close, read alone by the Runs page and
-``gw.run_summaries``; runs without one are read in full. The Runs page's explorer filters and sorts them."""
+``gw.run_summaries``; runs without one are read in full once (tests/test_old_runs.py: where their summary is kept).
+The Runs page's explorer filters and sorts them."""
 
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ import pytest
 from test_tracker_sinks import STEPS, train
 
 import gatewatch as gw
+from gatewatch import summary_cache
 from gatewatch.app import data, explorer, state
 from gatewatch.sinks import Sink
 from gatewatch.sinks.live_findings import RecentWindows
 from gatewatch.summary import SUMMARY_FILE, read_summary, worst_severity
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_runs"
+
+
+def page_row(root: Path, ref: state.RunRef) -> dict:
+    """The Runs page's row of a run: from its kept summary, else after reading it in full as the page does."""
+    reads: data.Reads = {}
+    if (row := data.kept_row(root, ref, reads)) is None:
+        data.read_in_full(root, ref, reads)
+        row = data.kept_row(root, ref, reads)
+    assert isinstance(row, dict), row
+    return row
 
 
 class Peek(Sink):
@@ -64,10 +76,12 @@ def test_the_summary_follows_the_run_and_matches_a_full_read(tmp_path: Path) -> 
 
 def test_the_runs_page_reads_the_summary_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train(tmp_path / "run", [], steps=8)
-    full = data._row.__wrapped__("run", str(tmp_path / "run"), (), ())  # the row from a full read
-    monkeypatch.setattr(data, "load_run", lambda path: pytest.fail("the Runs page read a whole run"))
     (ref,) = state.discover(tmp_path)
-    row = data.summary(tmp_path, ref, gw.Thresholds())
+    run = gw.load_run(ref.path)
+    full = state.run_row(ref, run, gw.find(run))  # the row from a full read
+    monkeypatch.setattr(summary_cache, "load_run", lambda path: pytest.fail("the Runs page read a whole run"))
+    monkeypatch.setattr(data, "load_run", lambda path: pytest.fail("the Runs page read a whole run"))
+    row = page_row(tmp_path, ref)
     assert row["steps"] == 8 and row["status"] == "finished" and row["findings"] == full["findings"]
     assert {k: row[k] for k in ("gates", "experts", "tasks / layers", "severity")} == \
         {k: full[k] for k in ("gates", "experts", "tasks / layers", "severity")}
@@ -77,13 +91,15 @@ def test_runs_without_a_summary_are_read_in_full(tmp_path: Path) -> None:
     shutil.copytree(SAMPLE / "mmoe-polarized", tmp_path / "old")
     assert not (tmp_path / "old" / SUMMARY_FILE).exists()
     (ref,) = state.discover(tmp_path)
-    row = data.summary(tmp_path, ref, gw.Thresholds())
+    assert data.kept_row(tmp_path, ref, {}) is None  # waits to be read in full
+    row = page_row(tmp_path, ref)
     assert "polarization (error)" in row["findings"] and row["severity"] == "error"
     assert row["config: lr"] == 0.01 and row["config: model_kwargs.n_experts"] == 4
+    assert row["problems"] == 0  # counted by the full read
+    assert read_summary(tmp_path / "old") is not None  # and its summary kept in the run
     listed = gw.run_summaries(tmp_path)
     assert [s["name"] for s in listed] == ["mmoe-polarized"] and listed[0]["status"] == "finished"
     assert "polarization" in listed[0]["findings"]["counts"]
-    assert not (tmp_path / "old" / SUMMARY_FILE).exists()  # reading writes nothing
 
 
 def test_a_corrupt_summary_falls_back_to_a_full_read(tmp_path: Path) -> None:
@@ -91,7 +107,7 @@ def test_a_corrupt_summary_falls_back_to_a_full_read(tmp_path: Path) -> None:
     (tmp_path / "old" / SUMMARY_FILE).write_text("{not json")
     assert read_summary(tmp_path / "old") is None
     (ref,) = state.discover(tmp_path)
-    assert data.summary(tmp_path, ref, gw.Thresholds())["steps"] == gw.load_run(tmp_path / "old").steps
+    assert page_row(tmp_path, ref)["steps"] == gw.load_run(tmp_path / "old").steps
 
 
 def test_the_rules_run_at_most_a_hundredth_of_the_time() -> None:
@@ -157,7 +173,7 @@ def test_a_summary_older_than_run_json_is_not_trusted(tmp_path: Path) -> None:
     (tmp_path / "run" / "run.json").write_text(json.dumps(meta))
     assert read_summary(tmp_path / "run") is None
     (ref,) = state.discover(tmp_path)
-    assert data.summary(tmp_path, ref, gw.Thresholds())["status"] == "cut off"
+    assert page_row(tmp_path, ref)["status"] == "cut off"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..run_format import atomic_write_bytes
+from ..run_format import atomic_write_bytes, read_only_run
 
 KINDS = ("knockout", "dropout_sweep", "train", "task_removal")
 META_KEY = b"gatewatch.ablation"
@@ -29,8 +29,6 @@ def check_kind(kind: str) -> str:
 
 
 RESULTS_ENV = "GATEWATCH_RESULTS"
-PACKAGE = Path(__file__).resolve().parents[1]  # gatewatch/
-SAMPLE_RUNS = PACKAGE.parent / "sample_runs"  # the committed sample runs of a source checkout
 
 
 def results_root() -> Path:
@@ -39,12 +37,6 @@ def results_root() -> Path:
     if chosen := os.environ.get(RESULTS_ENV):
         return Path(chosen).expanduser()
     return Path(os.environ.get("GATEWATCH_CACHE") or Path.home() / ".cache" / "gatewatch").expanduser() / "results"
-
-
-def read_only_run(run_dir: str | os.PathLike[str]) -> bool:
-    """True for a run inside the gatewatch package or the checkout's ``sample_runs/`` (committed files)."""
-    path = Path(run_dir).resolve()
-    return path.is_relative_to(PACKAGE) or path.is_relative_to(SAMPLE_RUNS)
 
 
 def ablations_dir(run_dir: str | os.PathLike[str]) -> Path:

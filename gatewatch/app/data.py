@@ -2,12 +2,13 @@
 
 A run is read once per change token (:func:`gatewatch.app.state.change_token`: run.json's and the table
 files' names, sizes and mtimes), so a live run is read again as soon as it writes, and an unchanged one is
-never re-read. Findings and reports are cached per run, token and thresholds.
+never re-read. Findings and reports are cached per run, token and thresholds. The Runs page's rows come from the
+runs' kept summaries; a run without one is read in full once and its summary kept (:mod:`gatewatch.summary_cache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from ..findings import Finding, Thresholds, find
 from ..liveness import run_status
 from ..report import build_report
 from ..run_reader import Run, RunReadError, load_run
-from ..summary import SUMMARY_FILE, read_summary
-from .state import OutsideRoot, RunRef, change_token, check_inside, inside, run_row, summary_row
+from ..summary import SUMMARY_FILE
+from ..summary_cache import kept_summary, summarize
+from .state import OutsideRoot, RunRef, change_token, check_inside, inside, summary_row, write_stamp
 
 
 class RunUnavailable(Exception):
@@ -33,11 +35,6 @@ def _read(path: str, token: tuple) -> Run:
 @st.cache_data(max_entries=64, show_spinner=False)
 def _findings(path: str, token: tuple, thresholds: tuple[tuple[str, float], ...]) -> list[Finding]:
     return find(_read(path, token), Thresholds.from_dict(dict(thresholds)))
-
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def _row(run_id: str, path: str, token: tuple, thresholds: tuple[tuple[str, float], ...]) -> dict[str, object]:
-    return run_row(RunRef(run_id, Path(path)), _read(path, token), _findings(path, token, thresholds))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -85,18 +82,36 @@ def findings(ref: RunRef, tok: tuple, thresholds: Thresholds) -> list[Finding]:
     return _findings(str(ref.path), tok, _key(thresholds))
 
 
-def summary(root: Path, ref: RunRef, thresholds: Thresholds) -> dict[str, object]:
-    """The Runs page's row of a run: from its ``summary.json`` alone (findings at the default thresholds, as the
-    run recorded them), else from a full read under ``thresholds``, cached per change token."""
+# what the Runs page read in full this session: run id -> (the run's write stamp after the read, its row or why the
+# run cannot be shown); the stamp (run.json's and summary.json's size and mtime) changes when the run writes
+Reads = MutableMapping[str, tuple[tuple, "dict[str, object] | str"]]
+
+
+def kept_row(root: Path, ref: RunRef, reads: Reads) -> dict[str, object] | str | None:
+    """The Runs page's row of a run: the one read in full this session while the run is unchanged (it counts the
+    unreadable files), else from its kept summary (``summary.json`` or the summary cache; findings at the default
+    thresholds, as the run recorded them); a message when the run cannot be shown; None when it waits to be read."""
     for p in (ref.path, ref.path / SUMMARY_FILE, ref.path / "run.json"):
         if (p.exists() or p.is_symlink()) and not inside(root, p):
-            raise RunUnavailable(f"{p} points outside the dashboard's folder {root}; it is not shown.")
-    recorded = read_summary(ref.path)
-    if recorded is not None:
-        return summary_row(ref.id, recorded, run_status(recorded, ref.path))
-    tok = token(root, ref)
-    with _readable(ref):
-        return _row(ref.id, str(ref.path), tok, _key(thresholds))
+            return f"{p} points outside the dashboard's folder {root}; it is not shown."
+    if ref.id in reads and reads[ref.id][0] == write_stamp(ref.path):
+        return reads[ref.id][1]
+    kept = kept_summary(ref.path)
+    return None if kept is None else summary_row(ref.id, kept, run_status(kept, ref.path))
+
+
+def read_in_full(root: Path, ref: RunRef, reads: Reads) -> None:
+    """Read a run without a kept summary in full, keep its summary (:func:`gatewatch.summary_cache.summarize`) and
+    record its row, or why it cannot be shown, in ``reads``."""
+    try:
+        token(root, ref)  # raises when a file of the run lies outside the root
+        with _readable(ref):
+            done = summarize(ref.path)
+        row: dict[str, object] | str = summary_row(ref.id, done.summary, run_status(done.summary, ref.path),
+                                                   done.problems)
+    except RunUnavailable as err:
+        row = str(err)
+    reads[ref.id] = (write_stamp(ref.path), row)
 
 
 def report(ref: RunRef, tok: tuple, thresholds: Thresholds) -> dict:

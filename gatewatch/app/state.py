@@ -1,5 +1,6 @@
 """The dashboard's logic that needs no Streamlit: the runs root, which runs may be shown, selections,
-change tokens for live runs, thresholds, and the one-line summaries of a run.
+change tokens for live runs, thresholds, the one-line summaries of a run, and the Runs page's table filled in
+within a time budget.
 
 The root is fixed when the dashboard starts. Runs are only ever picked from :func:`discover` (never from a
 typed path), and every file of a run must resolve inside the root: a symlink pointing out is refused.
@@ -11,7 +12,7 @@ import argparse
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,45 @@ def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
         params["gate"] = finding.gate
     shown = {page.name for _, half in declarations() for page in half.pages}
     return finding.chart if finding.chart in shown else "overview", params
+
+
+READ_BUDGET_S = 2.0  # the Runs page reads runs in full for this long, then shows them and goes on
+
+
+@dataclass
+class RunsTable:
+    """The Runs page's table so far: the rows it has, why some runs cannot be shown, the runs waiting to be read."""
+
+    rows: list[dict[str, object]]
+    unreadable: list[str]
+    pending: list[RunRef]
+
+
+def runs_table(refs: Sequence[RunRef], row_of: Callable[[RunRef], dict[str, object] | str | None]) -> RunsTable:
+    """Sort the runs by what ``row_of`` gives: a row, a message (the run cannot be shown), or None (waiting)."""
+    table = RunsTable([], [], [])
+    for ref in refs:
+        row = row_of(ref)
+        if row is None:
+            table.pending.append(ref)
+        elif isinstance(row, str):
+            table.unreadable.append(f"`{ref.id}`: {row}")
+        else:
+            table.rows.append(row)
+    return table
+
+
+def read_within(pending: Sequence[RunRef], read: Callable[[RunRef], object], budget_s: float,
+                clock: Callable[[], float] = time.monotonic) -> int:
+    """Call ``read`` on the pending runs in order until ``budget_s`` seconds have passed (at least one run, so the
+    page always moves on); the number read."""
+    start, done = clock(), 0
+    for ref in pending:
+        if done and clock() - start >= budget_s:
+            break
+        read(ref)
+        done += 1
+    return done
 
 
 def env_with_root(root: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:

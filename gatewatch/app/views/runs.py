@@ -1,6 +1,10 @@
 """Runs: every run below the folder, read from the runs' summaries, as an explorer: search names, filter by status,
 severity, finding and config values, sort by any column, and pick the runs to look at from the filtered list. While
-runs are live the page re-reads them as they write (filters and choice kept)."""
+runs are live the page re-reads them as they write (filters and choice kept).
+
+The runs with a kept summary (summary.json or the summary cache) show at once. The others are read in full after
+the page is drawn, for :data:`~gatewatch.app.state.READ_BUDGET_S` at a time, each keeping its summary; then the
+page reruns with them in the table, under a progress bar, until every run is in."""
 
 import pandas as pd
 import streamlit as st
@@ -14,16 +18,27 @@ if not ctx.refs:
     st.stop()
 
 stamps = {ref.id: state.write_stamp(ref.path) for ref in ctx.refs}  # before the reads: a later write shows as new
-rows, unreadable = [], []
-for ref in ctx.refs:
-    try:
-        rows.append(data.summary(ctx.root, ref, ctx.thresholds))
-    except data.RunUnavailable as err:
-        unreadable.append(f"`{ref.id}`: {err}")
-table = pd.DataFrame(rows)
+reads: data.Reads = st.session_state.setdefault("runs_read_in_full", {})
+found = state.runs_table(ctx.refs, lambda ref: data.kept_row(ctx.root, ref, reads))
+
+
+def read_more() -> None:
+    """Read runs without a summary for the time budget, then rerun the page to show them."""
+    state.read_within(found.pending, lambda ref: data.read_in_full(ctx.root, ref, reads), state.READ_BUDGET_S)
+    st.rerun()
+
+
+if found.pending:
+    total = len(found.pending) + sum(ref.id in reads for ref in ctx.refs)
+    st.progress((total - len(found.pending)) / total,
+                text=f"Reading {len(found.pending)} run(s) without a summary in full (each once: its summary is "
+                     f"kept); {total - len(found.pending)} of {total} read.")
+table = pd.DataFrame(found.rows)
 if table.empty:
-    for msg in unreadable:
+    for msg in found.unreadable:
         st.warning(msg)
+    if found.pending:
+        read_more()
     st.stop()
 
 search_col, status_col, severity_col, code_col = st.columns([2, 1, 1, 2])
@@ -52,7 +67,7 @@ filtered = explorer.sort_runs(
     sort_by, descending=descending)
 changed = ctx.thresholds.to_dict() != type(ctx.thresholds)().to_dict()
 st.caption(f"{len(filtered)} of {len(table)} run(s) in `{ctx.root}`. Findings are those each run recorded in its "
-           "summary at the default thresholds (runs without one are read in full, once)"
+           "summary at the default thresholds (a run without one is read in full once, and its summary kept)"
            + ("; the Overview applies the sidebar's changed thresholds." if changed else "."))
 st.dataframe(
     filtered[shown_columns], hide_index=True,
@@ -63,10 +78,10 @@ st.dataframe(
         "max polarization": st.column_config.NumberColumn("max polarization", format="%.2f",
                                                           help="the largest polarization of a gate, last window"),
         "problems": st.column_config.NumberColumn("unreadable files", format="%d",
-                                                  help="counted for runs read in full"),
+                                                  help="counted when this session read the run in full"),
     },
 )
-for msg in unreadable:
+for msg in found.unreadable:
     st.warning(msg)
 ui.follow_live_runs(ctx, ctx.by_id(table.loc[table["status"] == "live", "run"].tolist()), stamps)
 
@@ -85,3 +100,5 @@ if ctx.current is not None:
 if len(ctx.selected) > 1:
     st.page_link(ui.page_file("compare"), label=f"Compare the {len(ctx.selected)} chosen runs",
                  icon=":material/stacked_line_chart:")
+if found.pending:  # the page is drawn: read more of the runs without a summary, then show them
+    read_more()
