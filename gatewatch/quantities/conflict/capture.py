@@ -82,11 +82,29 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
     if ctx.tasks is not None and len(ctx.tasks) < 2:
         raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
                             "conflict_every=0.")
+    refuse_layout(ctx.mesh)
     warn_unmapped(ctx.model, ctx.gates, ctx.tasks)
     return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
                              distributed=ctx.distributed, gates=ctx.gates, scope=check_scope(o["conflict_scope"]),
                              ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None)
+
+
+NOT_MEASURED = {
+    "tp": "its parameters are tensor-parallel DTensor shards, and gatewatch does not yet add up the shards' partial "
+          "Gram products across the 'tp' ranks",
+    "ep": "each 'ep' rank holds different experts, and gatewatch does not yet gather the per-expert slices from "
+          "their owners (averaging over the data-parallel group would add up different experts)",
+}
+
+
+def refuse_layout(mesh: Any) -> None:
+    """Refuse gradient conflict on a mesh layout it cannot measure exactly, naming the dimension and the fix."""
+    names = [n for n in getattr(mesh, "mesh_dim_names", None) or () if n in NOT_MEASURED]
+    if names:
+        raise ConflictError(f"conflict_every: gradient conflict is not measured on a mesh with {names[0]!r}: "
+                            f"{NOT_MEASURED[names[0]]}. Set conflict_every=0 (the gate, router and loss statistics "
+                            "stay exact), or use conflict_proxy=True, which needs no parameter gradient.")
 
 
 def check_scope(scope: object) -> str:
