@@ -26,6 +26,7 @@ from torch import nn
 
 import gatewatch as gw
 from gatewatch.models import MMoE
+from gatewatch.quantities.conflict.read import scope_caption
 from gatewatch.report import build_report
 
 pytestmark = pytest.mark.slow  # 2 processes
@@ -183,6 +184,7 @@ def test_scope_is_recorded_and_only_rank_0_writes(runs: Path, mode: str) -> None
         report = build_report(run)
         assert {c["scope"] for c in report["conflict"]} == {scope}
         assert {e["scope"] for e in report["expert_conflict"]} == {scope}
+        assert scope_caption(run).startswith(f"Conflict scope: {scope},")  # the Conflict page's line
     assert sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name.startswith(mode)) == [
         f"{mode}-applied", f"{mode}-local"]
 
