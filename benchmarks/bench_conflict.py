@@ -14,18 +14,29 @@ the ratios are printed for:
 
 Then the cost of the reduction of one conflict step (``task_statistics``) on the census shapes.
 
+``--ddp``: instead, the conflict step under DDP on 2 gloo processes (CPU, one thread each; census MMoE, 2 tasks, batch
+1024 per rank), each side its own DDP model: the plain step, ``conflict_scope="applied"`` and ``"local"``, and the
+floor of the applied scope - the local floor (K-1 ``autograd.grad`` with the graph kept, then the ordinary
+backward, whose gradient DDP averages) plus the minimal communication: one ``all_reduce`` of the K-1 tasks' gradients
+on the shared parameters (the last task's averaged gradient is then ``.grad`` minus theirs). Loopback gloo on one
+machine's cores is not a cluster's network: the communication share there can be far lower or higher.
+
 ``--fused``: instead, the conflict step on fused experts (a transformers 5 Qwen3-MoE backbone, every expert
 of a layer held in ``[E, ...]`` parameters and measured per expert slice) with two task heads, against the
 plain step and its floor (one ``autograd.grad`` on the backbone, then the ordinary backward).
 
     python benchmarks/bench_conflict.py [--steps 300] [--block 50] [--threads 2] [--quick] [--per-step-only]
     python benchmarks/bench_conflict.py --fused [--experts 32] [--steps 100]
+    python benchmarks/bench_conflict.py --ddp [--steps 100] [--block 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -144,6 +155,71 @@ def floor_step(model: nn.Module, watch: gw.GateWatch | None = None) -> Callable[
     return grads_then_backward(model, every_task=False, watch=watch)
 
 
+def applied_floor_step(model: nn.Module) -> Callable[[], None]:
+    """The floor of an applied-scope conflict step under DDP (``model`` wrapped in it): K-1 autograd.grad on the
+    experts (graph kept), one all_reduce of those K-1 gradients, then the ordinary backward; no statistics."""
+    shared = list(model.module.experts.parameters())
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        values = list(losses.values())
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                for loss in values[:-1]]
+        torch.distributed.all_reduce(torch.stack(rows))
+        sum(values).backward()
+
+    return step_fn(model, backward)
+
+
+def ddp_compare(steps: int, block: int, log_root: Path) -> None:
+    """The conflict step under DDP against the plain DDP step and the applied scope's floor (run on every rank;
+    rank 0 prints)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")
+    tasks = ["task0", "task1"]
+
+    def wrapped() -> nn.Module:
+        model = DDP(mmoe(tasks))
+        model.tasks = tasks  # step_fn reads it
+        return model
+
+    def watched(scope: str) -> Callable[[], None]:
+        model = wrapped()
+        watch = gw.GateWatch(model, tasks=tasks, log_dir=log_root / f"ddp_{scope}", tensorboard=False,
+                             flush_secs=interleaved_flush_secs(4), conflict_every=1, conflict_scope=scope)
+        watches.append(watch)
+        return watched_step(model, watch)
+
+    watches: list[gw.GateWatch] = []
+    times = interleaved({"plain": plain_step(wrapped()), "floor": applied_floor_step(wrapped()),
+                         "applied": watched("applied"), "local": watched("local")}, steps=steps, block=block)
+    for watch in watches:
+        watch.close()
+    if rank == 0:
+        show("applied conflict step vs plain DDP step", times["plain"], times["applied"])
+        show("  floor: K-1 autograd.grad + all_reduce of K-1 rows + backward, vs plain", times["plain"],
+             times["floor"])
+        show("applied conflict step vs its floor", times["floor"], times["applied"])
+        show("local conflict step (no communication) vs plain", times["plain"], times["local"])
+        show("applied vs local (what averaging the task gradients adds)", times["local"], times["applied"])
+    dist.destroy_process_group()
+
+
+def launch_ddp(argv: list[str]) -> None:
+    """Run this script with ``argv`` on 2 ranks (RANK, WORLD_SIZE, MASTER_* set); wait for both."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, *argv], env={**env, "RANK": str(r)}) for r in range(2)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a rank failed: exit codes {codes}")
+
+
 def show(label: str, base: list[float], monitored: list[float]) -> None:
     print(ratio_report(label, base, monitored), flush=True)
 
@@ -231,9 +307,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the conflict step against the plain step and the floor (no conflict_every=50)")
     parser.add_argument("--fused", action="store_true", help="fused experts: a Qwen3-MoE backbone with two heads")
     parser.add_argument("--experts", type=int, default=32, help="experts per layer with --fused")
+    parser.add_argument("--ddp", action="store_true", help="under DDP on 2 gloo processes (applied and local scope)")
     args = parser.parse_args(argv)
     steps = 40 if args.quick else args.steps
-    setup(args.threads)
+    if args.ddp and "RANK" not in os.environ:
+        launch_ddp(sys.argv[1:] if argv is None else argv)
+        return
+    setup(1 if args.ddp else args.threads)
+    if args.ddp:
+        if os.environ["RANK"] == "0":
+            print(f"gradient conflict under DDP: census-sized MMoE, 2 tasks, batch {CENSUS_BATCH} per rank, 2 gloo "
+                  f"ranks on this machine (loopback; not a cluster's network), 1 thread each, {steps} steps per "
+                  f"side, torch {torch.__version__}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ddp_compare(steps, min(args.block, steps), Path(tmp))
+        return
     if args.fused:
         print(f"gradient conflict on fused experts: Qwen3-MoE backbone, 2 layers, {args.experts} experts (top 4), "
               f"hidden 64, 8 x 64 tokens, 2 heads, {args.threads} threads, {steps} steps per side, torch "

@@ -14,10 +14,11 @@ later adds its own keys. Schema (stable; other tools build on it)::
                   "bias_changed"}],   # per gate (layer) load balance; routers: the dispatch view, see router_balance()
      "experts": {"names": [str], "utilization": [float], "dead": [int], "load_cv": float},
      "conflict": [{"tasks": [a, b], "cosine": float, "sign_conflict": float, "magnitude_sim", "norm_a", "norm_b",
-                   "zero_grad", "below", "measured", "step", "hot_spots": [{"name", "below", "cosine"}]}],
+                   "zero_grad", "below", "measured", "step", "hot_spots": [{"name", "below", "cosine"}],
+                   "scope": "applied"|"local"}],   # applied: averaged over the ranks; local: rank 0's batch
                                             # per task pair, all shared parameters, last conflict step
      "expert_conflict": [{"expert", "module", "tasks": [a, b], "mode": "exact"|"proxy", "cosine", "below",
-                          "measured", "share": {a: float, b: float}, "step", "window_step"}],
+                          "measured", "share": {a: float, b: float}, "step", "window_step", "scope"}],
                                             # per expert module and task pair (docs/conflict.md)
      "guard": [{"step", "rule", "gate", "action", "rate", "why", "before", "after"}],  # the online guard's actions
      "similarity": {pool: {"step", "mean_cka", "max_cka", "most_similar": [a, b]}},   # last similarity step

@@ -25,6 +25,7 @@ from .capture.distributed import own_group, rank, world_size
 from .capture.flush import check_nonfinite, merge
 from .capture.flush_clock import FlushClock
 from .capture.loss_items import Losses, loss_items
+from .capture.mesh import check_mesh, counts_tokens
 from .capture.quantity import CaptureContext, Quantity
 from .capture.reducer import Reducer
 from .capture.settings import build_quantities, quantity_keywords
@@ -65,6 +66,9 @@ class GateWatch:
             (:class:`~gatewatch.NonFiniteGateError` at the next flush); always in the ``events`` table.
         sinks: more :class:`~gatewatch.sinks.Sink` objects to write to (rank 0 only).
         durable: fsync every file written to the run directory (power-loss safety; costs a few ms a flush).
+        mesh: the ``DeviceMesh`` of a parallel layout, with named dimensions: token statistics add up over
+            ``dp``, ``dp_replicate``, ``dp_shard``, ``cp`` and ``ep``, and count a token once over ``tp``
+            (docs/distributed.md). None: every rank holds its own tokens (DDP, FSDP2 alone).
         **options: the quantities' own keywords; ``gatewatch.capture.settings.quantity_keywords()`` lists them
             with their defaults. Those that ship: gradient conflict ``conflict_every`` (steps, a schedule
             ``step -> bool``, or 0: off), ``shared``, ``conflict_threshold``, ``conflict_group``,
@@ -81,7 +85,7 @@ class GateWatch:
         gates: Mapping[str, Any] | Sequence[Any] | None = None, log_dir: str | os.PathLike[str], every: int = 10,
         flush_every: int = 100, flush_secs: float | None = 5.0, tensorboard: bool = True, threshold: float = 0.9,
         bins: int = 20, margin: float = 0.05, config: Mapping[str, Any] | None = None, on_nonfinite: str = "warn",
-        sinks: Sequence[Sink] = (), durable: bool = False, **options: Any,
+        sinks: Sequence[Sink] = (), durable: bool = False, mesh: Any = None, **options: Any,
     ) -> None:
         st = settings.check(model, tasks=tasks, every=every, flush_every=flush_every, flush_secs=flush_secs,
                             threshold=threshold, bins=bins, margin=margin, on_nonfinite=on_nonfinite, options=options)
@@ -89,12 +93,15 @@ class GateWatch:
             model, st.tasks, on_nonfinite, st.every, st.flush_every)
         self.log_dir, self.rank, self.closed, self.closing = Path(log_dir), rank(), False, False
         distributed = world_size() > 1
+        if mesh is not None:
+            check_mesh(mesh)
         self.ctx = CaptureContext(model, st.tasks, resolve(model, st.tasks, gates), st.every, threshold, st.bins,
-                                  margin, distributed, options=st.options)
+                                  margin, distributed, options=st.options, mesh=mesh)
         run_meta.claim(self.log_dir, self, writer=self.rank == 0)
         self._by_name = build_quantities(self.ctx)  # registry name -> quantity (None: off)
         self.quantities: list[Quantity] = [q for q in self._by_name.values() if q is not None]
-        self.reducer = Reducer(self.quantities, distributed=distributed, group=own_group() if distributed else None)
+        self.reducer = Reducer(self.quantities, distributed=distributed, group=own_group() if distributed else None,
+                               counts=mesh is None or counts_tokens(mesh))
         self.clock = FlushClock(self.flush_every, flush_secs, distributed=distributed)
         self.sinks: list[Sink] = []
         if self.rank == 0:

@@ -1,8 +1,11 @@
 """Under torch.distributed no rank waits forever for gatewatch: 2 gloo processes where one rank stops early
-(it closes its watch after fewer steps) or raises mid-run, while rank 0 trains on. Each rank trains its own
-copy of a small MMoE (no DDP wrapper, so only gatewatch's collectives can hang). Rank 0 must finish within
+(it closes its watch after fewer steps) or raises mid-run, while rank 0 trains on. Rank 0 must finish within
 the flush and close timeouts plus a margin, warn naming the rank, keep every window it has, and mark the windows that
 hold rank 0 alone with a ``ranks_partial`` event.
+
+Two layouts: each rank trains its own copy of a small MMoE (no wrapper, so only gatewatch's collectives can hang,
+and rank 1 leaves the training), or the model is sharded with FSDP2 (``fully_shard``), whose training needs both
+ranks: there rank 1's watch stops (closed early, or left by an exception) and rank 1 trains on without it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,17 @@ CLOSE_TIMEOUT_S, FLUSH_TIMEOUT_S = 5.0, 10.0  # short, so that the test is quick
 def worker(root: str) -> None:
     torch.set_num_threads(1)
     rank, scenario = int(os.environ["RANK"]), (Path(root) / "scenario").read_text()
+    layout = (Path(root) / "layout").read_text()
     distributed.CLOSE_TIMEOUT_S, distributed.FLUSH_TIMEOUT_S = CLOSE_TIMEOUT_S, FLUSH_TIMEOUT_S
     dist.init_process_group("gloo", rank=rank, world_size=2)  # MASTER_ADDR / MASTER_PORT from the launcher
     torch.manual_seed(0)
     model = MMoE(in_dim=6, n_experts=3, expert_hidden=(), expert_dim=4, tasks=["a", "b"])
+    if layout == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = 0
     started = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -52,25 +61,34 @@ def worker(root: str) -> None:
                     opt.step()
                     opt.zero_grad()
                     watch.step()
+                    trained = step
         except RuntimeError as err:
             if "fails mid-run" not in str(err):
                 raise
+        if layout == "fsdp2":  # the sharded training needs every rank: rank 1 trains on without its watch
+            for _ in range(trained + 1, STEPS + 1):
+                out = model(torch.randn(BATCH, 6))
+                (out[0].pow(2).mean() + out[1].abs().mean()).backward()
+                opt.step()
+                opt.zero_grad()
     report = {"seconds": time.monotonic() - started, "warnings": [str(w.message) for w in caught]}
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(report))
     os._exit(0)  # no destroy_process_group: the other rank may be gone
 
 
-def results(root: Path, scenario: str) -> dict[int, dict]:
+def results(root: Path, scenario: str, layout: str) -> dict[int, dict]:
     """Run the scenario on 2 ranks; what each rank saw (its time to finish, its warnings)."""
     (root / "scenario").write_text(scenario)
+    (root / "layout").write_text(layout)
     launch("test_ddp_failures", "worker", root, world=2, timeout=120)
     return {rank: json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)}
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("layout", ["own copies", "fsdp2"])
 @pytest.mark.parametrize("scenario", ["stops early", "raises"])
-def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, scenario: str) -> None:
-    seen = results(tmp_path, scenario)
+def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, scenario: str, layout: str) -> None:
+    seen = results(tmp_path, scenario, layout)
     assert seen[0]["seconds"] < FLUSH_TIMEOUT_S + CLOSE_TIMEOUT_S + 20, seen[0]
     assert any("rank 1 stopped answering" in w for w in seen[0]["warnings"]), seen[0]["warnings"]
     assert any("rank(s) 0 did not reach close()" in w for w in seen[1]["warnings"]), seen[1]["warnings"]

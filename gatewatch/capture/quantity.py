@@ -71,6 +71,7 @@ class CaptureContext:
     margin: float
     distributed: bool
     options: dict[str, Any] = field(default_factory=dict)  # the quantities' own keywords of GateWatch(...)
+    mesh: Any = None  # GateWatch(mesh=...): the DeviceMesh whose named dimensions say which ranks share tokens
     step: int = 0  # optimizer steps completed
     loss_tasks: list[str] | None = None  # task names of the logged losses, once known
 

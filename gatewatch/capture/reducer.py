@@ -13,6 +13,9 @@ and one device-to-host transfer. Under torch.distributed:
   such as the step of the next flush) and, per MIN/MAX kind, how many entries differ from the identity,
   so the MIN and MAX collectives run only when some rank holds such a value (a NaN's first step).
 * REPLICATED states are rank 0's own; CONCAT states are gathered from every rank in rank order.
+* A rank built with ``counts=False`` (a tensor-parallel rank other than the first, which sees the same tokens)
+  takes part in every collective with the identity of each reduction and no CONCAT rows, so that each token is
+  counted once.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ OPS = {Reduction.SUM: "SUM", Reduction.MIN: "MIN", Reduction.MAX: "MAX"}
 class Reducer:
     """Reduces the states of ``quantities`` at each flush (see the module docstring)."""
 
-    def __init__(self, quantities: list[Quantity], *, distributed: bool = False, group: object = None) -> None:
+    def __init__(self, quantities: list[Quantity], *, distributed: bool = False, group: object = None,
+                 counts: bool = True) -> None:
         self.quantities = quantities
         self.distributed = distributed
+        self.counts = counts  # this rank's windowed states count (False: it sees the same tokens as another)
         self.group = group
         self.widths: dict[tuple[str, str], int] | None = None  # agreed once every slot is known on some rank
         self.degraded = ""  # why the ranks are no longer reduced together ('' while they are)
@@ -120,7 +125,7 @@ class Reducer:
                 width = widths[(q.name, key)]
                 if not width:
                     continue
-                state = collected[q.name].get(key)
+                state = collected[q.name].get(key) if self.counts else None
                 tensor = (state.tensor.to(device, torch.float64) if state is not None else
                           torch.full((n_windows, width), IDENTITY[kind], dtype=torch.float64, device=device))
                 layout[kind].append((q.name, key, width))
@@ -155,7 +160,7 @@ class Reducer:
         for q, states in collected.items():
             for key, state in states.items():
                 if state.reduction is Reduction.CONCAT:
-                    host[q][key] = self._gather(state.tensor)
+                    host[q][key] = self._gather(state.tensor if self.counts else state.tensor[:0])
         return host, control_out
 
     def _extreme(self, buffer: torch.Tensor, kind: Reduction, needed: bool) -> np.ndarray:

@@ -7,7 +7,7 @@ import streamlit as st
 from gatewatch import figures
 from gatewatch.app import ui
 from gatewatch.figures.conflict import pair_label
-from gatewatch.quantities.conflict.read import conflict_threshold, contested_floor, expert_table
+from gatewatch.quantities.conflict.read import conflict_threshold, contested_floor, expert_table, scope_caption
 
 ctx, ref, run, tok = ui.current_run()
 conflict = run.tables.get("conflict")
@@ -17,6 +17,8 @@ if not exact and not len(experts):
     ui.empty(figures.NO_CONFLICT)
     st.stop()
 
+if caption := scope_caption(run):
+    st.caption(caption)
 if exact:
     ui.chart(figures.cosine_over_time(conflict, scope="all"), key="cosine_all")
     ui.chart(figures.sign_conflict_over_time(conflict), key="sign")

@@ -20,9 +20,15 @@ counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, se
 
 Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
 over all trainable parameters, and a parameter that two or more tasks reach is shared. Under
-torch.distributed the last task's gradient cannot come from ``.grad`` (it is averaged over ranks), so
-every task gets its own ``autograd.grad``: the figures are those of the local rank's batch, and no extra
-collective runs (``autograd.grad`` does not fire DDP's gradient hooks; the final backward does).
+torch.distributed (DDP, FSDP2) every task gets its own ``autograd.grad`` (``.grad`` is averaged over ranks, or
+sharded); under FSDP2 it is taken on the unsharded parameters the forward used
+(:func:`~gatewatch.capture.sharding.graph_leaves`). ``autograd.grad`` fires neither DDP's gradient hooks nor
+FSDP2's reduce-scatter, so the model's ``.grad`` is unchanged. Then, by ``conflict_scope``:
+
+* ``"applied"`` (the default): one ``all_reduce`` of the step's ``[K, M]`` task gradients over the data-parallel
+  group, divided by its size, before the statistics: each task's gradient is that of the mean over ranks of each
+  rank's mean loss, the gradient the optimizer applies;
+* ``"local"``: no communication; the figures are rank 0's own batch.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
+from ...capture.sharding import data_parallel_group, graph_leaves, group_size, is_sharded
 from ...gating.discovery import expected_width
 from ...gating.expert_map import find_experts
 from ...gating.specs import ResolvedGate
@@ -61,8 +68,9 @@ SHARED_NAMES_LIMIT = 2048  # run.json lists the shared tensors up to this many
 
 KEYWORDS: dict[str, Any] = {
     "conflict_every": 0, "shared": None, "conflict_threshold": 0.0, "conflict_group": None,
-    "conflict_param_limit": PARAM_ROW_LIMIT,
+    "conflict_param_limit": PARAM_ROW_LIMIT, "conflict_scope": "applied",
 }
+SCOPES = ("applied", "local")  # the gradients the optimizer applies (averaged over ranks) / this rank's batch
 
 
 def build(ctx: CaptureContext) -> ConflictGradients | None:
@@ -74,10 +82,44 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
     if ctx.tasks is not None and len(ctx.tasks) < 2:
         raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
                             "conflict_every=0.")
+    refuse_layout(ctx.mesh)
     warn_unmapped(ctx.model, ctx.gates, ctx.tasks)
     return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
-                             distributed=ctx.distributed, gates=ctx.gates)
+                             distributed=ctx.distributed, gates=ctx.gates, scope=check_scope(o["conflict_scope"]),
+                             ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None)
+
+
+NOT_MEASURED = {
+    "tp": "its parameters are tensor-parallel DTensor shards, and gatewatch does not yet add up the shards' partial "
+          "Gram products across the 'tp' ranks",
+    "ep": "each 'ep' rank holds different experts, and gatewatch does not yet gather the per-expert slices from "
+          "their owners (averaging over the data-parallel group would add up different experts)",
+}
+
+
+def refuse_layout(mesh: Any) -> None:
+    """Refuse gradient conflict on a mesh layout it cannot measure exactly, naming the dimension and the fix."""
+    names = [n for n in getattr(mesh, "mesh_dim_names", None) or () if n in NOT_MEASURED]
+    if names:
+        raise ConflictError(f"conflict_every: gradient conflict is not measured on a mesh with {names[0]!r}: "
+                            f"{NOT_MEASURED[names[0]]}. Set conflict_every=0 (the gate, router and loss statistics "
+                            "stay exact), or use conflict_proxy=True, which needs no parameter gradient.")
+
+
+def check_scope(scope: object) -> str:
+    """``conflict_scope``, checked."""
+    if scope not in SCOPES:
+        raise ConflictError(f"conflict_scope must be one of {list(SCOPES)}: 'applied' measures the gradients the "
+                            f"optimizer applies (averaged over the data-parallel ranks), 'local' rank 0's own batch "
+                            f"with no communication; got {scope!r}.")
+    return str(scope)
+
+
+def leaves(model: nn.Module, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the forward used for ``params``: FSDP2's unsharded copies, the parameters themselves otherwise."""
+    unsharded = graph_leaves(model)
+    return [unsharded.get(id(p), p) for p in params] if unsharded else list(params)
 
 
 def warn_unmapped(model: nn.Module, gates: Sequence[ResolvedGate], tasks: Sequence[str] | None) -> None:
@@ -107,15 +149,15 @@ class ConflictGradients(Quantity):
 
     The watch drives it: :meth:`around_backward` (:meth:`before_backward` / :meth:`after_backward`) around each
     backward of a conflict step (:meth:`due`), :meth:`on_step` at ``watch.step()``. Its one state, ``"steps"``,
-    holds a row of statistics per measured step: REPLICATED, as under DDP each rank measures its own batch and
-    rank 0's figures are written (no collective).
+    holds a row of statistics per measured step: REPLICATED, rank 0's figures (under the ``"applied"`` scope every
+    rank computes the same ones from the all-reduced gradients; under ``"local"`` each its own batch's).
     """
 
     name = "conflict"
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, shared: SharedSpec = None, threshold: float = 0.0,
                  group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False,
-                 gates: Sequence[ResolvedGate] = ()) -> None:
+                 gates: Sequence[ResolvedGate] = (), scope: str = "applied", ranks: Any = None) -> None:
         if not -1.0 < threshold <= 0.0:
             raise ConflictError(
                 f"conflict_threshold is a cosine S in (-1, 0] (a step counts as conflict when cosine < S); "
@@ -130,7 +172,12 @@ class ConflictGradients(Quantity):
         self.expert_groups = group is None  # fused experts' slices group by expert unless conflict_group says
         self.gates = gates  # their fused experts (known after their first output) are cut into slices
         self.shared_names = select_shared(self.model, shared)
-        self.exact = distributed  # every task by autograd.grad (no subtraction from .grad)
+        self.scope = check_scope(scope)
+        self.distributed = distributed
+        self.ranks = ranks  # the data-parallel group the applied scope averages over (None: every rank)
+        sharded = any(is_sharded(p) for p in self.model.parameters())
+        self.exact = distributed or sharded  # every task by autograd.grad (no subtraction from .grad)
+        self.averaged = distributed and self.scope == "applied"  # all-reduce the task gradients before the statistics
         self.layout: SharedLayout | None = None
         self.disabled: str | None = None
         self._due: tuple[int, bool] = (-1, False)
@@ -249,7 +296,7 @@ class ConflictGradients(Quantity):
             assert self._stack is not None
             self._stack[:k].add_(g)
             self._reduced, self._accumulates = None, True  # micro-batches add up: reduce their sum at step()
-        elif not self._accumulates and self._sample is not None:
+        elif not self._accumulates and self._sample is not None and not self.averaged:
             # reduce now, while the gradients are in the cache; the sampled sign statistics leave the stack
             # intact, so a further micro-batch of this step can still add to it (and discards this)
             self._reduced = self._reduce()
@@ -274,6 +321,10 @@ class ConflictGradients(Quantity):
     def _reduce(self) -> torch.Tensor:
         """The statistics of the task gradients in the stack (:func:`~.maths.task_statistics`)."""
         assert self.layout is not None and self._stack is not None
+        if self.averaged:  # the gradients of the mean over ranks of each rank's mean loss
+            grads = self._stack[: len(self._tasks)]
+            torch.distributed.all_reduce(grads, group=self.ranks)
+            grads.div_(group_size(self.ranks))
         return task_statistics(self._stack, len(self._tasks), self.layout.units, self.layout.group_bounds,
                                PURITY_BINS, self._sample, self._plan)
 
@@ -297,7 +348,7 @@ class ConflictGradients(Quantity):
     def _task_grads(self, loss: torch.Tensor) -> Sequence[torch.Tensor | None]:
         """``loss``'s gradient on each shared parameter (None where it does not reach)."""
         assert self.layout is not None
-        params = self.layout.params
+        params = leaves(self.model, self.layout.params)
         if not loss.requires_grad:
             return [None] * len(params)
         active = [i for i, p in enumerate(params) if p.requires_grad]
@@ -333,7 +384,8 @@ class ConflictGradients(Quantity):
             wanted = set(self.shared_names)
             named = [(n, p) for n, p in named if n in wanted]
         names, params = [n for n, _ in named], [p for _, p in named]
-        grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad
+        used = leaves(self.model, params)
+        grads = [torch.autograd.grad(loss, used, retain_graph=True, allow_unused=True) if loss.requires_grad
                  else (None,) * len(params) for _, loss in items]
         reach = [[g is not None for g in task] for task in grads]
         if self.shared_names is None:
@@ -390,7 +442,7 @@ class ConflictGradients(Quantity):
             "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
             "sign_sample": {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": SAMPLE_SEED},
             "method": "autograd.grad per task" if self.exact else "K-1 autograd.grad + subtraction",
-            "disabled": self.disabled,
+            "disabled": self.disabled, "scope": self.scope,
         }
         if layout is not None:
             out.update(

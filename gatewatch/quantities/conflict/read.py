@@ -68,6 +68,27 @@ def conflict_threshold(run: Run) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
+def conflict_scope(run: Run, quantity: str = "conflict") -> str:
+    """Which gradients the run's conflict (or its proxy, ``quantity="conflict_proxy"``) describes: ``"applied"``
+    (averaged over the data-parallel ranks, what the optimizer applies) or ``"local"`` (rank 0's own batch). Runs
+    recorded before the scope was stored read as ``"local"``; in one process the two are the same."""
+    described = run.meta.get(quantity)
+    scope = described.get("scope") if isinstance(described, dict) else None
+    return scope if scope in ("applied", "local") else "local"
+
+
+SCOPE_WORDS = {"applied": "the gradients the optimizer applies (averaged over the ranks)",
+               "local": "rank 0's own batch"}
+
+
+def scope_caption(run: Run) -> str:
+    """One line saying which gradients the conflict figures describe (only when the run had several ranks)."""
+    ranks = run.meta.get("world_size")
+    if not isinstance(ranks, int) or ranks < 2:
+        return ""
+    return f"Conflict scope: {conflict_scope(run)}, {SCOPE_WORDS[conflict_scope(run)]}, over {ranks} ranks."
+
+
 def conflict_findings(run: Run, th: Thresholds) -> list[Finding]:
     """One finding per task pair whose gradients point apart on shared modules in most recent measurements:
     the cosine below the run's ``conflict_threshold`` (the same criterion as the ``below`` count)."""
@@ -130,7 +151,7 @@ def conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     table = run.table("conflict")
     if not len(table):
         return []
-    out = []
+    out, scope = [], conflict_scope(run)
     for (a, b), rows in table.groupby(["task_a", "task_b"], sort=False):
         total = rows[(rows["scope"] == "all") & (rows["step"] == rows["step"].max())]
         if not len(total):
@@ -144,7 +165,7 @@ def conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
             "norm_a": num(row["norm_a"]), "norm_b": num(row["norm_b"]), "zero_grad": bool(row["zero_grad"]),
             "below": int(row["below"]), "measured": int(rows.loc[rows["scope"] == "all", "step"].nunique()),
             "hot_spots": [{"name": str(h["name"]), "below": int(h["below"]), "cosine": num(h["cosine"])}
-                          for _, h in hot.head(HOT_SPOTS).iterrows()],
+                          for _, h in hot.head(HOT_SPOTS).iterrows()], "scope": scope,
         })
     return out
 
@@ -168,7 +189,7 @@ def expert_conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, 
     task's share (``window_step``: its window), the gate's expert count ``experts`` and ``share_source``: "task
     gate", or "shared router (same for every task)" / "shared gate (same for every task)" when one gate serves
     every task, so that the tasks' shares are one and the same."""
-    out = []
+    out, scopes = [], {"exact": conflict_scope(run), "proxy": conflict_scope(run, "conflict_proxy")}
     for _, r in last_rows(expert_table(run)).iterrows():
         a, b = str(r["task_a"]), str(r["task_b"])
         out.append({
@@ -176,7 +197,7 @@ def expert_conflict_summary(run: Run, thresholds: Thresholds) -> list[dict[str, 
             "cosine": num(r["cosine"]), "below": int(r["below"]), "measured": int(r["measured"]),
             "share": {a: num(r["share_a"]) or 0.0, b: num(r["share_b"]) or 0.0}, "step": int(r["step"]),
             "window_step": None if pd.isna(r["window_step"]) else int(r["window_step"]),
-            "experts": int(r["experts"]), "share_source": str(r["share_source"]),
+            "experts": int(r["experts"]), "share_source": str(r["share_source"]), "scope": scopes[str(r["mode"])],
         })
     return out
 
@@ -246,8 +267,8 @@ def conflict_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
 def conflict_text(conflict: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
     lines = []
     for c in conflict:
-        lines.append(f"conflict {c['tasks'][0]} ~ {c['tasks'][1]}: cosine {fmt(c['cosine'])}, "
-                     f"sign conflict {fmt(c['sign_conflict'])}")
+        lines.append(f"conflict {c['tasks'][0]} ~ {c['tasks'][1]} ({c.get('scope', 'local')} gradients): cosine "
+                     f"{fmt(c['cosine'])}, sign conflict {fmt(c['sign_conflict'])}")
         if c.get("hot_spots"):
             spots = ", ".join(f"{h['name']} ({h['below']} of {c['measured']} steps)" for h in c["hot_spots"])
             lines.append(f"  fighting most on: {spots}")

@@ -12,6 +12,10 @@ At ``watch.step()`` each sample's gradients are reduced at once to the tasks' in
 ``<d_a(n), d_b(n)>`` (summed in float64, ``[N, K(K+1)/2]``), so the ``[N, D]`` gradients are released within the step;
 the weighting by the gates' columns is done at the flush (or once ``HOLD_ELEMENTS`` are held), stacked over
 the steps.
+
+Under torch.distributed it states its scope as conflict does (``conflict_scope``): ``"applied"`` gathers every
+rank's rows (one gather per flush) and sums them by step, divided by the squared number of ranks: the proxy of the
+gradient of the mean over ranks of each rank's mean loss, on every rank's samples; ``"local"``: rank 0's rows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...capture.distributed import world_size
 from ...capture.gate_hooks import HookCall
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...gating.expert_map import ExpertMapError, find_towers
@@ -78,7 +83,9 @@ class ConflictProxy(Quantity):
         self.modules: list[str] | None = None
         self._maps: torch.Tensor | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []
-        self.add_state("proxy", Reduction.CONCAT)
+        self.scope = ctx.options.get("conflict_scope", "applied")
+        self.ranks = world_size() if ctx.distributed and self.scope == "applied" else 1
+        self.add_state("proxy", Reduction.CONCAT if self.ranks > 1 else Reduction.REPLICATED)
         for gate in {g.name: g for g in self.gates.values()}.values():
             self.hook_gate(gate, self._gate_hook(gate))
         for task, path in self.tower_paths.items():
@@ -166,13 +173,15 @@ class ConflictProxy(Quantity):
         table = host["proxy"]
         steps = np.unique(table[:, 0])
         summed = np.stack([table[table[:, 0] == s, 1:].sum(0) for s in steps]).reshape(len(steps), k, k, m)
+        summed /= self.ranks**2  # each rank's d_k is that of its own mean loss; the applied loss is their mean
         rows = proxy_rows(steps.astype(np.int64), summed, self.tasks, self.modules,
                           float(self.ctx.options.get("conflict_threshold") or 0.0), self._below)
         return {"conflict_proxy": conform("conflict_proxy", rows)}
 
     def describe(self) -> dict[str, Any]:
         return {"conflict_proxy": {"towers": self.tower_paths, "gates": {t: g.name for t, g in self.gates.items()},
-                                   "modules": self.modules, "method": "gate weight x gradient at the tower input"}}
+                                   "modules": self.modules, "method": "gate weight x gradient at the tower input",
+                                   "scope": self.scope}}
 
 
 def sample_inner(d: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Gradient conflict of the applied gradients under DDP and FSDP2: 2 gloo processes against a single-process replay.
+
+Each rank trains the same small MMoE (float64) on its own batches, of different sizes (12 and 20 samples) and
+shifted data, wrapped in DDP or sharded with FSDP2 (``fully_shard`` on each expert and on the root), three times:
+without a watch, with ``conflict_scope="applied"`` (the default) and with ``conflict_scope="local"``.
+
+The reference is one process that replays the same training: per step it runs both ranks' batches through the
+model and backpropagates the rank-averaged task losses ``L_k = mean_r loss_k^r`` (what DDP's and FSDP's gradient
+averaging apply). Its gate statistics pool both ranks' tokens; its conflict is that of the gradients of ``L_k``. For
+``"local"`` the replay measures conflict on rank 0's batch alone (rank 1's half of the gradient is accumulated
+first), with the same weights. Training must be unchanged by the watch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+from _distributed import launch
+from torch import nn
+
+import gatewatch as gw
+from gatewatch.models import MMoE
+from gatewatch.quantities.conflict.read import scope_caption
+from gatewatch.report import build_report
+
+pytestmark = pytest.mark.slow  # 2 processes
+
+TASKS = ["a", "b"]
+SIZES = {0: 12, 1: 20}  # per-rank batch sizes
+WORLD, STEPS, EVERY, LR = 2, 4, 2, 0.2
+MODES = ("ddp", "fsdp2")
+CONFIGS = ("plain", "applied", "local")
+
+
+def new_model() -> MMoE:
+    torch.manual_seed(0)
+    return MMoE(in_dim=6, tasks=TASKS, n_experts=3, expert_hidden=(8,), expert_dim=4, tower_hidden=(4,)).double()
+
+
+def data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(SIZES[rank], 6, generator=g, dtype=torch.float64) + 0.7 * rank  # the ranks' data differ
+    return x, torch.stack([x[:, 0] - x[:, 1], x[:, 2] * x[:, 3]], 1)
+
+
+def task_losses(model: nn.Module, step: int, rank: int) -> dict[str, torch.Tensor]:
+    x, y = data(step, rank)
+    out = model(x)
+    return {t: nn.functional.mse_loss(out[i].reshape(-1), y[:, i]) for i, t in enumerate(TASKS)}
+
+
+def watch_for(model: nn.Module, log_dir: Path, scope: str, proxy: bool = True) -> gw.GateWatch:
+    return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, every=EVERY, flush_every=EVERY, tensorboard=False,
+                        conflict_every=1, conflict_scope=scope, conflict_proxy=proxy)
+
+
+def wrap(model: MMoE, mode: str) -> nn.Module:
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for expert in model.experts:
+        fully_shard(expert)
+    fully_shard(model)
+    return model
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (FSDP2's shards gathered)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def worker(root: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for mode in MODES:
+            for config in CONFIGS:
+                model = new_model()
+                wrapped = wrap(model, mode)
+                opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
+                watch = None if config == "plain" else watch_for(wrapped, Path(root) / f"{mode}-{config}", config)
+                for step in range(1, STEPS + 1):
+                    losses = task_losses(wrapped, step, rank)
+                    if watch is None:
+                        sum(losses.values()).backward()
+                    else:
+                        watch.backward(losses)
+                    opt.step()
+                    opt.zero_grad()
+                    if watch is not None:
+                        watch.step()
+                if watch is not None:
+                    watch.close()
+                state = full_state(model)
+                if rank == 0:
+                    torch.save(state, Path(root) / f"{mode}-{config}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def replay(log_dir: Path, scope: str) -> dict[str, torch.Tensor]:
+    """The same training in one process; conflict of the rank-averaged losses (``applied``) or of rank 0's batch
+    alone (``local``, where rank 1's half of the gradient is accumulated before the measured backward)."""
+    model = new_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with watch_for(model, log_dir, scope, proxy=scope == "applied") as watch:
+        for step in range(1, STEPS + 1):
+            if scope == "applied":
+                per_rank = [task_losses(model, step, r) for r in range(WORLD)]
+                watch.backward({t: sum(p[t] for p in per_rank) / WORLD for t in TASKS})
+            else:
+                (sum(task_losses(model, step, 1).values()) / WORLD).backward()
+                with watch.task_gradients(task_losses(model, step, 0)) as total:
+                    (total / WORLD).backward()
+            opt.step()
+            opt.zero_grad()
+            watch.step()
+    return full_state(model)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sharded")
+    launch("test_sharded", "worker", root, world=WORLD, timeout=240)
+    for scope in ("applied", "local"):
+        torch.save(replay(root / f"replay-{scope}", scope), root / f"replay-{scope}.pt")
+    return root
+
+
+KEYS = {"gates": ["step", "gate"], "shares": ["step", "gate", "expert"], "losses": ["step", "task"],
+        "conflict": ["step", "scope", "name", "task_a", "task_b"], "purity": ["step", "scope", "name", "bin"],
+        "conflict_proxy": ["step", "name", "task_a", "task_b"]}
+
+
+def assert_same_table(name: str, got: pd.DataFrame, want: pd.DataFrame) -> None:
+    got = got.sort_values(KEYS[name]).reset_index(drop=True)
+    want = want.sort_values(KEYS[name]).reset_index(drop=True)
+    assert len(got) == len(want) > 0, name
+    for col in want.columns:
+        if pd.api.types.is_float_dtype(want[col]):
+            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name}.{col}")
+        else:
+            assert got[col].astype(str).tolist() == want[col].astype(str).tolist(), f"{name}.{col}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("table", list(KEYS))
+def test_applied_scope_equals_the_replay(runs: Path, mode: str, table: str) -> None:
+    got, want = gw.load_run(runs / f"{mode}-applied"), gw.load_run(runs / "replay-applied")
+    assert_same_table(table, got.table(table), want.table(table))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", MODES)
+def test_local_scope_is_rank_0_batch_alone(runs: Path, mode: str) -> None:
+    got, want = gw.load_run(runs / f"{mode}-local"), gw.load_run(runs / "replay-local")
+    for table in ("conflict", "purity"):
+        assert_same_table(table, got.table(table), want.table(table))
+    applied = gw.load_run(runs / f"{mode}-applied").table("conflict")
+    local = got.table("conflict")
+    assert not np.allclose(applied["cosine"], local["cosine"])  # the two scopes describe different gradients
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", MODES)
+def test_scope_is_recorded_and_only_rank_0_writes(runs: Path, mode: str) -> None:
+    for scope in ("applied", "local"):
+        run = gw.load_run(runs / f"{mode}-{scope}")
+        assert run.status == "finished" and run.problems == [] and run.meta["world_size"] == WORLD
+        assert run.meta["conflict"]["scope"] == scope and run.meta["conflict"]["disabled"] is None
+        assert run.meta["conflict_proxy"]["scope"] == scope
+        assert set(run.table("conflict")["step"]) == set(range(1, STEPS + 1))
+        report = build_report(run)
+        assert {c["scope"] for c in report["conflict"]} == {scope}
+        assert {e["scope"] for e in report["expert_conflict"]} == {scope}
+        assert scope_caption(run).startswith(f"Conflict scope: {scope},")  # the Conflict page's line
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name.startswith(mode)) == [
+        f"{mode}-applied", f"{mode}-local"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", MODES)
+def test_training_is_unchanged_by_the_watch(runs: Path, mode: str) -> None:
+    plain = torch.load(runs / f"{mode}-plain.pt")
+    replayed = torch.load(runs / "replay-applied.pt")
+    for config in ("applied", "local"):
+        state = torch.load(runs / f"{mode}-{config}.pt")
+        for name, value in plain.items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=f"{config} {name}")
+    for name, value in plain.items():
+        torch.testing.assert_close(replayed[name], value, rtol=1e-10, atol=1e-12, msg=name)  # the replay is exact
