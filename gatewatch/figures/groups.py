@@ -7,8 +7,17 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._style import MAX_COLUMNS, MAX_POINTS, STEP_AXIS, downsample, layout, natural_key, nearest_step, no_data
-from ._style import series_colours
+from ._style import (
+    MAX_COLUMNS,
+    MAX_POINTS,
+    STEP_AXIS,
+    downsample,
+    layout,
+    natural_key,
+    nearest_step,
+    no_data,
+    series_colours,
+)
 from .routers import _short
 
 NO_GROUPS = ("no sample groups in this run: pass GateWatch(..., sample_groups=[names]) and label each batch with "

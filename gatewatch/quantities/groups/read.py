@@ -91,7 +91,6 @@ def group_tables(gate: str, names: list[str], router: bool, steps: np.ndarray, s
     says which windows keep the per-expert lists."""
     p = split_sums(np.asarray(sums, dtype=np.float64), len(names))
     tokens = p["tokens"]
-    w, g = tokens.shape
     with np.errstate(divide="ignore", invalid="ignore"):
         share = p["share"] / np.where(tokens > 0, tokens, 1)[..., None]
         load = p["load"] / np.where(tokens > 0, tokens, 1)[..., None]
