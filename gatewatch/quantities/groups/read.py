@@ -48,7 +48,7 @@ TABLES: dict[str, dict[str, str]] = {
     },
 }
 
-DETAIL_VALUES = 2048  # per-expert values (gates x groups x experts) stored per window on average, at most
+DETAIL_VALUES = 512  # per-expert values (gates x groups x experts) stored per window on average, at most
 
 
 def detail_every(values: int, every: int | None) -> int:
