@@ -321,3 +321,18 @@ def test_report_keys_and_figures(tmp_path: Path) -> None:
     assert len(figures.specialisation_curves(run.table("group_specialisation")).data) == 2
     empty = figures.group_heatmap(run.table("group_routing").iloc[:0], "shared")
     assert "sample_groups" in empty.layout.annotations[0].text
+
+
+def test_groups_page_draws_the_heatmap_and_specialisation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_app import charts, no_exception, open_app, texts
+
+    pytest.importorskip("transformers")
+    train_hf("qwen3_moe", tmp_path / "groups-run", per_sequence=True)
+    at = open_app(tmp_path, monkeypatch, "groups", run="groups-run")
+    no_exception(at)
+    assert charts(at) == 4  # specialisation heatmap and lines, share and load heatmaps of the chosen layer
+    assert "code, maths, chat" in texts(at)
+    omoe_run(tmp_path / "dense-run", random_labels)
+    at = open_app(tmp_path, monkeypatch, "groups", run="dense-run")
+    no_exception(at)
+    assert charts(at) == 2  # one gate: the specialisation lines and its share heatmap (no dispatch)
