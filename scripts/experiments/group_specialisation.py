@@ -129,8 +129,8 @@ def main() -> None:
                     runs=[{k: v for k, v in r.items() if k != "windows"} for r in results])
     stem = f"group_specialisation{'_' + args.tag if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
-    done["rows"].to_csv(args.out / f"{stem}.csv", index=False)
     write_results([], args.out, stem, meta)
+    done["rows"].to_csv(args.out / f"{stem}.csv", index=False)  # after write_results, which writes an empty one
     print(f"{len(results)} runs in {meta['total_seconds']:.0f} s -> {args.out / stem}.json")
 
 
