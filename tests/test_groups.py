@@ -293,7 +293,7 @@ def test_findings_polarization_and_overlap(tmp_path: Path) -> None:
     steps = np.arange(1, 13) * 10
     routing = pd.DataFrame([{"step": s, "gate": "g", "group": grp, "top_share": top, "top_expert": 2}
                             for s in steps for grp, top in (("code", 0.95), ("chat", 0.4))])
-    overlap = pd.DataFrame({"step": steps, "gate": "g", "groups": 2, "value": 0.03, "baseline": 0.02})
+    overlap = pd.DataFrame({"step": steps, "gate": "g", "groups": 2, "value": 0.023, "baseline": 0.02})
     found = group_findings(Run(routing, overlap), th)
     assert {f.code for f in found} == {"group_polarization", "groups_overlap"}
     polar = next(f for f in found if f.code == "group_polarization")
