@@ -28,6 +28,7 @@ QUANTITIES: list[str] = [
     "guard",  # opt-in online guard: gate dropout when polarization / collapse is found at a flush
     "routers",  # sparse routers: dispatch load, MaxVio, margin, dropped tokens, expert bias per layer
     "similarity",  # linear CKA and mean-output cosine between the experts of each gate
+    "groups",  # opt-in sample groups on a shared gate: per-group share and load, specialisation I(G;E)/H(G)
     "seesaw",  # one task's validation metric improving while another's worsens (reads the eval table)
 ]
 BUILT_IN = frozenset(QUANTITIES)  # packages of gatewatch.quantities; any other name is a package's full path

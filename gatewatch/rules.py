@@ -62,6 +62,8 @@ class Thresholds:
                                      "each recent similarity measurement (healthy sample runs reach 0.94)")
     redundant_steps: float = _th(3, "redundant experts: how many of the last similarity measurements are looked "
                                     "at (a count)")
+    groups_overlap_margin: float = _th(0.005, "groups overlap: a shared gate's specialisation I(G;E)/H(G) stays less "
+                                             "than this above its shuffled-label baseline in each recent window")
     seesaw_evals: float = _th(6, "seesaw: how many of each task's last validation evaluations the trend is fitted "
                                  "on (a count, at least 3)")
     seesaw_se: float = _th(2.0, "seesaw: a trend counts when its slope is at least this many standard errors from "

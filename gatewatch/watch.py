@@ -172,6 +172,17 @@ class GateWatch:
                 q.on_batch({k: inputs[k] for k in q.batch_keys if k in inputs})
         return nullcontext()
 
+    def grouped(self, labels: Any) -> AbstractContextManager[None]:
+        """Label the rows of the coming forward with their sample groups (``GateWatch(..., sample_groups=[...])``)::
+
+            with watch.grouped(labels):
+                out = model(x)
+
+        ``labels``: an integer tensor ``[B]`` (one group per sample or sequence) or ``[B, S]`` (one per token)
+        indexing ``sample_groups``; ``-1`` leaves a row out. The same as ``watch.batch(sample_groups=labels)``:
+        the labels stand until the next call."""
+        return self.batch(sample_groups=labels)
+
     def backward(self, losses: Losses, **backward_kwargs: Any) -> torch.Tensor:
         """Backpropagate the sum of the task losses, exactly as ``sum(losses).backward()`` would (on a conflict
         step it also measures each task's gradient on the shared parameters; ``.grad`` is the same)."""
@@ -267,6 +278,8 @@ class GateWatch:
             return
         self.closing = True  # the last flush evaluates the findings whatever their schedule
         try:
+            for q in self.quantities:
+                q.on_close()
             for q in self.quantities:
                 q.on_step(self.ctx.step)  # what ran after the last step() joins the last window
             # under DDP only the (shared) step count decides, so that every rank closes the same windows;

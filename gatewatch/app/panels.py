@@ -16,8 +16,9 @@ def similarity(ctx: ui.Context, run: Run) -> None:
     if not len(table):
         return
     st.markdown("#### Do the experts learn different things?")
-    st.caption("Linear CKA of each pair of experts' outputs on the same rows of a batch: 1 = the same "
-               "representation up to a rotation. Unrelated experts of this size sit around 0.1-0.3, not 0.")
+    st.caption("Linear CKA of each pair of experts' outputs on the same rows of a batch (fused experts of a sparse "
+               "MoE: each probe row sent to every expert): 1 = the same representation up to a rotation. Unrelated "
+               "experts of this size sit around 0.1-0.3, not 0.")
     pools = sorted(table["pool"].dropna().astype(str).unique())
     pool = st.selectbox("experts of", pools, key="similarity_pool") if len(pools) > 1 else pools[0]
     redundant = ctx.thresholds.redundant_cka
@@ -25,4 +26,5 @@ def similarity(ctx: ui.Context, run: Run) -> None:
     with left:
         ui.chart(figures.similarity_matrix(table, pool, threshold=redundant), key="similarity_matrix")
     with right:
-        ui.chart(figures.similarity_over_time(table, pool, threshold=redundant), key="similarity_trend")
+        ui.chart(figures.similarity_over_time(table, pool, threshold=redundant,
+                                              summary=run.table("similarity_summary")), key="similarity_trend")

@@ -152,6 +152,9 @@ class Quantity:
         return False
 
     # ------------------------------------------------------------------ schedule and flush
+    def on_close(self) -> None:
+        """``close()`` has begun: the flush that follows is the run's last."""
+
     def on_step(self, step: int) -> None:
         """Optimizer step ``step`` (counting from 1) is done."""
 

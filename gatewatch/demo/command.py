@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = 3000
 STORY_STEPS, QUICK_STEPS = 2000, 300
 DATA_KWARGS = {"synthetic": {"correlation": 0.5, "n_train": 10_000}, "census": {}}
-# The models the demo trains: the keys of gatewatch.training.loop.MODELS that have gates (a test keeps the two
-# in step). Named here so that building the command line does not load torch.
+# The models the demo trains: the keys of gatewatch.training.loop.MODELS that have gates and read feature data
+# (not the sparse MoE, which reads token ids; a test keeps the two in step). Named here so that building the
+# command line does not load torch.
 DEMO_MODELS = ("cgc", "mmoe", "omoe", "ple")
 
 

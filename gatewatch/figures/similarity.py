@@ -33,15 +33,16 @@ def matrix_at(rows: pd.DataFrame, experts: list[str], column: str = "cka") -> np
 
 def similarity_matrix(similarity: pd.DataFrame, pool: str | None = None, *, threshold: float | None = None,
                       max_frames: int = MAX_FRAMES) -> go.Figure:
-    """Heatmap of the linear CKA of every expert pair, with a slider over the measured steps (last step shown);
-    pairs at or above ``threshold`` are outlined in the hover text."""
+    """Heatmap of the linear CKA of every expert pair, with a slider over the measured steps that wrote every pair
+    (the last one shown); pairs at or above ``threshold`` are outlined in the hover text."""
     rows = pool_rows(similarity, pool)
     title = "Linear CKA between experts" + (f" ({rows['pool'].iloc[0]})" if len(rows) else "")
     if not len(rows):
         return no_data(title, "no expert similarity written yet (GateWatch(similarity_every=...))")
     experts = sorted({str(e) for e in (*rows["expert_a"], *rows["expert_b"])}, key=natural_key)
     labels = [f"expert {e}" for e in experts]
-    steps = sorted(rows["step"].unique())
+    written = rows.groupby("step").size()
+    steps = sorted(written[written == written.max()].index)  # full measurements (not the top pairs in between)
     if len(steps) > max_frames:
         steps = sorted({steps[i] for i in np.linspace(0, len(steps) - 1, max_frames).round().astype(int)})
     grids = {s: matrix_at(rows[rows["step"] == s], experts) for s in steps}
@@ -62,15 +63,20 @@ def similarity_matrix(similarity: pd.DataFrame, pool: str | None = None, *, thre
 
 
 def similarity_over_time(similarity: pd.DataFrame, pool: str | None = None, *, threshold: float | None = None,
-                         top: int = 3) -> go.Figure:
-    """Mean and largest CKA over the pool's expert pairs at each measured step, the ``top`` most similar pairs of
-    the last step, and the ``redundant_cka`` line."""
+                         top: int = 3, summary: pd.DataFrame | None = None) -> go.Figure:
+    """Mean and largest CKA over the pool's expert pairs at each measured step (from ``summary``, the
+    ``similarity_summary`` table, where it has the pool: the pairs written may be the most similar ones only),
+    the ``top`` most similar pairs of the last step, and the ``redundant_cka`` line."""
     rows = pool_rows(similarity, pool).dropna(subset=["cka"])
     title = "Expert similarity over training" + (f" ({rows['pool'].iloc[0]})" if len(rows) else "")
     if not len(rows):
         return no_data(title, "no expert similarity written yet (GateWatch(similarity_every=...))")
     rows = rows.assign(pair=rows["expert_a"].astype(str) + " ~ " + rows["expert_b"].astype(str))
-    per_step = rows.groupby("step")["cka"].agg(["mean", "max"])
+    whole = summary[summary["pool"] == rows["pool"].iloc[0]] if summary is not None else None
+    if whole is not None and len(whole):
+        per_step = whole.set_index("step")[["mean_cka", "max_cka"]].set_axis(["mean", "max"], axis=1).sort_index()
+    else:
+        per_step = rows.groupby("step")["cka"].agg(["mean", "max"])
     last = rows[rows["step"] == rows["step"].max()].nlargest(top, "cka")["pair"].tolist()
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=per_step.index, y=per_step["max"], name="largest pair", mode="lines",

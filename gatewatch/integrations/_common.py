@@ -39,6 +39,34 @@ def missing_losses_message(where: str) -> str:
     )
 
 
+def check_group_field(owner: str, field: str | None, watch_kwargs: dict[str, Any]) -> str | None:
+    """``group_field``, checked: a batch field name, given together with ``sample_groups``."""
+    if field is None:
+        return None
+    if not isinstance(field, str) or not field:
+        raise TypeError(f"{owner}: group_field is the name of the batch field holding each sample's group, got "
+                        f"{field!r}.")
+    if watch_kwargs.get("sample_groups") is None:
+        raise ValueError(f"{owner}(group_field={field!r}) needs the group names too: pass sample_groups=[...] "
+                         "(e.g. ['code', 'maths', 'chat']); the field's values index them.")
+    return field
+
+
+def batch_field(batch: Any, field: str, owner: str) -> Any:
+    """The sample-group labels of a training batch: ``batch[field]`` (a mapping) or ``batch.field``."""
+    if isinstance(batch, Mapping):
+        if field in batch:
+            return batch[field]
+        have = sorted(map(str, batch))
+    elif hasattr(batch, field):
+        return getattr(batch, field)
+    else:
+        have = [n for n in dir(batch) if not n.startswith("_")][:20]
+    raise KeyError(f"{owner}(group_field={field!r}): the training batch ({type(batch).__name__}) has no field "
+                   f"{field!r}; it has {have}. Put each sample's group index there (an integer tensor [B] or "
+                   f"[B, S], -1 to leave a row out), or pass the name it has.")
+
+
 class WatchSpec:
     """The arguments of the GateWatch a callback creates once training starts, checked right away."""
 

@@ -18,6 +18,10 @@
   callback only records them (:meth:`GateWatch.log_losses`).
 * ``watch.step()`` runs once per optimizer step: at the end of each batch after which
   ``trainer.global_step`` moved on (gradient accumulation and manual optimization included).
+* Sample groups: ``GateWatchCallback(sample_groups=["code", "maths", "chat"], group_field="domain")`` reads
+  each training batch's ``batch["domain"]`` (or ``batch.domain``) before its forward and hands it to
+  :meth:`GateWatch.grouped`: an integer tensor ``[B]`` or ``[B, S]`` indexing the group names, ``-1`` for
+  padding. The batch is not changed, so ``training_step`` sees the field too.
 * Run directory: ``log_dir``, else ``<trainer.log_dir>/gatewatch`` (the logger's version folder). With a
   ``TensorBoardLogger``, gate scalars and histograms go into the logger's own TensorBoard run
   (tags ``gate/...``, ``expert/...``); otherwise into ``<run>/tensorboard``.
@@ -50,7 +54,7 @@ except ImportError:  # the standalone package
 
 from ..sinks.tensorboard import TensorBoardSink
 from ..watch import GateWatch
-from ._common import WatchSpec, missing_losses_message, task_losses
+from ._common import WatchSpec, batch_field, check_group_field, missing_losses_message, task_losses
 
 __all__ = ["GateWatchCallback"]
 
@@ -79,6 +83,7 @@ class GateWatchCallback(pl.Callback):
         tasks, gates, every, flush_every: as for :class:`~gatewatch.GateWatch`.
         module: dotted path of the submodule holding the gates (e.g. ``"model"``); default: the LightningModule.
         log_dir: the run directory; default ``<trainer.log_dir>/gatewatch``.
+        group_field: the batch field holding each sample's group index (with ``sample_groups=[...]``).
         **watch_kwargs: any other :class:`~gatewatch.GateWatch` argument (``threshold``, ``config`` ...).
             ``tensorboard=False`` writes no TensorBoard events at all.
     """
@@ -92,9 +97,11 @@ class GateWatchCallback(pl.Callback):
         log_dir: str | os.PathLike[str] | None = None,
         every: int = 10,
         flush_every: int = 100,
+        group_field: str | None = None,
         **watch_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.group_field = check_group_field(type(self).__name__, group_field, watch_kwargs)
         self.spec = WatchSpec(type(self).__name__, tasks=tasks, gates=gates, module=module, log_dir=log_dir,
                               every=every, flush_every=flush_every, watch_kwargs=watch_kwargs)
         self.watch: GateWatch | None = None
@@ -113,6 +120,11 @@ class GateWatchCallback(pl.Callback):
             extra = {"tensorboard": False, "sinks": [*self.spec.watch_kwargs.get("sinks", ()), *mine]}
         self.watch = self.spec.build(pl_module, default_dir, **extra)
         self._optimizer_steps = trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.group_field is not None and self.watch is not None and not self.watch.closed:
+            self.watch.grouped(batch_field(batch, self.group_field, type(self).__name__))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -1,4 +1,4 @@
-"""Reference multi-task models (MMoE, OMoE, shared-bottom, CGC, PLE) and how to rebuild them.
+"""Reference multi-task models (MMoE, OMoE, shared-bottom, CGC, PLE, a sparse MoE) and how to rebuild them.
 
 ``factory_ref(model)`` records ``{"factory": "pkg.module:Class", "kwargs": model.config}`` (JSON
 values only); ``build(ref)`` imports the factory and calls it with the kwargs. ``build`` imports
@@ -17,8 +17,9 @@ from torch import nn
 from gatewatch.models.blocks import MLP
 from gatewatch.models.mmoe import MMoE, OMoE, SharedBottom
 from gatewatch.models.ple import CGC, PLE
+from gatewatch.models.sparse import SparseMoE
 
-__all__ = ["CGC", "MLP", "PLE", "MMoE", "OMoE", "SharedBottom", "build", "factory_ref"]
+__all__ = ["CGC", "MLP", "PLE", "MMoE", "OMoE", "SharedBottom", "SparseMoE", "build", "factory_ref"]
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 

@@ -6,6 +6,9 @@ values only) rebuilds the very same splits: ``load_ref(splits.ref)``; every gene
 
 * ``synthetic``: the MMoE paper's regression data (:func:`gatewatch.data.make_synthetic`); tasks
   ``t1 .. tK``. One sample of ``n_train + n_val + n_test`` rows is drawn and cut in that order.
+* ``domains``: token sequences from several domains (:func:`gatewatch.data.make_domains`), for the sparse
+  MoE model; x holds int64 token ids ``[N, seq_len]``; tasks ``flag`` (binary) and ``score``
+  (regression); ``splits.domains[split]`` holds each row's domain index, named by ``splits.domain_names``.
 * ``census``: UCI census-income (:func:`gatewatch.data.load_census`), binary tasks (``income``,
   ``marital`` by default). ``max_train`` keeps a seeded random subset of the training rows (for quick
   runs); validation and test stay whole.
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..data import load_census, make_synthetic
+from ..data.domains import DOMAIN_TASKS, domain_names, make_domains
 from ..data.splits import SplitTensors
 from ..validate import positive_int
 from .metrics import check_task_types
@@ -29,11 +34,14 @@ from .metrics import check_task_types
 
 @dataclass(frozen=True)
 class Splits(SplitTensors):
-    """Float32 inputs ``[N, D]`` and targets ``[N, K]`` per split, the task names and their types."""
+    """Inputs ``[N, D]`` (float32 features or int64 token ids) and float32 targets ``[N, K]`` per split, the task
+    names and their types; for data from several domains, each row's domain index per split and the domains' names."""
 
     tasks: list[str]
     task_types: list[str]  # "binary" | "regression", one per task
     ref: dict[str, Any] = field(default_factory=dict)  # {"name", "kwargs"}: rebuilds these splits
+    domains: dict[str, Tensor] = field(default_factory=dict)  # split -> [N] int64 domain index (empty: no domains)
+    domain_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_task_types(self.tasks, self.task_types)
@@ -94,7 +102,30 @@ def census_splits(
                   task_types=["binary"] * len(data.tasks))
 
 
-DATASETS: dict[str, Callable[..., Splits]] = {"synthetic": synthetic_splits, "census": census_splits}
+def domains_splits(
+    *,
+    n_train: int = 4_000,
+    n_val: int = 1_000,
+    n_test: int = 1_000,
+    seq_len: int = 16,
+    vocab: int = 64,
+    n_domains: int = 3,
+    seed: int = 0,
+) -> Splits:
+    """Token sequences from ``n_domains`` domains, tasks ``flag`` and ``score`` (see :mod:`gatewatch.data.domains`)."""
+    n_train, n_val, n_test = (positive_int(name, n, unit="samples") for name, n in
+                              (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)))
+    data = make_domains(n_train + n_val + n_test, seq_len=seq_len, vocab=vocab, n_domains=n_domains, seed=seed)
+    a, b = n_train, n_train + n_val
+    x, y, d = data.tokens, data.targets, data.domain
+    return Splits(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], tasks=list(DOMAIN_TASKS),
+                  task_types=["binary", "regression"], domains={"train": d[:a], "val": d[a:b], "test": d[b:]},
+                  domain_names=domain_names(n_domains))
+
+
+DATASETS: dict[str, Callable[..., Splits]] = {
+    "synthetic": synthetic_splits, "census": census_splits, "domains": domains_splits,
+}
 
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:

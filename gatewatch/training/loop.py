@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..guard import Guard
-from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, factory_ref
+from ..models import CGC, PLE, MMoE, OMoE, SharedBottom, SparseMoE, factory_ref
 from ..run_format import atomic_write_json
 from ..validate import dropout_rate, non_negative_int, positive_int
 from ..watch import GateWatch, quantity_keywords
@@ -43,7 +43,7 @@ from .metrics import evaluate
 from .staleness import DELAYS, Staleness
 
 MODELS: dict[str, type[nn.Module]] = {
-    "mmoe": MMoE, "omoe": OMoE, "shared_bottom": SharedBottom, "cgc": CGC, "ple": PLE,
+    "mmoe": MMoE, "omoe": OMoE, "shared_bottom": SharedBottom, "cgc": CGC, "ple": PLE, "sparse_moe": SparseMoE,
 }
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
