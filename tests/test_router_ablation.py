@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _grouped_experts import TopKRouter
 from torch import nn
 
@@ -202,7 +201,7 @@ def test_page_runs_a_bounded_knockout_on_a_saved_sparse_moe(sparse_run: Path) ->
     launched = last_launch(sparse_run, "knockout")
     assert launched is not None and "--per-gate" in launched.proc.args
     assert launched.proc.wait(timeout=300) == 0, launched.output()
-    df, settings = read_result(sparse_run, "knockout")
+    df, _ = read_result(sparse_run, "knockout")
     assert set(df["gate"]) == {"backbone.layers.0.mlp.gate"} and df["expert"].nunique() == 2
     app = AppTest.from_function(render_page, args=(str(sparse_run), str(sparse_run.parent)), default_timeout=60).run()
     assert not app.exception and len(app.get("plotly_chart")) >= 1 and len(app.dataframe) >= 1
