@@ -86,8 +86,9 @@ RUNS = [
               census(model="mmoe", model_kwargs={"n_experts": 8, "gate_temperature": 0.1}, lr=1e-2, seed=1),
               expect=frozenset({"collapse", "dead_expert"}), forbid=frozenset()),
     SampleRun(SPARSE_RUN, "tiny transformers Qwen3-MoE (2 MoE layers, 8 fused experts, top-2 routers) with a flag "
-              "(binary) and a score (regression) tower, on token sequences from 3 domains (no domain marker); per-expert "
-              "conflict and expert similarity on the fused experts, checkpoint for ablations through the routers",
+              "(binary) and a score (regression) tower, on token sequences from 3 domains (no domain marker); "
+              "per-expert conflict and expert similarity on the fused experts, checkpoint for ablations through the "
+              "routers",
               config(model="sparse_moe", model_kwargs={"n_experts": 8}, data="domains", data_kwargs={"seed": 0},
                      steps=600, batch_size=64, lr=3e-3, every=10, flush_every=200, eval_every=200,
                      similarity_every=50),
