@@ -220,16 +220,18 @@ def knock_out(
     return GateMasks(model, masks, gates=resolved, prepend=prepend)
 
 
-def dropout_keep(t: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+def dropout_keep(t: torch.Tensor, rate: float, generator: torch.Generator | None, at_least: int = 1) -> torch.Tensor:
     """A random keep mask for ``t [..., E]``: each expert dropped with probability ``rate``.
 
-    A row that would lose every expert keeps its top expert (the argmax), as
-    :class:`gatewatch.remedies.GateDropout` does, so eval-time dropout matches the training remedy.
+    A row that would keep fewer than ``at_least`` experts (a router's top-k: 1 for a dense gate) also keeps its
+    ``at_least`` top experts, as :class:`gatewatch.remedies.GateDropout` keeps the argmax of a row that lost every
+    expert, so eval-time dropout matches the training remedy and a router still chooses k experts.
     """
     drop = torch.rand(t.shape, generator=generator, device=t.device) < rate
     keep = ~drop
-    top = torch.nn.functional.one_hot(t.argmax(-1), t.shape[-1]).bool()
-    return torch.where(keep.any(-1, keepdim=True), keep, top)
+    at_least = min(at_least, t.shape[-1])
+    top = torch.zeros_like(keep).scatter_(-1, t.topk(at_least, dim=-1).indices, True)
+    return torch.where(keep.sum(-1, keepdim=True) < at_least, keep | top, keep)
 
 
 class _Generators:
@@ -262,13 +264,17 @@ def gate_dropout(
     """Per-sample random gate dropout at ``rate`` on every gate (or the gates named in ``only``).
 
     Works in eval and training mode. Masks are drawn from ``generator`` (or a generator seeded with
-    ``seed``), so a sweep is reproducible. Never drops every expert of a row (see :func:`dropout_keep`).
+    ``seed``), so a sweep is reproducible. Never leaves a row fewer experts than the gate chooses (its top-k; see
+    :func:`dropout_keep`). On a router the dropped experts' logits are -inf before its top-k: each token chooses
+    among the experts kept, with the weights renormalised as the router normalises them.
     """
     rate = dropout_rate("rate", rate, owner="gate dropout")
     resolved = resolve_gates(model, tasks, gates)
     names = [g.name for g in resolved] if only is None else list(only)
+    by_name = gates_by_name(resolved, names)
     generators = _Generators(seed, generator)
-    masks = {name: (lambda t: dropout_keep(t, float(rate), generators(t.device))) for name in names}
+    masks = {name: (lambda t, k=by_name[name].top_k or 1: dropout_keep(t, float(rate), generators(t.device), k))
+             for name in names}
     return GateMasks(model, masks, gates=resolved, prepend=prepend)
 
 

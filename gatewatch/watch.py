@@ -73,8 +73,8 @@ class GateWatch:
             with their defaults. Those that ship: gradient conflict ``conflict_every`` (steps, a schedule
             ``step -> bool``, or 0: off), ``shared``, ``conflict_threshold``, ``conflict_group``,
             ``conflict_param_limit`` (docs/conflict.md); the conflict proxy ``conflict_proxy``, ``towers``;
-            the guard ``guard`` (docs/guard.md); expert similarity ``similarity_every``, ``similarity_rows``
-            (docs/similarity.md).
+            the guard ``guard`` (docs/guard.md); expert similarity ``similarity_every``, ``similarity_rows``,
+            ``similarity_top``, ``similarity_full_every`` (docs/similarity.md).
 
     Each registered quantity is reached as an attribute by its registry name (``watch.conflict``,
     ``watch.guard``; None when it is off), or with :meth:`quantity`.

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALARMS = frozenset({"polarization", "collapse", "dead_expert", "input_independent", "unstable", "nonfinite"})
 SYNTHETIC = {"correlation": 0.5, "n_train": 10_000, "seed": 0}
 CONFLICT_EVERY = 20 if supports_conflict() else None
+SPARSE_RUN = "qwen3-moe-domains"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,14 @@ RUNS = [
               "collapse, most of them dead",
               census(model="mmoe", model_kwargs={"n_experts": 8, "gate_temperature": 0.1}, lr=1e-2, seed=1),
               expect=frozenset({"collapse", "dead_expert"}), forbid=frozenset()),
+    SampleRun(SPARSE_RUN, "tiny transformers Qwen3-MoE (2 MoE layers, 8 fused experts, top-2 routers) with a flag "
+              "(binary) and a score (regression) tower, on token sequences from 3 domains (no domain marker); "
+              "per-expert conflict and expert similarity on the fused experts, checkpoint for ablations through the "
+              "routers",
+              config(model="sparse_moe", model_kwargs={"n_experts": 8}, data="domains", data_kwargs={"seed": 0},
+                     steps=600, batch_size=64, lr=3e-3, every=10, flush_every=200, eval_every=200,
+                     similarity_every=50),
+              forbid=ALARMS - {"dead_expert"}),
     SampleRun("mmoe-stale-polarized", "census MMoE, 8 experts, lr 1e-3 (healthy when synchronous) trained 1,000 "
               "steps on gradients 32 steps stale (gatewatch.training.staleness): the income gate polarizes",
               config(model="mmoe", data="census", data_kwargs={}, steps=1000, eval_every=500, staleness=32),

@@ -391,3 +391,12 @@ def test_installed_package_serves_the_app(tmp_path: Path, root: Path) -> None:
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("True")
+
+
+def test_experts_page_of_the_sparse_sample_shows_its_fused_experts_similarity(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_app(SAMPLE_RUNS, monkeypatch, "experts", run="qwen3-moe-domains")
+    no_exception(at)
+    assert "Do the experts learn different things?" in texts(at)
+    assert charts(at) == 3  # the routers' load, the CKA matrix and its trend
+    assert at.selectbox(key="similarity_pool").options == ["backbone.layers.0.mlp.experts",
+                                                           "backbone.layers.1.mlp.experts"]

@@ -40,6 +40,13 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
                       "e.g. 0,0.1,0.2, and compare metrics and gate health")
     what.add_argument("--drop-task", nargs="*", metavar="TASK", help="retrain without each named task (each task in "
                       "turn when none is named) and compare the other tasks' metrics with the full model's")
+    p.add_argument("--gate", action="append", metavar="NAME", help="knock-out: only the experts of this gate "
+                   "(repeat for several; names as in run.json, e.g. a router's module path)")
+    ends = p.add_mutually_exclusive_group()
+    ends.add_argument("--per-gate", type=int, metavar="N", help="knock-out: only the N most and N least loaded "
+                      "experts of each gate (default: every expert when that is at most 256 evaluations, else 2)")
+    ends.add_argument("--all-experts", action="store_true", help="knock-out: every expert of every gate, however "
+                      "many evaluations that takes")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {len(DEFAULT_SEEDS)} for a sweep, "
                    f"{len(TRAIN_SEEDS)} for training)")
     p.add_argument("--steps", type=int, default=None,
@@ -63,8 +70,14 @@ def _cli_bar(desc: str) -> tuple[Progress, Callable[[], None]]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=0, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+    said: list[int] = []
 
     def update(done: int, total: int, message: str) -> None:
+        if not said:  # the plan and its estimate, before the first step
+            said.append(total)
+            left = message.partition("(about ")[2].rstrip(")")
+            estimate = f", about {left}" if left else ""
+            print(f"gatewatch ablate {desc}: {total} evaluations{estimate}", file=sys.stderr, flush=True)
         bar.total, bar.n = total, done
         bar.set_postfix_str(message, refresh=True)
 
@@ -94,7 +107,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         if kind == "knockout":
             from .expert_knockout import run_knockout
 
-            df = run_knockout(args.run_dir, **common)
+            per_gate = None if args.all_experts else args.per_gate if args.per_gate is not None else "auto"
+            df = run_knockout(args.run_dir, only=args.gate, per_gate=per_gate, **common)
             summary = knockout_summary(df)
         elif kind == "dropout_sweep":
             from .sweep import run_dropout_sweep

@@ -1,5 +1,6 @@
-"""Gate dropout rates, seeds and steps: the defaults, their checks, and how they are written on the command line
-(no torch: the command line and the dashboard read them without loading a model)."""
+"""Gate dropout rates, seeds and steps, and how many experts a knock-out takes: the defaults, their checks, and
+how they are written on the command line (no torch: the command line and the dashboard read them without loading
+a model)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ TRAIN_RATES = (0.0, 0.1, 0.2)  # training comparison
 TRAIN_SEEDS = (0, 1)
 REMOVAL_SEEDS = (0, 1, 2)  # seeds of a task removal: its spread is the standard error over them
 TRAIN_STEPS = 1000  # default length of a comparison run (capped by the run's own length)
+AUTO_LIMIT = 256  # knock-outs of a saved run beyond which the default is the AUTO_PER_GATE ends of each gate
+AUTO_PER_GATE = 2
+
+
+def knockout_plan(gates: Iterable[tuple[str, int]], only: Iterable[str] | None, per_gate: int | None) -> int:
+    """The evaluations a knock-out takes on gates of these ``(name, experts)``: every expert of the gates in
+    ``only`` (all gates when None), or the ``per_gate`` most and least loaded of each."""
+    named = set(only) if only is not None else None
+    return sum(n if per_gate is None else min(n, 2 * per_gate) for name, n in gates if named is None or name in named)
+
+
+def auto_per_gate(gates: Iterable[tuple[str, int]], only: Iterable[str] | None) -> int | None:
+    """The knock-out's default bound: None (every expert) when that is at most :data:`AUTO_LIMIT` evaluations,
+    else :data:`AUTO_PER_GATE`."""
+    gates = list(gates)
+    return None if knockout_plan(gates, only, None) <= AUTO_LIMIT else AUTO_PER_GATE
 
 
 def check_rates(rates: Iterable[float]) -> list[float]:

@@ -51,9 +51,10 @@ class Target:
 
 
 def gate_specs(meta: Mapping[str, Any]) -> dict[str, Gate] | None:
-    """The gates a run's GateWatch recorded in run.json, as specs (None when it recorded none)."""
+    """The gates a run's GateWatch recorded in run.json, as specs (None when it recorded none, or sparse routers:
+    those are found again with their scoring and choice, named by their paths as they were)."""
     recorded = [g for g in meta.get("gates") or [] if isinstance(g, dict) and g.get("name") and g.get("path")]
-    if not recorded:
+    if not recorded or any(g.get("scoring") for g in recorded):
         return None
     return {g["name"]: Gate(g["path"], output=g.get("output") or "probs", task=g.get("task"), level=g.get("level"),
                             experts=g.get("expert_names")) for g in recorded}

@@ -32,13 +32,16 @@ import streamlit as st
 from ..ablation.errors import AblationError
 from ..ablation.jobs import JobState, job_state, request_stop
 from ..ablation.rates import (
+    AUTO_PER_GATE,
     DEFAULT_RATES,
     DEFAULT_SEEDS,
     REMOVAL_SEEDS,
     TRAIN_RATES,
     TRAIN_SEEDS,
     TRAIN_STEPS,
+    auto_per_gate,
     format_rates,
+    knockout_plan,
     parse_rates,
 )
 from ..ablation.store import KINDS, ablations_dir, check_kind, read_result
@@ -64,6 +67,8 @@ class Options:
     steps: int | None = None
     allow_factory: bool = False
     drop: list[str] = field(default_factory=list)  # task removal: the tasks to leave out (none: each in turn)
+    gates: list[str] = field(default_factory=list)  # knock-out: the gates whose experts are knocked out (none: all)
+    per_gate: int | str | None = "auto"  # knock-out: the most and least loaded n of each gate, None: all, "auto"
 
 
 def ablate_command(run_path: Path, kind: str, options: Options) -> list[str]:
@@ -78,6 +83,12 @@ def ablate_command(run_path: Path, kind: str, options: Options) -> list[str]:
         cmd += ["--seeds", str(options.seeds)]
     if options.steps is not None and kind in ("train", "task_removal"):
         cmd += ["--steps", str(options.steps)]
+    if kind == "knockout":
+        cmd += [arg for gate in options.gates for arg in ("--gate", gate)]
+        if options.per_gate is None:
+            cmd.append("--all-experts")
+        elif options.per_gate != "auto":
+            cmd += ["--per-gate", str(options.per_gate)]
     if options.allow_factory:
         cmd.append("--allow-factory")
     return cmd
@@ -221,7 +232,9 @@ def _controls(run_path: Path, kind: str, blocked: str | None, allow: bool) -> No
         options.drop = cols[1].multiselect("Tasks to leave out", tasks, key=f"drop:{key}",
                                            help="Each in turn; none chosen: every task in turn.")
         options.seeds = int(cols[2].number_input("Seeds", 1, 20, len(REMOVAL_SEEDS), key=f"seeds:{key}"))
-    elif kind != "knockout":
+    elif kind == "knockout":
+        _knockout_controls(run_path, cols, key, options)
+    else:
         default = DEFAULT_RATES if kind == "dropout_sweep" else TRAIN_RATES
         rates_text = cols[1].text_input("Gate dropout rates", format_rates(default), key=f"rates:{key}")
         seeds = DEFAULT_SEEDS if kind == "dropout_sweep" else TRAIN_SEEDS
@@ -248,6 +261,34 @@ def _controls(run_path: Path, kind: str, blocked: str | None, allow: bool) -> No
         _progress(run_path, kind)
     else:
         _last_outcome(state, launched)
+
+
+def recorded_gates(run_path: Path) -> list[tuple[str, int]]:
+    """``(name, experts)`` of each gate run.json records."""
+    return [(str(g["name"]), int(g.get("experts") or 0)) for g in read_meta(run_path)[0].get("gates") or []
+            if isinstance(g, dict) and g.get("name")]
+
+
+EXPERT_CHOICES = {"every expert": None, "the most and least loaded": "ends"}
+
+
+def _knockout_controls(run_path: Path, cols: Sequence, key: str, options: Options) -> None:
+    """Which gates and experts the knock-out takes, and how many evaluations that is."""
+    gates = recorded_gates(run_path)
+    options.gates = cols[1].multiselect("Gates", [name for name, _ in gates], key=f"gates:{key}",
+                                        help="Knock out the experts of these gates only; none chosen: every gate.")
+    only = options.gates or None
+    auto = auto_per_gate(gates, only)
+    choice = cols[2].selectbox("Experts of each gate", list(EXPERT_CHOICES), index=0 if auto is None else 1,
+                               key=f"which:{key}", help="Ranked by their load in the unmasked evaluation.")
+    options.per_gate = None
+    if EXPERT_CHOICES[choice] == "ends":
+        options.per_gate = int(cols[3].number_input("Most and least loaded, each", 1, 64, auto or AUTO_PER_GATE,
+                                                    key=f"per_gate:{key}"))
+    total = knockout_plan(gates, only, options.per_gate)
+    st.caption(f"{total:,} evaluations of the model on the split, one per expert knocked out (the progress bar "
+               "shows the time left once it starts). On a router the expert's logit is masked before the top-k, "
+               "so its tokens go to their next choice.")
 
 
 @st.fragment(run_every=POLL_S)

@@ -65,13 +65,17 @@ def _panel_titles(panels: Sequence[tuple[str, str, pd.DataFrame]]) -> list[str]:
     return [f"task {t} - {m} ({_direction(m)})" for t, m, _ in panels]
 
 
+MAX_ANNOTATED = 16  # experts per panel up to which the knock-out cells carry their value
+
+
 def knockout_heatmap(df: pd.DataFrame, *, metric: str | None = None, tasks: Sequence[str] | None = None
                      ) -> go.Figure:
     """Gate x expert matrix per task: the harm of knocking that expert out of that gate.
 
     Harm is the metric change signed so that positive is worse (``delta`` for losses, ``-delta`` for
     AUC); red = the task gets worse, blue = better, white = no change (the colour scale is centred at 0
-    and symmetric per task). Each cell is annotated; hovering shows base, ablated and delta.
+    and symmetric per task). Each cell is annotated (up to :data:`MAX_ANNOTATED` experts); hovering shows base,
+    ablated and delta. The gates are named on the first panel of each row.
     """
     title = "Expert knock-out: harm to each task (red = worse without that expert)"
     if df is None or not len(df):
@@ -93,11 +97,13 @@ def knockout_heatmap(df: pd.DataFrame, *, metric: str | None = None, tasks: Sequ
         place = _place(i, cols)
         fig.add_trace(go.Heatmap(
             z=z, x=experts, y=gates, zmid=0, zmin=-bound, zmax=bound, colorscale=HARM_SCALE, showscale=False,
-            texttemplate="%{z:+.3g}", text=hover, hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1,
+            texttemplate="%{z:+.3g}" if len(experts) <= MAX_ANNOTATED else None, text=hover,
+            hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1,
         ), **place)
         fig.update_xaxes(title_text="expert knocked out", type="category", **place)
-        fig.update_yaxes(title_text="gate" if place["col"] == 1 else None, type="category", autorange="reversed",
-                         **place)
+        first = place["col"] == 1  # the gates are named once per row of panels (long router paths overlap)
+        fig.update_yaxes(title_text="gate" if first else None, showticklabels=first, type="category",
+                         autorange="reversed", **place)
     return layout(fig, title=title, x=None, height=max(300, 120 + (60 + 40 * len(gates)) * n_rows), hover="closest")
 
 

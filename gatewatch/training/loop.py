@@ -71,6 +71,7 @@ class TrainConfig:
     every: int = 10  # GateWatch window, steps
     flush_every: int = 100  # GateWatch writes, steps
     conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
+    similarity_every: int | None = None  # expert similarity (None: GateWatch's default, 0: off)
     guard_dropout: float = 0.0  # the online guard (gw.Guard) with this gate-dropout rate (0: no guard)
     eval_every: int = 0  # validation every N steps (0: only at the end)
     tensorboard: bool = True
@@ -163,8 +164,10 @@ def supports_conflict() -> bool:
 
 
 def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """Extra GateWatch arguments: conflict_every (when this GateWatch supports it) and the guard."""
+    """Extra GateWatch arguments: conflict_every (when this GateWatch supports it), similarity_every and the guard."""
     extra: dict[str, Any] = {"guard": Guard(dropout=config.guard_dropout)} if config.guard_dropout else {}
+    if config.similarity_every is not None:
+        extra["similarity_every"] = config.similarity_every
     if config.conflict_every is None:
         return extra
     if not supports_conflict():

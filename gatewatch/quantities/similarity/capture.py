@@ -6,9 +6,10 @@ measured. On a scheduled step (the first forward of the step only):
 
 * expert modules: a forward hook keeps a detached view of the first ``similarity_rows`` rows of each expert's
   output (dense mixtures: every expert sees every row);
-* fused experts: a pre-forward hook takes the first ``similarity_rows`` rows of the fused module's input and calls
-  the module on them with the routing forced, each row to every expert (:mod:`.forced`); the pool's matrices are
-  computed there and then, so only ``[2, E, E]`` is kept per layer.
+* fused experts: a pre-forward hook takes the first rows of the fused module's input and calls the module on them
+  with the routing forced, each row to every expert (:mod:`.forced`); the pool's matrices are computed there and
+  then, so only ``[2, E, E]`` is kept per layer. The probe rows are ``similarity_rows``, at most
+  ``FUSED_BUDGET / E`` (256 at E=128), so that the experts' work and the CKA's grow with E, not E^2.
 
 At ``watch.step()`` each pool gets its ``[2, E, E]`` matrices of linear CKA and mean-output cosine
 (:func:`.maths.similarity_matrices`, device ops only). The flush moves them in the one ``"steps"`` state:
@@ -37,6 +38,7 @@ from .forced import CannotForce, forced_outputs
 from .maths import similarity_matrices
 
 MAX_ROWS = 1024
+FUSED_BUDGET = 32_768  # expert x row evaluations per fused layer and measurement
 KEYWORDS: dict[str, Any] = {"similarity_every": 50, "similarity_rows": MAX_ROWS, "similarity_top": 32,
                             "similarity_full_every": 10}
 
@@ -99,11 +101,15 @@ class ExpertSimilarity(Quantity):
         if not self._armed or id(call.module) in self._fused or pool.name in self._skipped:
             return
         try:
-            outputs = forced_outputs(call.module, call.args, pool.size, self.limit)
+            outputs = forced_outputs(call.module, call.args, pool.size, self.probe_rows(pool))
         except CannotForce as err:
             self._skipped[pool.name] = str(err)
             return
         self._fused[id(call.module)] = similarity_matrices(list(outputs.unbind(0))).reshape(-1)
+
+    def probe_rows(self, pool: Pool) -> int:
+        """The rows each expert of ``pool`` is measured on at most: ``similarity_rows``, bounded for fused pools."""
+        return self.limit if pool.fused is None else min(self.limit, max(32, FUSED_BUDGET // pool.size))
 
     def on_step(self, step: int) -> None:
         outputs, fused = self._outputs, self._fused
@@ -177,5 +183,5 @@ class ExpertSimilarity(Quantity):
             "schedule": describe(self.schedule), "rows": self.limit, "top": self.top,
             "full_every": self.full_every, "skipped": dict(self._skipped),
             "pools": {p.name: {"gates": p.gates, "experts": p.labels, "modules": p.paths,
-                               "fused": p.fused is not None} for p in self.pools},
+                               "fused": p.fused is not None, "rows": self.probe_rows(p)} for p in self.pools},
         }}
