@@ -73,6 +73,7 @@ class CaptureContext:
     options: dict[str, Any] = field(default_factory=dict)  # the quantities' own keywords of GateWatch(...)
     step: int = 0  # optimizer steps completed
     loss_tasks: list[str] | None = None  # task names of the logged losses, once known
+    closing: bool = False  # set by close() before its last flush: the windows it collects are the run's last
 
 
 Rows = dict[str, pd.DataFrame | list[dict[str, Any]]]
