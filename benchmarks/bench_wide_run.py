@@ -47,7 +47,7 @@ def build(path: Path, steps: int) -> None:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    watch = gw.GateWatch(model, log_dir=path, every=EVERY, tensorboard=False)
+    watch = gw.GateWatch(model, log_dir=path, every=EVERY, tensorboard=False, saturation_every=EVERY)
     for _ in range(steps):
         ids = torch.randint(0, 64, (4, 32), generator=g)
         model(input_ids=ids, labels=ids).loss.backward()

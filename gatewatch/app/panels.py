@@ -49,3 +49,20 @@ def coactivation(ctx: ui.Context, run: Run) -> None:
     experts, top_k = (int(mine["experts"].iloc[-1]), int(mine["top_k"].iloc[-1])) if len(mine) else (None, None)
     ui.chart(figures.coactivation_heatmap(table, layer, step, experts=experts, top_k=top_k),
              key="coactivation_map")
+
+
+def routing_stability(ctx: ui.Context, run: Run) -> None:
+    """Routing stability and saturation on the probe batch (the ``routing_stability`` quantity), on the Routers
+    page."""
+    table, saturation = run.table("routing_stability"), run.table("saturation")
+    if not len(table):
+        return
+    st.markdown("#### Has the routing settled?")
+    st.caption("Every saturation_every steps a fixed probe batch runs through the model in eval mode: the share of "
+               "its tokens whose top-k set is unchanged since the previous probe, and (written at close) the share "
+               "whose top-k set already equals the final model's.")
+    left, right = st.columns(2)
+    with left:
+        ui.chart(figures.stability_heatmap(table), key="stability_map")
+    with right:
+        ui.chart(figures.saturation_curve(saturation), key="saturation_curve")
