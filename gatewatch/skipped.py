@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .layer_names import name_pattern
+
 MAP_FIX = ("pass gw.Gate(..., expert_modules=[one module per gate column]) or, for experts held as slices of "
            "[E, ...] parameters, gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))")
 SEE_REASON = "see the reason"
@@ -43,9 +45,17 @@ def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
     if not skipped:
         return []
     lines = ["", f"skipped ({len(skipped)}):"]
+    alike: dict[tuple[str, str, str], list[str | None]] = {}  # one line for a view skipped on many gates for one reason
     for s in skipped:
-        who = f" of gate {s['gate']!r}" if s["gate"] is not None else ""
-        lines.append(f"  {s['view']}{who}: {s['reason']}")
-        if s["fix"] not in (SEE_REASON, NONE_YET) and s["fix"] not in s["reason"]:
-            lines.append(f"      fix: {s['fix']}")
+        alike.setdefault((s["view"], s["reason"], s["fix"]), []).append(s["gate"])
+    for (view, reason, fix), gates in alike.items():
+        named = [g for g in gates if g is not None]
+        if len(named) >= 3 and len(named) == len(gates):
+            whos = [f" of {len(named)} gates, {name_pattern(named)}"]
+        else:
+            whos = [f" of gate {g!r}" if g is not None else "" for g in gates]
+        for who in whos:
+            lines.append(f"  {view}{who}: {reason}")
+            if fix not in (SEE_REASON, NONE_YET) and fix not in reason:
+                lines.append(f"      fix: {fix}")
     return lines
