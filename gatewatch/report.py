@@ -112,7 +112,7 @@ def render_text(report: dict[str, Any]) -> str:
                      "  none, but there is nothing to judge yet: no window was read.")
     lines += finding_lines(report)
     for p in report["problems"]:
-        lines += wrapped(f"note: {p}", "  ", "      ")
+        lines.append(f"  note: {p}")
     return "\n".join(lines)
 
 

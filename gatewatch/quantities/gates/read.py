@@ -289,6 +289,7 @@ def gate_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
 
 FULL_SHARES = 16  # a gate with more experts shows its TOP_SHOWN largest and smallest shares, not all of them
 TOP_SHOWN = 3
+PATTERN_FROM = 4  # more layers than this are named as a pattern (model.layers.{0..47}.mlp.gate) and by number
 
 
 def shares_text(names: list[str], values: list[float | None], full: int = FULL_SHARES) -> str:
@@ -326,7 +327,7 @@ def gates_text(gates: list[dict[str, Any]], report: dict[str, Any]) -> list[str]
     special = {s["gate"]: s.get("value") for s in report.get("group_specialisation") or [] if isinstance(s, dict)}
     names = [g["name"] for g in gates]
     routed = [n for n in names if (balance.get(n) or {}).get("max_violation") is not None]
-    if layers and len(names) > 1:
+    if layers and len(names) > PATTERN_FROM:
         kind = "router layers" if len(routed) == len(names) else "layers"
         lines = ["", f"{len(names)} {kind}: {name_pattern(names)} (last window)"]
         label = short_names(names)
