@@ -5,7 +5,7 @@
    with the routing probe on (``saturation_every=10``).
 2. Prints the bytes each table writes per window (its parquet files over the windows they hold) and, from them,
    the size of a 100k-step run at ``every=10``: every windowed table 10,000 windows, co-activation's full matrix
-   every ``coactivation_full_every`` windows, the routing probe every ``saturation_every`` steps, and the sample
+   every ``coactivation_full_every`` windows, the routing probe every 1,000 steps, and the sample
    groups' table (``group_routing``: 48 x 128 x groups rows per window) estimated from the bytes per row of
    ``router_experts``, whose columns are alike, when the run has none.
 3. Times the text report and checks its limits (lines, longest line).
@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 import gatewatch as gw
@@ -28,6 +31,7 @@ from gatewatch.run_reader import load_run
 
 LAYERS, EXPERTS, TOP_K, EVERY = 48, 128, 8, 10
 RUN_STEPS = 100_000
+PROBE_EVERY = 1000  # saturation_every assumed for the 100k-step estimate (the built run probes every 10 steps)
 
 
 def build(path: Path, steps: int) -> None:
@@ -58,15 +62,21 @@ def build(path: Path, steps: int) -> None:
 
 
 def table_bytes(path: Path) -> dict[str, tuple[int, int]]:
-    """Per table: (bytes of its parquet files, windows or measured steps they hold)."""
+    """Per table: (bytes of all its rows in one zstd parquet file, as the run writer's compaction merges the parts
+    of many flushes into one chunk; windows or measured steps they hold). The parts of a short run are too small
+    to say what a long run's chunks cost a window: each part file carries its own footer and schema."""
     run = load_run(path)
     out = {}
-    for folder in sorted((path / "tables").iterdir()):
-        if folder.name.startswith("_"):
-            continue
-        size = sum(f.stat().st_size for f in folder.glob("*.parquet"))
-        steps = run.table(folder.name)["step"].nunique() if "step" in run.table(folder.name) else 0
-        out[folder.name] = (size, steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        for folder in sorted((path / "tables").iterdir()):
+            if folder.name.startswith("_"):
+                continue
+            table = run.table(folder.name)
+            if not len(table) or "step" not in table:
+                continue
+            pq.write_table(pa.Table.from_pandas(table, preserve_index=False), Path(tmp) / "t.parquet",
+                           compression="zstd")
+            out[folder.name] = ((Path(tmp) / "t.parquet").stat().st_size, int(table["step"].nunique()))
     return out
 
 
@@ -76,7 +86,7 @@ def estimate(path: Path, groups: int) -> None:
     windows = RUN_STEPS // EVERY
     cfg = run.meta.get("coactivation") or {}
     full_every = int(cfg.get("full_every") or 100)
-    probe_every = int((run.meta.get("routing_stability") or {}).get("every") or EVERY)
+    probe_every = PROBE_EVERY
     total = 0.0
     print(f"{'table':<22}{'bytes/window':>14}{'windows in 100k steps':>24}{'MB':>10}")
     for name, (size, steps) in sizes.items():
@@ -88,7 +98,7 @@ def estimate(path: Path, groups: int) -> None:
         elif name in ("routing_stability", "routing_sets"):
             count = RUN_STEPS // probe_every
         elif name == "saturation":
-            count = RUN_STEPS // probe_every  # written once, at close, one row set per snapshot
+            count = RUN_STEPS // probe_every  # written once, at close: one row per layer per probe
         else:
             count = windows
         total += per * count
@@ -98,8 +108,9 @@ def estimate(path: Path, groups: int) -> None:
         per = size / steps * groups  # one row per (layer, expert, group) against router_experts' (layer, expert)
         total += per * windows
         print(f"{'group_routing (est.)':<22}{per:>14,.0f}{windows:>24,}{per * windows / 1e6:>10.1f}")
+    on_disk = sum(f.stat().st_size for f in (path / "tables").rglob("*.parquet"))
     print(f"a {RUN_STEPS:,}-step run at {LAYERS} x {EXPERTS} (every={EVERY}): about {total / 1e6:.0f} MB of tables "
-          f"(this run: {sum(s for s, _ in sizes.values()) / 1e6:.1f} MB, {run.steps} steps)")
+          f"(this run: {on_disk / 1e6:.1f} MB on disk in its flush parts, {run.steps} steps)")
 
 
 def report(path: Path) -> None:

@@ -6,7 +6,7 @@ Per router (layer) and window, over every pair of each token's top-k: ``count`` 
 
 * ``coactivation``: the whole upper triangle (the diagonal ``a == b`` holds the tokens that chose ``a``), in the
   first window, every ``coactivation_full_every``-th window (100 by default) and the run's last window;
-* ``coactivation_top``: every window, the ``coactivation_top`` pairs (32 by default) with the largest count.
+* ``coactivation_top``: every window, the ``coactivation_top`` pairs (8 by default) with the largest count.
 
 An even router that picks k of E experts at random gives ``P(b | a) = (k - 1) / (E - 1)`` for every pair: the
 report sets each layer's strongest pair beside that baseline.
@@ -26,7 +26,7 @@ from ...skipped import entry
 if TYPE_CHECKING:
     from ...loaded_run import Run
 
-TOP_PAIRS = 32
+TOP_PAIRS = 8
 
 TABLES: dict[str, dict[str, str]] = {
     # the whole matrix of a window (the first, every coactivation_full_every-th, the last): a <= b; a == b: the

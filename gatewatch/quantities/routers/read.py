@@ -225,6 +225,7 @@ QUANTITY = ReadHalf(
     sections=(Section("balance", router_balance, extends=True),), rules=(router_findings,),
     remedy_texts=REMEDY_TEXTS,
     pages=(Page("routers", "Routers", ":material/alt_route:", "gatewatch.app.views.routers", 40,
-                "?run=deepseek-routers", 5),),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines
+                "?run=deepseek-routers", 8),),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines;
+    # the co-activation and routing-stability panels: P(j|i) and stability heatmaps, the saturation curve
     figures=("gatewatch.figures.routers",),
 )
