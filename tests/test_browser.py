@@ -218,7 +218,7 @@ def assert_routers_drawn(page) -> None:
     lines = {c["title"]: c["legend"] for c in charts if not c["heatmap"]}
     layers = ["layer 1", "layer 2", "layer 3"]
     assert lines == {"MaxVio per layer": layers, "Tokens whose choice the bias changed per layer": layers,
-                     "Saturation: top-k set equals the final model's": ["lowest - highest layer", "mean over layers"]
+                     "Saturation: top-k set equals the final model's": ["mean over layers", "lowest - highest layer"]
                      }, lines
 
 
