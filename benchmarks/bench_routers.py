@@ -13,7 +13,15 @@
    the affinity outputs and the router outputs waiting for the dispatch sums are capped (``HOLD_ELEMENTS``),
    so all of it stays flat.
 
-    python benchmarks/bench_routers.py [--steps 600] [--threads 2] [--quick]
+3. ``--coactivation``: instead of 1 and 2, the cost of the ``coactivation`` quantity alone: on the same two
+   models, interleaved, the watched step with co-activation (the default) against the watched step with
+   ``coactivation=False``, and both against the plain step. Target: at most 1.01x (median) for co-activation.
+
+4. ``--probe``: the routing probe's forward (``saturation_every``): one probe of the first batch (eval mode,
+   no_grad, the routers' choice copied) timed alternately with a plain training step; its cost per step is that
+   ratio divided by ``saturation_every``.
+
+    python benchmarks/bench_routers.py [--steps 600] [--threads 2] [--quick] [--coactivation] [--probe]
 """
 
 from __future__ import annotations
@@ -169,6 +177,40 @@ def memory(big_steps: int, root: Path) -> None:
           flush=True)
 
 
+def coactivation_cost(steps: int, root: Path) -> None:
+    """The watched step with co-activation against the same watch without it, interleaved in one process."""
+    for family in ("qwen3_moe", "deepseek_v3"):
+        models = {"plain": tiny(family), "without": tiny(family), "with": tiny(family)}
+        watches = {side: gw.GateWatch(models[side], log_dir=root / f"{family}-{side}", tensorboard=False, every=10,
+                                      flush_every=100, flush_secs=None, coactivation=side == "with")
+                   for side in ("without", "with")}
+        fns = {side: step_fn(model, watches.get(side)) for side, model in models.items()}
+        times = interleaved(fns, steps, block=10)
+        for watch in watches.values():
+            watch.close()
+        print(ratio_report(f"{family}: co-activation on / off", times["without"], times["with"]), flush=True)
+        print(ratio_report(f"{family}: watched with co-activation / plain", times["plain"], times["with"]),
+              flush=True)
+
+
+def probe_cost(steps: int, root: Path) -> None:
+    """One routing probe against one plain training step, interleaved; the cost per step at saturation_every=N is
+    their ratio / N."""
+    for family in ("qwen3_moe", "deepseek_v3"):
+        model = tiny(family)
+        watch = gw.GateWatch(model, log_dir=root / f"{family}-probe", tensorboard=False, every=10, flush_every=100,
+                             flush_secs=None, saturation_every=10**9)
+        train = step_fn(model, watch)
+        train()  # the first batch becomes the probe
+        probing = watch.routing_stability
+        times = interleaved({"plain": step_fn(tiny(family), None), "probe": probing.probe}, steps, block=5)
+        watch.close()
+        ratio = statistics.median(times["probe"]) / statistics.median(times["plain"])
+        print(f"{family}: one probe {statistics.median(times['probe']) * 1e3:.1f} ms = {ratio:.2f} of a training step "
+              f"({statistics.median(times['plain']) * 1e3:.1f} ms): {ratio / 100:.2%} per step at "
+              f"saturation_every=100, {ratio / 1000:.3%} at 1000", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600,
@@ -176,9 +218,17 @@ def main() -> None:
     p.add_argument("--big-steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a short smoke run")
+    p.add_argument("--coactivation", action="store_true", help="time the co-activation quantity alone")
+    p.add_argument("--probe", action="store_true", help="time the routing probe's forward")
     args = p.parse_args()
     setup(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.coactivation or args.probe:
+            if args.coactivation:
+                coactivation_cost(20 if args.quick else args.steps, Path(tmp))
+            if args.probe:
+                probe_cost(20 if args.quick else args.steps, Path(tmp))
+            return
         overhead(20 if args.quick else args.steps, Path(tmp))
         memory(3 if args.quick else args.big_steps, Path(tmp))
 

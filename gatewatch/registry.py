@@ -27,6 +27,8 @@ QUANTITIES: list[str] = [
     "conflict_proxy",  # conflict proxy per expert: gate weight x gradient at each task's tower input, every step
     "guard",  # opt-in online guard: gate dropout when polarization / collapse is found at a flush
     "routers",  # sparse routers: dispatch load, MaxVio, margin, dropped tokens, expert bias per layer
+    "coactivation",  # sparse routers: how often two experts are chosen by the same token, per layer and window
+    "routing_stability",  # sparse routers: top-k sets of a fixed probe batch every saturation_every steps
     "similarity",  # linear CKA and mean-output cosine between the experts of each gate
     "groups",  # opt-in sample groups on a shared gate: per-group share and load, specialisation I(G;E)/H(G)
     "seesaw",  # one task's validation metric improving while another's worsens (reads the eval table)

@@ -35,9 +35,11 @@ later adds its own keys. Schema (stable; other tools build on it)::
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 from .findings import Finding, Thresholds, find
+from .layer_names import name_pattern, short_names
 from .registry import declarations, sections
 from .rules import gate_unit
 from .skipped import skipped_lines
@@ -109,10 +111,54 @@ def render_text(report: dict[str, Any]) -> str:
     if not report["findings"]:
         lines.append("  none: the gates look healthy." if cov.get("first_step") is not None or not cov else
                      "  none, but there is nothing to judge yet: no window was read.")
-    for f in report["findings"]:
-        lines += [f"  [{f['severity'].upper()}] {f['code']} at step {f['step']}: {f['message']}",
-                  f"      remedy: {f['remedy']}"]
+    lines += finding_lines(report)
     for p in report["problems"]:
         lines.append(f"  note: {p}")
     return "\n".join(lines)
+
+
+WRAP = 160  # the text report's lines are wrapped at this width (a word longer than that stays whole)
+GROUP_FROM = 3  # findings of one code on this many gates or more are said in one group
+
+
+def wrapped(text: str, first: str, rest: str) -> list[str]:
+    """``text`` wrapped at :data:`WRAP` columns: the first line indented by ``first``, the others by ``rest``."""
+    return textwrap.wrap(text, WRAP, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False) or [first.rstrip()]
+
+
+def finding_lines(report: dict[str, Any]) -> list[str]:
+    """The findings, most severe first. A code found on :data:`GROUP_FROM` gates or more is one group: how many
+    of the run's gates (layers) it is on, the range of its ``value`` across them, the worst one's message, the
+    remedy once, and the gates as a pattern. The JSON keeps every finding."""
+    findings = report["findings"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in findings:
+        groups.setdefault((f["severity"], f["code"]), []).append(f)
+    gate_names = [g["name"] for g in report.get("gates") or []]
+    label = short_names(gate_names) if report.get("unit") == "layer" else {}
+    unit = "layers" if report.get("unit") == "layer" else "gates"
+    lines: list[str] = []
+    for (severity, code), group in groups.items():
+        gates = list(dict.fromkeys(f["gate"] for f in group if f["gate"] is not None))
+        if len(gates) < GROUP_FROM or len(gates) != len(group):
+            for f in group:
+                lines += wrapped(f"[{severity.upper()}] {f['code']} at step {f['step']}: {f['message']}", "  ",
+                                 "      ")
+                lines += wrapped(f"remedy: {f['remedy']}", "      ", "        ")
+            continue
+        valued = [f for f in group if f.get("value") is not None]
+        worst = max(valued, key=lambda f: f["value"]) if valued else group[0]
+        spread = ""
+        if valued:
+            lo, hi = min(f["value"] for f in valued), max(f["value"] for f in valued)
+            spread = f": {lo:.3g}" + (f"-{hi:.3g}" if hi != lo else "") + (f" {worst['unit']}" if worst.get("unit")
+                                                                         else "")
+        where = f"{unit[:-1]} {label.get(worst['gate'], worst['gate'])}"
+        total = f" of {len(gate_names)}" if gate_names else ""
+        lines += wrapped(f"[{severity.upper()}] {code} in {len(gates)}{total} {unit}{spread}; worst {where} (step "
+                         f"{worst['step']}): {worst['message']}", "  ", "      ")
+        lines += wrapped(f"{unit}: {name_pattern(gates)}", "      ", "        ")
+        lines += wrapped(f"remedy: {worst['remedy']}", "      ", "        ")
+    return lines
 

@@ -100,6 +100,8 @@ class Finding:
     chart: str  # the dashboard page that shows it: a quantity's page ("gates", "experts", "routers", "conflict"...)
     # or "overview" (gatewatch.app.state.finding_link)
     expert: str | None = None  # the expert concerned, for expert findings
+    value: float | None = None  # how bad it is, larger is worse (dead experts, MaxVio ...): ranks one code's findings
+    unit: str | None = None  # what ``value`` counts, e.g. "of 128 experts dead": the text report's grouped line
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

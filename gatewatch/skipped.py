@@ -9,7 +9,11 @@ judged on it.
 
 from __future__ import annotations
 
+import re
+import textwrap
 from typing import Any
+
+from .layer_names import name_pattern
 
 MAP_FIX = ("pass gw.Gate(..., expert_modules=[one module per gate column]) or, for experts held as slices of "
            "[E, ...] parameters, gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))")
@@ -39,13 +43,32 @@ def why_unmapped(gate: dict[str, Any]) -> str:
 
 
 def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
-    """The text report's lines for the ``skipped`` list (none when nothing was skipped)."""
+    """The text report's lines for the ``skipped`` list (none when nothing was skipped). A view skipped on three
+    gates or more for one reason (reasons that differ only in their numbers, such as a layer index, count as one)
+    is one line with the gates as a pattern; lines are wrapped at 160 columns."""
     if not skipped:
         return []
     lines = ["", f"skipped ({len(skipped)}):"]
+    alike: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for s in skipped:
-        who = f" of gate {s['gate']!r}" if s["gate"] is not None else ""
-        lines.append(f"  {s['view']}{who}: {s['reason']}")
-        if s["fix"] not in (SEE_REASON, NONE_YET) and s["fix"] not in s["reason"]:
-            lines.append(f"      fix: {s['fix']}")
+        alike.setdefault((s["view"], _NUMBERS.sub("#", s["reason"]), s["fix"]), []).append(s)
+    for (view, _, fix), group in alike.items():
+        named = [s["gate"] for s in group if s["gate"] is not None]
+        if len(named) >= 3 and len(named) == len(group):
+            said = [(f" of {len(named)} gates, {name_pattern(named)}",
+                     ("e.g. " if len({s['reason'] for s in group}) > 1 else "") + group[0]["reason"])]
+        else:
+            said = [(f" of gate {s['gate']!r}" if s["gate"] is not None else "", s["reason"]) for s in group]
+        for who, reason in said:
+            lines += _wrap(f"{view}{who}: {reason}", "  ", "      ")
+            if fix not in (SEE_REASON, NONE_YET) and fix not in reason:
+                lines += _wrap(f"fix: {fix}", "      ", "        ")
     return lines
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, 160, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)

@@ -276,7 +276,7 @@ class GateWatch:
         most ``CLOSE_TIMEOUT_S`` for the other ranks; ranks that stopped elsewhere are named in a warning."""
         if self.closed:
             return
-        self.closing = True  # the last flush evaluates the findings whatever their schedule
+        self.closing = self.ctx.closing = True  # the last flush evaluates the findings whatever their schedule
         try:
             for q in self.quantities:
                 q.on_close()

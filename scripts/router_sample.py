@@ -69,7 +69,7 @@ def make(out: Path) -> tuple[list[str], float]:
     loads: dict[int, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda m, _i, o, i=i: loads.__setitem__(i, torch.bincount(
         o[2].reshape(-1), minlength=m.num_experts).float())) for i, m in enumerate(routers)]
-    with gw.GateWatch(net, log_dir=out / NAME, every=10, flush_every=100, tensorboard=False,
+    with gw.GateWatch(net, log_dir=out / NAME, every=10, flush_every=100, tensorboard=False, saturation_every=50,
                       config={"model": "DeepseekV3ForCausalLM (tiny)", "bias_update": UPDATE}) as watch:
         for _ in range(STEPS):
             ids = text(generator)

@@ -203,19 +203,23 @@ def test_every_page_in_chromium(playwright_api, server: str, screenshots: Path) 
 
 
 def assert_routers_drawn(page) -> None:
-    """The Routers page of the DeepSeek sample run (3 MoE layers): its summary table, the load, MaxVio and bias
-    heatmaps painted, and one line per layer in the MaxVio and bias-changed charts."""
+    """The Routers page of the DeepSeek sample run (3 MoE layers): its summary table, the load, MaxVio, bias,
+    co-activation and routing-stability heatmaps painted, one line per layer in the MaxVio and bias-changed charts,
+    and the saturation curve."""
     assert page.locator('[data-testid="stDataFrame"]').count() == 1  # one row per layer, last window
     assert page.get_by_text("No sparse router in this run").count() == 0
     charts = page.evaluate(CHARTS)
     heatmaps = [c["title"] for c in charts if c["heatmap"]]
-    assert len(heatmaps) == 3, charts
+    assert len(heatmaps) == 5, charts
     for want in ("Dispatch load per layer and expert, step", "MaxVio per layer over training",
-                 "Expert bias per layer and expert, step"):
+                 "Expert bias per layer and expert, step", "Co-activation P(j | i), model.layers.3.mlp.gate, step",
+                 "Top-k set unchanged since the previous probe"):
         assert sum(t.startswith(want) for t in heatmaps) == 1, (want, heatmaps)
     lines = {c["title"]: c["legend"] for c in charts if not c["heatmap"]}
     layers = ["layer 1", "layer 2", "layer 3"]
-    assert lines == {"MaxVio per layer": layers, "Tokens whose choice the bias changed per layer": layers}, lines
+    assert lines == {"MaxVio per layer": layers, "Tokens whose choice the bias changed per layer": layers,
+                     "Saturation: top-k set equals the final model's": ["mean over layers", "lowest - highest layer"]
+                     }, lines
 
 
 def steps_shown(page) -> int:

@@ -2,7 +2,7 @@
 the one shared hook per module, activation checkpointing and the per-batch context.
 
 Two small models make every quantity active: an MMoE (gates, losses, conflict, conflict proxy, guard, similarity)
-and a two-task model with a sparse sigmoid router with an expert bias (routers)."""
+and a two-task model with a sparse sigmoid router with an expert bias (routers, co-activation, routing stability)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ TASKS = ["a", "b"]
 IN_DIM, N = 6, 16
 OPTIONS: dict[str, Any] = {"conflict_every": 1, "conflict_proxy": True, "similarity_every": 1,
                            "guard": gw.Guard(rules=("collapse",)), "sample_groups": ["even", "odd"]}
+ROUTED_OPTIONS: dict[str, Any] = {"saturation_every": 1}
+ROUTED = {"routers", "coactivation", "routing_stability"}  # the quantities the routed model makes active
 NO_CAPTURE = {"seesaw"}  # registered quantities that only read (their build returns None)
 
 
@@ -96,13 +98,13 @@ def built() -> list[str]:
 
 
 def model_for(name: str) -> nn.Module:
-    return routed() if name == "routers" else mmoe()
+    return routed() if name in ROUTED else mmoe()
 
 
 def watch_of(model: nn.Module, log_dir: Path, **kw: Any) -> gw.GateWatch:
     gates = {"router": gw.Gate("router", router=model.router.spec)} if isinstance(model, RoutedMoE) else None
     known = quantity_keywords()  # the options of the registered quantities only
-    options = {} if isinstance(model, RoutedMoE) else {k: v for k, v in OPTIONS.items() if k in known}
+    options = {k: v for k, v in (ROUTED_OPTIONS if isinstance(model, RoutedMoE) else OPTIONS).items() if k in known}
     settings = {"every": 1, "flush_every": 1000, "flush_secs": None, "tensorboard": False, **options, **kw}
     return gw.GateWatch(model, tasks=TASKS, gates=gates, log_dir=log_dir, **settings)
 

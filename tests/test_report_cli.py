@@ -20,7 +20,7 @@ TOP_KEYS = {"run", "path", "status", "steps", "tasks", "gates", "experts", "conf
             "problems"}
 GATE_KEYS = {"name", "task", "level", "experts", "expert_names", "expert_share", "entropy", "polarization",
              "max_weight", "top_share", "effective_experts", "mutual_info", "step"}
-FINDING_KEYS = {"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart"}
+FINDING_KEYS = {"code", "severity", "gate", "task", "expert", "step", "message", "remedy", "chart", "value", "unit"}
 
 
 def trained_run(path: Path, *, broken: bool) -> Path:

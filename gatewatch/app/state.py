@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..findings import Finding, Thresholds, gate_unit
+from ..layer_names import name_pattern
 from ..liveness import last_heard, run_status
 from ..registry import declarations
 from ..run_reader import Run, RunReadError, list_runs, read_meta
@@ -155,10 +156,21 @@ def thresholds_from(values: Mapping[str, float]) -> Thresholds:
     return Thresholds.from_dict(dict(values))
 
 
+LISTED_LAYERS = 4  # more layers than this are said as a pattern
+
+
+def layer_list(names: Sequence[str], *, routers: bool = False) -> str:
+    """``layers: a, b`` for a few layers; ``48 router layers: model.layers.{0..47}.mlp.gate`` for many."""
+    if len(names) <= LISTED_LAYERS:
+        return "layers: " + (", ".join(names) or "-")
+    return f"{len(names)} {'router layers' if routers else 'layers'}: {name_pattern(names)}"
+
+
 def describe_units(run: Run) -> str:
-    """``tasks: a, b`` or, for task-less gates (per-layer routers), ``layers: router0, router1``."""
+    """``tasks: a, b`` or, for task-less gates (per-layer routers), :func:`layer_list`."""
     if gate_unit(run) == "layer":
-        return "layers: " + (", ".join(run.gate_names) or "-")
+        routers = {r.get("gate") for r in run.meta.get("routers") or [] if isinstance(r, dict)}
+        return layer_list(run.gate_names, routers=bool(run.gate_names) and set(run.gate_names) <= routers)
     return "tasks: " + (", ".join(run.tasks) or "-")
 
 
@@ -197,7 +209,8 @@ def summary_row(run_id: str, summary: Mapping[str, Any], status: str, problems: 
     return {
         "run": run_id, "status": status, "severity": worst_severity(summary),
         "findings": count_badges(counts) or (["healthy"] if found is not None else ["not evaluated yet"]),
-        "codes": sorted(counts), "tasks / layers": ("layers: " if layers else "tasks: ") + (", ".join(units) or "-"),
+        "codes": sorted(counts),
+        "tasks / layers": layer_list(units) if layers else "tasks: " + (", ".join(units) or "-"),
         "gates": len(gates), "experts": ", ".join(str(e) for e in experts) or "-", "steps": summary.get("steps"),
         "max polarization": max(polar) if polar else None, "updated": summary.get("updated"),
         "problems": problems,

@@ -74,6 +74,7 @@ class CaptureContext:
     mesh: Any = None  # GateWatch(mesh=...): the DeviceMesh whose named dimensions say which ranks share tokens
     step: int = 0  # optimizer steps completed
     loss_tasks: list[str] | None = None  # task names of the logged losses, once known
+    closing: bool = False  # set by close() before its last flush: the windows it collects are the run's last
 
 
 Rows = dict[str, pd.DataFrame | list[dict[str, Any]]]

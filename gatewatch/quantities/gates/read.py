@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ...declarations import Add, Page, ReadHalf, Section, per_expert_ok, table_rows
+from ...layer_names import name_pattern, short_names
 from ...rules import Finding, Thresholds, fmt, fmt_list, gate_unit, num, streak_start, who
 from ...stats import load_cv
 
@@ -286,28 +287,86 @@ def gate_scalars(tables: Mapping[str, pd.DataFrame], add: Add) -> None:
             add("experts/load_cv", math.nan if cv is None else cv, step)
 
 
+FULL_SHARES = 16  # a gate with more experts shows its TOP_SHOWN largest and smallest shares, not all of them
+TOP_SHOWN = 3
+PATTERN_FROM = 4  # more layers than this are named as a pattern (model.layers.{0..47}.mlp.gate) and by number
+
+
+def shares_text(names: list[str], values: list[float | None], full: int = FULL_SHARES) -> str:
+    """Every share (``[0.10 0.20 ...]``) up to ``full`` experts; above, the largest and smallest TOP_SHOWN with
+    their experts (``top 5:0.12 9:0.08 1:0.07, bottom ...``). The JSON keeps every share."""
+    if len(values) <= full:
+        return f"[{fmt_list(values)}]"
+    order = sorted(range(len(values)), key=lambda i: -math.inf if values[i] is None else values[i])
+
+    def pick(idx: list[int]) -> str:
+        return " ".join(f"{names[i]}:{values[i]:.3f}" for i in idx)
+
+    return f"top {pick(order[::-1][:TOP_SHOWN])}, bottom {pick(order[:TOP_SHOWN])}"
+
+
+def bare(names: list[str], gate: str) -> list[str]:
+    """Expert names without their gate's name in front (fused experts are named ``<gate>:<index>``)."""
+    head = f"{gate}:"
+    return [n.removeprefix(head) for n in names]
+
+
+def _top(names: list[str], values: list[float | None]) -> str:
+    known = [(v, n) for n, v in zip(names, values, strict=True) if v is not None]
+    if not known:
+        return "-"
+    value, name = max(known)
+    return f"{name} ({value:.3f})"
+
+
 def gates_text(gates: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """One line per gate. Router layers: MaxVio, dead experts, entropy, the top expert (dispatch load),
+    specialisation over sample groups (when the run has them), and the largest and smallest loads."""
     layers = report.get("unit") == "layer"
-    lines = ["", f"{'layers' if layers else 'gates'} (last window):"]
+    balance = {b["gate"]: b for b in report.get("balance") or []}
+    special = {s["gate"]: s.get("value") for s in report.get("group_specialisation") or [] if isinstance(s, dict)}
+    names = [g["name"] for g in gates]
+    routed = [n for n in names if (balance.get(n) or {}).get("max_violation") is not None]
+    if layers and len(names) > PATTERN_FROM:
+        kind = "router layers" if len(routed) == len(names) else "layers"
+        lines = ["", f"{len(names)} {kind}: {name_pattern(names)} (last window)"]
+        label = short_names(names)
+    else:
+        lines = ["", f"{'layers' if layers else 'gates'} (last window):"]
+        label = {n: n for n in names}
+    width = max((len(v) for v in label.values()), default=0)
     for g in gates:
+        b = balance.get(g["name"]) or {}
+        spec = f"  specialisation {fmt(special[g['name']])}" if g["name"] in special else ""
+        if g["name"] in routed:
+            load, experts = b["load"], bare(b["expert_names"], g["name"])
+            lines.append(f"  {label[g['name']]:<{width}}  MaxVio {fmt(b['max_violation'])}  dead {len(b['dead']):>3}/"
+                         f"{len(load)}  entropy {fmt(g['entropy'])}  top {_top(experts, load)}{spec}  "
+                         f"load {shares_text(experts, load)}")
+            continue
         task = "" if layers else f"task={g['task'] or '-':<10} "
-        lines.append(f"  {g['name']:<16} {task}entropy={fmt(g['entropy'])} polarized={fmt(g['polarization'])} "
-                     f"top_share={fmt(g['top_share'])}  share=[{fmt_list(g['expert_share'])}]")
+        lines.append(f"  {label[g['name']]:<16} {task}entropy={fmt(g['entropy'])} "
+                     f"polarized={fmt(g['polarization'])} top_share={fmt(g['top_share'])}{spec}  "
+                     f"share={shares_text(bare(g['expert_names'], g['name']), g['expert_share'])}")
     return lines
 
 
 def balance_text(balance: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
-    return [f"  {b['gate']:<16} top-{b['top_k']} tokens=[{fmt_list(b['load'])}] load CV {fmt(b['load_cv'])}, "
-            f"small margin {fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}"
-            + (f", MaxVio {fmt(b['max_violation'])}" if b.get("max_violation") is not None else "")
-            for b in balance if b["top_k"]]
+    """The top-k gates that are not sparse routers (a router's balance is on its layer's line)."""
+    return [f"  {b['gate']:<16} top-{b['top_k']} tokens={shares_text(b['expert_names'], b['load'])} load CV "
+            f"{fmt(b['load_cv'])}, small margin {fmt(b['small_margin'])}, dead: {', '.join(b['dead']) or 'none'}"
+            for b in balance if b["top_k"] and b.get("max_violation") is None]
 
 
 def experts_text(ex: dict[str, Any], report: dict[str, Any]) -> list[str]:
     if not ex["names"]:
         return []
-    util = " ".join(f"{n}:{fmt(u)}" for n, u in zip(ex["names"], ex["utilization"], strict=True))
-    return ["", f"experts: {util}", f"  load CV {fmt(ex['load_cv'])}, dead: {ex['dead'] or 'none'}"]
+    if len(ex["names"]) > FULL_SHARES:
+        util = f"{len(ex['names'])} labels, utilization {shares_text(ex['names'], ex['utilization'])}"
+    else:
+        util = " ".join(f"{n}:{fmt(u)}" for n, u in zip(ex["names"], ex["utilization"], strict=True))
+    dead = ex["dead"] if len(ex["dead"]) <= FULL_SHARES else f"{len(ex['dead'])} of {len(ex['names'])}"
+    return ["", f"experts: {util}", f"  load CV {fmt(ex['load_cv'])}, dead: {dead or 'none'}"]
 
 
 QUANTITY = ReadHalf(

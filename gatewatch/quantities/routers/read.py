@@ -24,7 +24,7 @@ import pandas as pd
 
 from ...declarations import Page, ReadHalf, Section
 from ...rules import Finding, Thresholds, num, streak_start
-from ..gates.read import gate_balance
+from ..gates.read import bare, gate_balance
 from .scalars import router_scalars
 
 if TYPE_CHECKING:
@@ -131,8 +131,9 @@ REMEDY_TEXTS = {
 }
 
 
-def _finding(code: str, severity: str, gate: str, step: int, message: str, expert: str | None = None) -> Finding:
-    return Finding(code, severity, gate, None, int(step), message, REMEDY_TEXTS[code], "routers", expert)
+def _finding(code: str, severity: str, gate: str, step: int, message: str, value: float | None = None,
+             unit: str | None = None) -> Finding:
+    return Finding(code, severity, gate, None, int(step), message, REMEDY_TEXTS[code], "routers", None, value, unit)
 
 
 def router_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -154,7 +155,8 @@ def router_findings(run: Run, th: Thresholds) -> list[Finding]:
                                                                        th.router_max_violation),
                 f"layer {name!r} is imbalanced: MaxVio (max load / mean load - 1) above {th.router_max_violation:g} "
                 f"in {over.mean():.0%} of the last {len(recent)} windows (now {last['max_violation']:.2f}); its "
-                "busiest expert gets that much more than an even share of the tokens."))
+                "busiest expert gets that much more than an even share of the tokens.",
+                float(last["max_violation"]), "MaxVio now"))
         if len(load) >= 3 and load.sum() > 0:
             order = np.sort(load)[::-1]
             holding = int((np.cumsum(order) / order.sum() < 0.9).sum()) + 1
@@ -165,12 +167,12 @@ def router_findings(run: Run, th: Thresholds) -> list[Finding]:
                     "tokens."))
         dead = mine[mine["load"] < th.dead_fraction * np.nanmean(load)] if len(load) else mine.iloc[:0]
         if len(dead):
-            names = ", ".join(dead["expert_name"].astype(str).tolist()[:12])
+            names = ", ".join(bare(dead["expert_name"].astype(str).tolist()[:12], str(name)))
             more = f" and {len(dead) - 12} more" if len(dead) > 12 else ""
             out.append(_finding(
                 "router_dead", "warning", str(name), int(last["step"]),
                 f"layer {name!r} has {len(dead)} dead expert(s) of {len(load)}: {names}{more} receive less than "
-                f"{th.dead_fraction:.0%} of the mean load."))
+                f"{th.dead_fraction:.0%} of the mean load.", len(dead), f"of {len(load)} experts dead"))
         out += _bias_growing(g, str(name), th)
     return out
 
@@ -187,7 +189,8 @@ def _bias_growing(g: pd.DataFrame, name: str, th: Thresholds) -> list[Finding]:
     return [_finding(
         "router_bias_growing", "warning", name, int(recent["step"].iloc[0]),
         f"layer {name!r}: the expert bias kept growing (largest |bias| {bias[0]:.3g} -> {bias[-1]:.3g} over "
-        f"{len(recent)} windows) while MaxVio stayed above {th.router_max_violation:g}.")]
+        f"{len(recent)} windows) while MaxVio stayed above {th.router_max_violation:g}.", float(bias[-1]),
+        "largest |bias|")]
 
 
 def router_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
@@ -222,6 +225,7 @@ QUANTITY = ReadHalf(
     sections=(Section("balance", router_balance, extends=True),), rules=(router_findings,),
     remedy_texts=REMEDY_TEXTS,
     pages=(Page("routers", "Routers", ":material/alt_route:", "gatewatch.app.views.routers", 40,
-                "?run=deepseek-routers", 5),),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines
+                "?run=deepseek-routers", 8),),  # load, MaxVio and bias heatmaps; MaxVio and bias-changed lines;
+    # the co-activation and routing-stability panels: P(j|i) and stability heatmaps, the saturation curve
     figures=("gatewatch.figures.routers",),
 )
