@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...declarations import Panel, ReadHalf, Section
 from ...rules import Finding, Thresholds, num
-from ...skipped import MAP_FIX, NONE_YET, described_gates, entry, unmapped, why_unmapped
+from ...skipped import NONE_YET, described_gates, entry, map_fix, unmapped, why_unmapped
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
@@ -87,7 +87,7 @@ def similarity_skipped(run: Run) -> list[dict[str, Any]]:
         if g["name"] in pooled or "expert_modules" not in g:
             continue
         if unmapped(g):
-            out.append(entry("similarity", g["name"], why_unmapped(g), MAP_FIX))
+            out.append(entry("similarity", g["name"], why_unmapped(g), map_fix(g)))
         elif g.get("fused_experts"):
             out.append(entry("similarity", g["name"], "its experts are fused (slices of [E, ...] parameters), which "
                              "expert similarity does not measure", NONE_YET))
