@@ -17,6 +17,10 @@ from .layer_names import name_pattern
 
 MAP_FIX = ("pass gw.Gate(..., expert_modules=[one module per gate column]) or, for experts held as slices of "
            "[E, ...] parameters, gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))")
+EXPERT_PARALLEL = ("its experts are split over the mesh's 'ep' ranks (each holds E/ep of them), and per-expert "
+                   "figures are not gathered from the experts' owners yet; the gate, router and loss figures stay "
+                   "exact")
+EXPERT_PARALLEL_FIX = "none under expert parallelism yet: measure per-expert figures in a run without 'ep'"
 SEE_REASON = "see the reason"
 NONE_YET = "none yet"
 
@@ -34,6 +38,11 @@ def described_gates(meta: dict[str, Any]) -> list[dict[str, Any]]:
 def unmapped(gate: dict[str, Any]) -> bool:
     """Whether the run looked for this gate's experts (module or fused) and found none."""
     return "expert_modules" in gate and not gate.get("expert_modules") and not gate.get("fused_experts")
+
+
+def map_fix(gate: dict[str, Any]) -> str:
+    """What to pass for a gate whose experts were not found."""
+    return EXPERT_PARALLEL_FIX if gate.get("expert_map") == EXPERT_PARALLEL else MAP_FIX
 
 
 def why_unmapped(gate: dict[str, Any]) -> str:

@@ -4,8 +4,14 @@ the flush and close timeouts plus a margin, warn naming the rank, keep every win
 hold rank 0 alone with a ``ranks_partial`` event.
 
 Two layouts: each rank trains its own copy of a small MMoE (no wrapper, so only gatewatch's collectives can hang,
-and rank 1 leaves the training), or the model is sharded with FSDP2 (``fully_shard``), whose training needs both
-ranks: there rank 1's watch stops (closed early, or left by an exception) and rank 1 trains on without it.
+and rank 1 leaves the training), or the model is sharded with FSDP2 (``fully_shard`` on each expert and on the
+root), whose training needs both ranks: there rank 1's watch stops (closed early, or left by an exception) and
+rank 1 trains on without it.
+
+With gradient conflict on (applied scope, every ``EVERY`` steps), rank 0's conflict steps after rank 1 stopped
+must not hang either: the average of the task gradients runs in gatewatch's own group, and under FSDP2 the extra
+backward passes (which all-gather the experts' parameters in the training's group) run only when every rank's
+watch measures the step. Conflict logging then turns off, naming rank 1, and keeps the steps both ranks measured.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ def worker(root: str) -> None:
     torch.set_num_threads(1)
     rank, scenario = int(os.environ["RANK"]), (Path(root) / "scenario").read_text()
     layout = (Path(root) / "layout").read_text()
+    conflict = (Path(root) / "conflict").read_text() == "on"
     distributed.CLOSE_TIMEOUT_S, distributed.FLUSH_TIMEOUT_S = CLOSE_TIMEOUT_S, FLUSH_TIMEOUT_S
     dist.init_process_group("gloo", rank=rank, world_size=2)  # MASTER_ADDR / MASTER_PORT from the launcher
     torch.manual_seed(0)
@@ -41,6 +48,8 @@ def worker(root: str) -> None:
     if layout == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        for expert in model.experts:
+            fully_shard(expert)
         fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trained = 0
@@ -49,7 +58,8 @@ def worker(root: str) -> None:
         warnings.simplefilter("always")
         try:
             with gw.GateWatch(model, tasks=["a", "b"], log_dir=Path(root) / "run", every=EVERY,
-                              flush_every=FLUSH_EVERY, tensorboard=False) as watch:
+                              flush_every=FLUSH_EVERY, tensorboard=False,
+                              conflict_every=EVERY if conflict else 0) as watch:
                 for step in range(1, STEPS + 1):
                     if rank == 1 and step > STOP_AT:
                         if scenario == "raises":
@@ -76,20 +86,24 @@ def worker(root: str) -> None:
     os._exit(0)  # no destroy_process_group: the other rank may be gone
 
 
-def results(root: Path, scenario: str, layout: str) -> dict[int, dict]:
+def results(root: Path, scenario: str, layout: str, conflict: str) -> dict[int, dict]:
     """Run the scenario on 2 ranks; what each rank saw (its time to finish, its warnings)."""
     (root / "scenario").write_text(scenario)
     (root / "layout").write_text(layout)
+    (root / "conflict").write_text(conflict)
     launch("test_ddp_failures", "worker", root, world=2, timeout=120)
     return {rank: json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)}
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("conflict", ["off", "on"])
 @pytest.mark.parametrize("layout", ["own copies", "fsdp2"])
 @pytest.mark.parametrize("scenario", ["stops early", "raises"])
-def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, scenario: str, layout: str) -> None:
-    seen = results(tmp_path, scenario, layout)
-    assert seen[0]["seconds"] < FLUSH_TIMEOUT_S + CLOSE_TIMEOUT_S + 20, seen[0]
+def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, scenario: str, layout: str,
+                                                              conflict: str) -> None:
+    seen = results(tmp_path, scenario, layout, conflict)
+    waits = 2 if conflict == "on" else 1  # the conflict collective's timeout, then the flush's
+    assert seen[0]["seconds"] < waits * FLUSH_TIMEOUT_S + CLOSE_TIMEOUT_S + 20, seen[0]
     assert any("rank 1 stopped answering" in w for w in seen[0]["warnings"]), seen[0]["warnings"]
     assert any("rank(s) 0 did not reach close()" in w for w in seen[1]["warnings"]), seen[1]["warnings"]
     run = gw.load_run(tmp_path / "run")
@@ -102,3 +116,9 @@ def test_a_rank_that_stops_early_or_raises_never_hangs_rank_0(tmp_path: Path, sc
     assert list(samples.index) == list(range(EVERY, STEPS + 1, EVERY))  # every window is kept
     assert (samples[samples.index <= STOP_AT] == 2 * BATCH * EVERY).all()  # both ranks
     assert (samples[samples.index >= alone_from] == BATCH * EVERY).all()  # rank 0 alone
+    if conflict == "on":
+        assert any("rank 1 stopped answering gatewatch's conflict collective" in w for w in seen[0]["warnings"]), (
+            seen[0]["warnings"])
+        assert "stopped answering" in run.meta["conflict"]["disabled"]
+        measured = sorted(set(run.table("conflict")["step"]))
+        assert measured == list(range(EVERY, STOP_AT + 1, EVERY))  # the steps both ranks measured, none after

@@ -42,10 +42,29 @@ FLUSH_TIMEOUT_S = 300.0  # a flush's collective waits this long for the other ra
 CLOSE_TIMEOUT_S = 30.0  # close() waits this long for every rank to reach it
 
 
-def own_group() -> object:
-    """A gloo group of gatewatch's own, with a timeout: a rank that never comes fails gatewatch's collective,
-    not the user's (a timed-out default group would break the training's own collectives)."""
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=FLUSH_TIMEOUT_S))
+def own_group(ranks: list[int] | None = None) -> object:
+    """A gloo group of gatewatch's own over ``ranks`` (None: every rank), with a timeout: a rank that never comes
+    fails gatewatch's collective, not the user's (a timed-out default group would break the training's own
+    collectives). Every rank must call it, in the same order, whether or not it is in ``ranks``."""
+    return dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=FLUSH_TIMEOUT_S))
+
+
+def own_copy(group: object) -> object:
+    """gatewatch's own gloo group (:func:`own_group`) over the ranks of this rank's ``group`` (None: every rank).
+    When ``group`` is one of several disjoint subgroups (the data-parallel groups of a mesh), every rank learns
+    the others' groups (one object gather) and takes part in creating each, in the same order."""
+    every_rank = own_group()
+    if group is None or dist.get_world_size(group) == dist.get_world_size():  # type: ignore[arg-type]
+        return every_rank
+    mine = dist.get_process_group_ranks(group)  # type: ignore[arg-type]
+    groups: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(groups, sorted(mine), group=every_rank)  # type: ignore[arg-type]
+    own = every_rank
+    for ranks in sorted({tuple(g) for g in groups if g is not None}):
+        created = own_group(list(ranks))
+        if dist.get_rank() in ranks:
+            own = created
+    return own
 
 
 def steps_at_close(group: object, step: int, timeout: float | None = None) -> tuple[list[int] | None, str]:

@@ -20,15 +20,25 @@ counted on a fixed sample of 4,096 elements of each tensor of 16,384 or more, se
 
 Shared parameters are found on the first conflict step: every task then gets its own ``autograd.grad``
 over all trainable parameters, and a parameter that two or more tasks reach is shared. Under
-torch.distributed (DDP, FSDP2) every task gets its own ``autograd.grad`` (``.grad`` is averaged over ranks, or
-sharded); under FSDP2 it is taken on the unsharded parameters the forward used
-(:func:`~gatewatch.capture.sharding.graph_leaves`). ``autograd.grad`` fires neither DDP's gradient hooks nor
-FSDP2's reduce-scatter, so the model's ``.grad`` is unchanged. Then, by ``conflict_scope``:
+torch.distributed (DDP, FSDP2) ``autograd.grad`` fires neither DDP's gradient hooks nor FSDP2's reduce-scatter,
+so the model's ``.grad`` is unchanged; under FSDP2 it is taken on the unsharded parameters the forward used
+(:func:`~gatewatch.capture.sharding.graph_leaves`). Then, by ``conflict_scope``:
 
-* ``"applied"`` (the default): one ``all_reduce`` of the step's ``[K, M]`` task gradients over the data-parallel
-  group, divided by its size, before the statistics: each task's gradient is that of the mean over ranks of each
-  rank's mean loss, the gradient the optimizer applies;
-* ``"local"``: no communication; the figures are rank 0's own batch.
+* ``"applied"`` (the default): each task's gradient is that of the mean over the data-parallel ranks of each
+  rank's mean loss, the gradient the optimizer applies. Under DDP, when the backward syncs (not inside
+  ``no_sync()``, no communication hook) and ``.grad`` was empty, K-1 tasks get ``autograd.grad``, one
+  ``all_reduce`` of their ``[K-1, M]`` rows averages them, and the last task is DDP's averaged ``.grad`` minus
+  them; otherwise (accumulation, ``no_sync()``, FSDP2) every task gets its own ``autograd.grad`` and one
+  ``all_reduce`` of the ``[K, M]`` rows averages them before the statistics;
+* ``"local"``: no communication; the figures are rank 0's own batch (every task by ``autograd.grad``: ``.grad``
+  is averaged over ranks, or sharded).
+
+Every collective runs in a gloo group of gatewatch's own over the data-parallel ranks, with a timeout
+(:func:`~gatewatch.capture.distributed.own_copy`), on CPU copies of the rows. Under FSDP2 each extra
+``autograd.grad`` all-gathers parameters in the training's own group, so a conflict step first checks, in
+gatewatch's group, that every rank's watch measures it. A rank that stopped its watch therefore never hangs the
+others: the collective fails (at once, or after ``FLUSH_TIMEOUT_S``), and conflict logging turns off with a
+warning naming the rank.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...capture.distributed import others, own_copy
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...capture.sharding import data_parallel_group, graph_leaves, group_size, is_sharded
 from ...gating.discovery import expected_width
@@ -87,7 +98,8 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
     return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
                              distributed=ctx.distributed, gates=ctx.gates, scope=check_scope(o["conflict_scope"]),
-                             ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None)
+                             ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None,
+                             wrapper=ctx.model)
 
 
 NOT_MEASURED = {
@@ -157,7 +169,8 @@ class ConflictGradients(Quantity):
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, shared: SharedSpec = None, threshold: float = 0.0,
                  group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False,
-                 gates: Sequence[ResolvedGate] = (), scope: str = "applied", ranks: Any = None) -> None:
+                 gates: Sequence[ResolvedGate] = (), scope: str = "applied", ranks: Any = None,
+                 wrapper: nn.Module | None = None) -> None:
         if not -1.0 < threshold <= 0.0:
             raise ConflictError(
                 f"conflict_threshold is a cosine S in (-1, 0] (a step counts as conflict when cosine < S); "
@@ -174,10 +187,12 @@ class ConflictGradients(Quantity):
         self.shared_names = select_shared(self.model, shared)
         self.scope = check_scope(scope)
         self.distributed = distributed
-        self.ranks = ranks  # the data-parallel group the applied scope averages over (None: every rank)
-        sharded = any(is_sharded(p) for p in self.model.parameters())
-        self.exact = distributed or sharded  # every task by autograd.grad (no subtraction from .grad)
+        self.wrapper = wrapper if wrapper is not None else model  # DDP's wrapper: does this backward sync?
+        self.sharded = any(is_sharded(p) for p in self.model.parameters())
+        self.exact = distributed or self.sharded  # every task by autograd.grad, unless DDP's averaged .grad serves
         self.averaged = distributed and self.scope == "applied"  # all-reduce the task gradients before the statistics
+        # gatewatch's own gloo group over the data-parallel ranks ``ranks`` (the training's; None: every rank)
+        self.group = own_copy(ranks) if distributed and (self.averaged or self.sharded) else None
         self.layout: SharedLayout | None = None
         self.disabled: str | None = None
         self._due: tuple[int, bool] = (-1, False)
@@ -189,6 +204,8 @@ class ConflictGradients(Quantity):
         self._micro: torch.Tensor | None = None  # [K, M]: a further micro-batch of the same step
         self._before: torch.Tensor | None = None  # [M]: .grad of the shared parameters before the backward
         self._filled = False  # the stack holds gradients of this step
+        self._stack_averaged = False  # the stack's rows are already averaged over the data-parallel ranks
+        self._fast = False  # this micro-batch's last task comes from DDP's averaged .grad
         self._reduced: torch.Tensor | None = None  # the step's statistics, reduced right after its one backward
         self._accumulates = False  # a step had several micro-batches: reduce at step() only
         self._current: torch.Tensor | None = None  # the micro-batch being measured
@@ -238,6 +255,8 @@ class ConflictGradients(Quantity):
             return False
         if self._step is not None and (self._step != step or tasks != self._tasks):
             self.end_step()
+        if self.sharded and self.group is not None and not self._all_measure():
+            return False
         if self.layout is None and not self._discover(items):
             return False
         layout = self.layout
@@ -246,7 +265,8 @@ class ConflictGradients(Quantity):
         self._tasks, self._step = tasks, step
         g = self._target(k)
         exact = self.exact or self._probe is not None
-        self._computed = k if exact else k - 1
+        self._fast = self._probe is None and self._ddp_averages(layout.params)
+        self._computed = k if exact and not self._fast else k - 1
         self._has_before = not exact and any(p.grad is not None for p in layout.params)
         if self._has_before:
             if self._before is None or self._before.numel() != layout.size:
@@ -279,6 +299,8 @@ class ConflictGradients(Quantity):
         assert layout is not None
         k = g.shape[0]
         if self._computed < k:
+            if self._fast and not self._average(g[: k - 1]):
+                return
             last = g[k - 1]
             self._flat_grads(last, [p.grad for p in layout.params])
             if self._has_before:
@@ -294,13 +316,19 @@ class ConflictGradients(Quantity):
                         view.zero_()  # rounding noise on a parameter the last task cannot reach
         if self._filled:
             assert self._stack is not None
+            if self._fast != self._stack_averaged:  # rank-averaged rows meet this rank's own: average those first
+                if not self._average(g if self._stack_averaged else self._stack[:k]):
+                    return
+                self._stack_averaged = True
             self._stack[:k].add_(g)
             self._reduced, self._accumulates = None, True  # micro-batches add up: reduce their sum at step()
-        elif not self._accumulates and self._sample is not None and not self.averaged:
-            # reduce now, while the gradients are in the cache; the sampled sign statistics leave the stack
-            # intact, so a further micro-batch of this step can still add to it (and discards this)
-            self._reduced = self._reduce()
-        self._filled = True
+        else:
+            self._stack_averaged = self._fast
+            if not self._accumulates and self._sample is not None and (not self.averaged or self._fast):
+                # reduce now, while the gradients are in the cache; the sampled sign statistics leave the stack
+                # intact, so a further micro-batch of this step can still add to it (and discards this)
+                self._reduced = self._reduce()
+        self._filled = self.disabled is None
 
     def abort(self) -> None:
         """Forget the micro-batch being measured (its backward raised)."""
@@ -316,17 +344,61 @@ class ConflictGradients(Quantity):
         reduced, self._reduced = self._reduced, None
         if not filled or step is None or self.layout is None or self._stack is None:
             return
-        self._pending.append((step, list(self._tasks), reduced if reduced is not None else self._reduce()))
+        reduced = reduced if reduced is not None else self._reduce()
+        if reduced is not None:
+            self._pending.append((step, list(self._tasks), reduced))
 
-    def _reduce(self) -> torch.Tensor:
-        """The statistics of the task gradients in the stack (:func:`~.maths.task_statistics`)."""
+    def _reduce(self) -> torch.Tensor | None:
+        """The statistics of the task gradients in the stack (:func:`~.maths.task_statistics`); None when the
+        ranks could not average them (conflict logging is then off)."""
         assert self.layout is not None and self._stack is not None
-        if self.averaged:  # the gradients of the mean over ranks of each rank's mean loss
-            grads = self._stack[: len(self._tasks)]
-            torch.distributed.all_reduce(grads, group=self.ranks)
-            grads.div_(group_size(self.ranks))
+        if self.averaged and not self._stack_averaged:  # the gradients of the mean over ranks of each rank's loss
+            if not self._average(self._stack[: len(self._tasks)]):
+                return None
+            self._stack_averaged = True
         return task_statistics(self._stack, len(self._tasks), self.layout.units, self.layout.group_bounds,
                                PURITY_BINS, self._sample, self._plan)
+
+    # ------------------------------------------------------------------ across ranks
+    def _ddp_averages(self, params: Sequence[torch.Tensor]) -> bool:
+        """Will this backward leave in ``.grad`` exactly the mean over the data-parallel ranks of the total
+        gradient? Under the applied scope with DDP: it syncs (not inside ``no_sync()``), with no communication
+        hook or mixed precision, and ``.grad`` is empty (the ranks zero their gradients alike, as DDP needs)."""
+        ddp = self.wrapper
+        return (self.averaged and not self.sharded and type(ddp).__name__ == "DistributedDataParallel"
+                and bool(getattr(ddp, "require_backward_grad_sync", False)) and not getattr(ddp, "_comm_hooks", None)
+                and getattr(ddp, "mixed_precision", None) is None and all(p.grad is None for p in params))
+
+    def _average(self, rows: torch.Tensor) -> bool:
+        """Replace ``rows`` (this rank's task gradients) by their mean over the data-parallel ranks, in
+        gatewatch's own gloo group; False, and conflict logging off, when a rank stopped answering."""
+        host = rows if rows.device.type == "cpu" else rows.cpu()
+        try:
+            torch.distributed.all_reduce(host, group=self.group)
+        except RuntimeError as err:
+            self._lost(err)
+            return False
+        if host is not rows:
+            rows.copy_(host)
+        rows.div_(group_size(self.group))
+        return True
+
+    def _all_measure(self) -> bool:
+        """Under FSDP2: does every rank's watch measure this step? Its extra ``autograd.grad`` calls all-gather
+        parameters in the training's group, which a rank without them would never match. One tiny collective in
+        gatewatch's group (with its timeout); False, and conflict logging off, when a rank does not come."""
+        try:
+            torch.distributed.all_reduce(torch.ones(1), group=self.group)
+        except RuntimeError as err:
+            self._lost(err)
+            return False
+        return True
+
+    def _lost(self, err: RuntimeError) -> None:
+        """A rank stopped answering: drop the step being measured and turn conflict logging off."""
+        self._step, self._filled, self._reduced, self._current, self._accumulates = None, False, None, None, False
+        self._disable(f"{others(self.group)} stopped answering gatewatch's conflict collective ({type(err).__name__}: "
+                      f"{str(err)[:120]}); the conflict figures stop at the last step every rank measured")
 
     # ------------------------------------------------------------------ helpers
     def _target(self, k: int) -> torch.Tensor:
@@ -435,13 +507,22 @@ class ConflictGradients(Quantity):
     def describe(self) -> dict[str, Any]:
         return {"conflict": self.settings()}
 
+    def method(self) -> str:
+        """How the task gradients are had, in words (run.json)."""
+        if not self.exact:
+            return "K-1 autograd.grad + subtraction"
+        if self.averaged and not self.sharded and type(self.wrapper).__name__ == "DistributedDataParallel":
+            return ("K-1 autograd.grad + subtraction from DDP's averaged .grad (autograd.grad per task under "
+                    "no_sync() or with .grad not empty)")
+        return "autograd.grad per task"
+
     def settings(self) -> dict[str, Any]:
         """What run.json records about conflict logging."""
         layout = self.layout
         out: dict[str, Any] = {
             "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
             "sign_sample": {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": SAMPLE_SEED},
-            "method": "autograd.grad per task" if self.exact else "K-1 autograd.grad + subtraction",
+            "method": self.method(),
             "disabled": self.disabled, "scope": self.scope,
         }
         if layout is not None:

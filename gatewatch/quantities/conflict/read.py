@@ -17,7 +17,7 @@ import pandas as pd
 
 from ...declarations import Add, Page, ReadHalf, Section, table_rows
 from ...rules import Finding, Thresholds, fmt, num, streak_start
-from ...skipped import MAP_FIX, described_gates, entry, unmapped, why_unmapped
+from ...skipped import described_gates, entry, map_fix, unmapped, why_unmapped
 from ..losses.read import first_nonfinite, nonfinite_finding
 from .routing import COLUMNS, SHARED_ROUTER, TASK_GATE, expert_conflict_table, last_rows
 
@@ -284,7 +284,7 @@ def conflict_skipped(run: Run) -> list[dict[str, Any]]:
     if conflict is not None and conflict.get("disabled"):
         out.append(entry("conflict", None, str(conflict["disabled"])))
     if (conflict is not None and not conflict.get("disabled")) or isinstance(meta.get("conflict_proxy"), dict):
-        out += [entry("expert_conflict", g["name"], why_unmapped(g), MAP_FIX)
+        out += [entry("expert_conflict", g["name"], why_unmapped(g), map_fix(g))
                 for g in described_gates(meta) if unmapped(g)]
     return out
 

@@ -24,6 +24,7 @@ from ...gating.expert_map import map_experts
 from ...gating.specs import GateOutputError, ResolvedGate
 from ...maths.gate_metrics import Layout, js_bits, window_metrics
 from ...maths.gate_sums import window_sums
+from ...skipped import EXPERT_PARALLEL
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
 HOLD_ELEMENTS = 4_000_000  # gate outputs held until the flush (16 MB of float32); above: fold early
@@ -88,7 +89,10 @@ class GateStatistics(Quantity):
         if gate.experts is None and gate.task is None and sum(g.task is None for g in self.gates) > 1:
             gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
         gate.n_experts = e
-        map_experts(self.ctx.model, gate, e, self.ctx.tasks)
+        if "ep" in (getattr(self.ctx.mesh, "mesh_dim_names", None) or ()):  # this rank holds some experts only
+            gate.expert_modules, gate.fused, gate.expert_map = None, None, EXPERT_PARALLEL
+        else:
+            map_experts(self.ctx.model, gate, e, self.ctx.tasks)
 
     def on_window(self, step: int) -> None:
         self.buffer.on_window(step)

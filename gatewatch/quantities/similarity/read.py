@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...declarations import Panel, ReadHalf, Section
 from ...rules import Finding, Thresholds, num
-from ...skipped import MAP_FIX, described_gates, entry, unmapped, why_unmapped
+from ...skipped import described_gates, entry, map_fix, unmapped, why_unmapped
 
 if TYPE_CHECKING:
     from ...loaded_run import Run
@@ -98,7 +98,7 @@ def similarity_skipped(run: Run) -> list[dict[str, Any]]:
         if g["name"] in pooled or "expert_modules" not in g:
             continue
         if unmapped(g):
-            out.append(entry("similarity", g["name"], why_unmapped(g), MAP_FIX))
+            out.append(entry("similarity", g["name"], why_unmapped(g), map_fix(g)))
         elif g.get("fused_experts") and "top" not in similarity:
             out.append(entry("similarity", g["name"], "its experts are fused (slices of [E, ...] parameters) and this "
                              "run was recorded by a gatewatch that did not measure their similarity",

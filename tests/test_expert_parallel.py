@@ -1,0 +1,176 @@
+"""Expert parallelism on 2 gloo processes (a ``DeviceMesh`` with one ``ep`` dimension) against a single-process replay.
+
+One torchtitan-style MoE layer (``tests/_grouped_experts.py``, float64): the input projection, the top-2 router
+and the heads are replicated; the experts are held as one ``[E/2, ...]`` slice of ``w1``/``w2``/``w3`` per rank.
+Each rank routes its own tokens, sends each (token, expert) pair to the rank that owns the expert with
+``all_to_all_single`` (autograd-aware), and gets the experts' outputs back the same way. The ranks see different
+batches (10 and 14 samples, shifted data); the replicated parameters' gradients are averaged over the ranks, the
+experts' gradients (which already hold both ranks' tokens) halved, so that the training is that of the mean of the
+two ranks' losses.
+
+The reference is one process with the whole layer that runs both batches per step and backpropagates the mean of
+their losses: the router figures (load, MaxVio, dead experts, margins), the gate shares and the losses must equal
+it (1e-5), with the router measured on each rank's own tokens before dispatch and summed over ``ep``. The
+per-expert figures (similarity; expert conflict, which is refused under ``ep``) are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _distributed import launch
+from _grouped_experts import GroupedMoE
+from test_tensor_parallel import same_table
+from torch import nn
+
+import gatewatch as gw
+from gatewatch.report import build_report
+from gatewatch.skipped import EXPERT_PARALLEL, EXPERT_PARALLEL_FIX
+
+pytestmark = pytest.mark.slow  # 2 processes
+
+TASKS = ["a", "b"]
+SIZES = {0: 10, 1: 14}
+WORLD, STEPS, EVERY, LR, EXPERTS = 2, 3, 1, 0.1, 4
+TABLES = ("gates", "shares", "routers", "router_experts", "losses")
+
+
+def new_model() -> GroupedMoE:
+    return GroupedMoE(n_layers=1, n_experts=EXPERTS).double()
+
+
+class ExpertParallel(nn.Module):
+    """This rank's ``E/2`` experts (slices of the whole layer's ``[E, ...]`` parameters) and the all-to-all
+    dispatch of every rank's (token, expert) pairs to the experts' owners."""
+
+    def __init__(self, whole: nn.Module, rank: int, world: int) -> None:
+        super().__init__()
+        self.per_rank, self.world = whole.w1.shape[0] // world, world
+        own = slice(rank * self.per_rank, (rank + 1) * self.per_rank)
+        self.w1 = nn.Parameter(whole.w1.detach()[own].clone())
+        self.w2 = nn.Parameter(whole.w2.detach()[own].clone())
+        self.w3 = nn.Parameter(whole.w3.detach()[own].clone())
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        token, slot = torch.where(indices >= 0)  # every (token, chosen expert) pair
+        expert = indices[token, slot]
+        order = torch.argsort(expert // self.per_rank, stable=True)  # grouped by owner rank
+        token, slot, expert = token[order], slot[order], expert[order]
+        send = torch.bincount(expert // self.per_rank, minlength=self.world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        sends, recvs = send.tolist(), recv.tolist()
+        got_expert = expert.new_empty(sum(recvs))
+        dist.all_to_all_single(got_expert, expert, recvs, sends)
+        got = all_to_all_single(x.new_empty(sum(recvs), x.shape[1]), x[token], recvs, sends)
+        local = got_expert - dist.get_rank() * self.per_rank
+        y = torch.zeros_like(got)
+        for e in range(self.per_rank):
+            rows = torch.where(local == e)[0]
+            if len(rows):
+                h = got[rows]
+                y = y.index_add(0, rows, (F.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)) @ self.w2[e].T)
+        back = all_to_all_single(x.new_empty(len(token), x.shape[1]), y, sends, recvs)
+        return torch.zeros_like(x).index_add(0, token, back * weights[token, slot, None])
+
+
+def task_losses(model: nn.Module, step: int, rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(SIZES[rank], 6, generator=g, dtype=torch.float64) + 0.5 * rank
+    out = model(x)
+    return {"a": F.mse_loss(out["a"], x[:, 0] - x[:, 1]), "b": F.mse_loss(out["b"], x[:, 2] * x[:, 3])}
+
+
+def watch_for(model: nn.Module, log_dir: Path, mesh: object = None) -> gw.GateWatch:
+    return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, every=EVERY, flush_every=EVERY, tensorboard=False,
+                        mesh=mesh)
+
+
+def worker(root: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))
+        model = new_model()
+        layer = model.layers[0]
+        layer.experts = ExpertParallel(layer.experts, rank, WORLD)
+        experts = set(layer.experts.parameters())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with watch_for(model, Path(root) / "run", mesh) as watch:
+            for step in range(1, STEPS + 1):
+                watch.backward(task_losses(model, step, rank))
+                for p in model.parameters():
+                    if p in experts:  # both ranks' tokens are in it already: the mean of the two losses
+                        p.grad.div_(WORLD)
+                    else:  # replicated: the mean over the ranks
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(WORLD)
+                opt.step()
+                opt.zero_grad()
+                watch.step()
+        whole = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for name in ("w1", "w2", "w3"):
+            parts = [torch.empty_like(whole[f"layers.0.experts.{name}"]) for _ in range(WORLD)]
+            dist.all_gather(parts, whole[f"layers.0.experts.{name}"])
+            whole[f"layers.0.experts.{name}"] = torch.cat(parts)
+        if rank == 0:
+            torch.save(whole, Path(root) / "ep.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def replay(log_dir: Path) -> dict[str, torch.Tensor]:
+    """The same training in one process with the whole layer: both batches per step, the mean of their losses."""
+    model = new_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with watch_for(model, log_dir) as watch:
+        for step in range(1, STEPS + 1):
+            per_rank = [task_losses(model, step, r) for r in SIZES]
+            watch.backward({t: sum(p[t] for p in per_rank) / len(SIZES) for t in TASKS})
+            opt.step()
+            opt.zero_grad()
+            watch.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("expert-parallel")
+    launch("test_expert_parallel", "worker", root, world=WORLD, timeout=180)
+    torch.save(replay(root / "replay"), root / "replay.pt")
+    return root
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("table", TABLES)
+def test_ep_router_figures_equal_one_process_on_both_ranks_tokens(runs: Path, table: str) -> None:
+    got, want = gw.load_run(runs / "run"), gw.load_run(runs / "replay")
+    same_table(table, got.table(table), want.table(table))
+
+
+@pytest.mark.timeout(240)
+def test_ep_counts_both_ranks_tokens_and_trains_as_one_process(runs: Path) -> None:
+    run = gw.load_run(runs / "run")
+    assert run.status == "finished" and run.problems == [] and run.meta["world_size"] == WORLD
+    assert set(run.table("routers")["tokens"]) == {sum(SIZES.values()) * EVERY}
+    replayed = torch.load(runs / "replay.pt")
+    for name, value in torch.load(runs / "ep.pt").items():
+        torch.testing.assert_close(value, replayed[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.timeout(240)
+def test_per_expert_figures_under_ep_are_skipped_with_the_real_reason(runs: Path) -> None:
+    skipped = build_report(gw.load_run(runs / "run"))["skipped"]
+    similarity = [s for s in skipped if s["view"] == "similarity"]
+    assert similarity == [{"view": "similarity", "gate": "layers.0.router", "reason": EXPERT_PARALLEL,
+                           "fix": EXPERT_PARALLEL_FIX}]
