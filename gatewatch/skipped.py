@@ -21,6 +21,9 @@ EXPERT_PARALLEL = ("its experts are split over the mesh's 'ep' ranks (each holds
                    "figures are not gathered from the experts' owners yet; the gate, router and loss figures stay "
                    "exact")
 EXPERT_PARALLEL_FIX = "none under expert parallelism yet: measure per-expert figures in a run without 'ep'"
+PIPELINE = ("it is held by pipeline stage {stage}, and per-expert figures are not gathered from another stage yet "
+            "(they come from the writer's own stage); the gate, router and loss figures stay exact")
+PIPELINE_FIX = "measure per-expert figures of this layer in a run where rank 0's stage holds it, or without 'pp'"
 SEE_REASON = "see the reason"
 NONE_YET = "none yet"
 
@@ -42,7 +45,10 @@ def unmapped(gate: dict[str, Any]) -> bool:
 
 def map_fix(gate: dict[str, Any]) -> str:
     """What to pass for a gate whose experts were not found."""
-    return EXPERT_PARALLEL_FIX if gate.get("expert_map") == EXPERT_PARALLEL else MAP_FIX
+    how = str(gate.get("expert_map"))
+    if how == EXPERT_PARALLEL:
+        return EXPERT_PARALLEL_FIX
+    return PIPELINE_FIX if how.startswith(PIPELINE.split("{")[0]) else MAP_FIX
 
 
 def why_unmapped(gate: dict[str, Any]) -> str:

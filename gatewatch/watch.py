@@ -25,12 +25,13 @@ from .capture.distributed import own_group, rank, world_size
 from .capture.flush import check_nonfinite, merge
 from .capture.flush_clock import FlushClock
 from .capture.loss_items import Losses, loss_items
-from .capture.mesh import check_mesh, counts_tokens
+from .capture.mesh import check_mesh, counts_tokens, pipeline_stage
+from .capture.pipeline import stage_gates
 from .capture.quantity import CaptureContext, Quantity
 from .capture.reducer import Reducer
 from .capture.settings import build_quantities, quantity_keywords
 from .gating.discovery import resolve
-from .gating.specs import ResolvedGate
+from .gating.specs import GateDiscoveryError, ResolvedGate
 from .schema import frame
 from .sinks import Sink
 from .sinks.live_findings import RecentWindows
@@ -95,13 +96,15 @@ class GateWatch:
         distributed = world_size() > 1
         if mesh is not None:
             check_mesh(mesh)
-        self.ctx = CaptureContext(model, st.tasks, resolve(model, st.tasks, gates), st.every, threshold, st.bins,
-                                  margin, distributed, options=st.options, mesh=mesh)
+        group = own_group() if distributed else None
+        stage = None if mesh is None else pipeline_stage(mesh)
+        self.ctx = CaptureContext(model, st.tasks, _resolve(model, st.tasks, gates, stage, group), st.every,
+                                  threshold, st.bins, margin, distributed, options=st.options, mesh=mesh)
         run_meta.claim(self.log_dir, self, writer=self.rank == 0)
         self._by_name = build_quantities(self.ctx)  # registry name -> quantity (None: off)
         self.quantities: list[Quantity] = [q for q in self._by_name.values() if q is not None]
-        self.reducer = Reducer(self.quantities, distributed=distributed, group=own_group() if distributed else None,
-                               counts=mesh is None or counts_tokens(mesh))
+        self.reducer = Reducer(self.quantities, distributed=distributed, group=group,
+                               counts=mesh is None or counts_tokens(mesh), varied=stage is not None)
         self.clock = FlushClock(self.flush_every, flush_secs, distributed=distributed)
         self.sinks: list[Sink] = []
         if self.rank == 0:
@@ -315,4 +318,19 @@ class GateWatch:
         if not getattr(self, "closed", True):
             warnings.warn("GateWatch was not closed; call watch.close() to write the last window.",
                           ResourceWarning, stacklevel=1)
+
+
+def _resolve(model: nn.Module, tasks: list[str] | None, gates: Any, stage: int | None, group: object
+             ) -> list[ResolvedGate]:
+    """The gates of ``model``; on a pipeline stage, every stage's gates (:mod:`gatewatch.capture.pipeline`), where a
+    stage may hold none."""
+    if stage is None:
+        return resolve(model, tasks, gates)
+    try:
+        local = resolve(model, tasks, gates)
+    except GateDiscoveryError as err:
+        if gates is None:  # discovery found none: this stage holds no gate
+            return stage_gates([], stage, group, none_found=err)
+        return stage_gates([], stage, group, failed=err)
+    return stage_gates(local, stage, group)
 

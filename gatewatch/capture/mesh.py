@@ -6,6 +6,8 @@
   along them hold different tokens, so token statistics add up over them;
 * ``tp``: the ranks along it see the same tokens, so a token is counted once (only the ranks at ``tp`` index 0
   contribute to the statistics of tokens);
+* ``pp``: the ranks along it hold different layers (pipeline stages): each stage measures the gates it holds, and
+  every rank knows every stage's gates (:mod:`gatewatch.capture.pipeline`);
 * any other name is refused with the list of the names gatewatch knows.
 """
 
@@ -15,7 +17,8 @@ from typing import Any
 
 TOKEN_DIMS = ("dp", "dp_replicate", "dp_shard", "cp", "ep")  # ranks along these hold different tokens
 REPLICA_DIMS = ("tp",)  # ranks along these hold the same tokens
-KNOWN_DIMS = TOKEN_DIMS + REPLICA_DIMS
+STAGE_DIM = "pp"  # ranks along it hold different layers
+KNOWN_DIMS = (*TOKEN_DIMS, *REPLICA_DIMS, STAGE_DIM)
 
 
 def check_mesh(mesh: Any) -> None:
@@ -26,10 +29,6 @@ def check_mesh(mesh: Any) -> None:
                         "init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'tp')); got "
                         f"{type(mesh).__name__}{' without mesh_dim_names' if hasattr(mesh, 'ndim') else ''}.")
     unknown = [n for n in names if n not in KNOWN_DIMS]
-    if "pp" in unknown:
-        raise ValueError("mesh= has a 'pp' dimension: pipeline stages are not measured by gatewatch yet. Pass the "
-                         "mesh without 'pp' (mesh['dp', 'tp'], say) to the watch of each stage that holds gates; its "
-                         "figures then cover that stage's layers only (docs/distributed.md).")
     if unknown:
         raise ValueError(f"mesh= has dimensions {unknown} that gatewatch cannot place; it knows {list(KNOWN_DIMS)} "
                          "(rename the dimensions, or pass the sub-mesh of the known ones).")
@@ -44,3 +43,9 @@ def counts_tokens(mesh: Any) -> bool:
     """True on the ranks whose token statistics count: index 0 along every dimension that sees the same tokens."""
     names = list(mesh.mesh_dim_names)
     return all(mesh.get_local_rank(names.index(n)) == 0 for n in names if n in REPLICA_DIMS)
+
+
+def pipeline_stage(mesh: Any) -> int | None:
+    """This rank's pipeline stage (its index along ``pp``), or None when ``mesh`` has no ``pp`` dimension."""
+    names = list(getattr(mesh, "mesh_dim_names", None) or ())
+    return int(mesh.get_local_rank(names.index(STAGE_DIM))) if STAGE_DIM in names else None

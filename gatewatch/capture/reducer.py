@@ -16,11 +16,18 @@ and one device-to-host transfer. Under torch.distributed:
 * A rank built with ``counts=False`` (a tensor-parallel rank other than the first, which sees the same tokens)
   takes part in every collective with the identity of each reduction and no CONCAT rows, so that each token is
   counted once.
+* Built with ``varied=True`` (pipeline stages, which hold different gates), the ranks may hold different states:
+  each flush first gathers every rank's layout (quantity, key, reduction, shape: one object all-gather), and the
+  collectives above run over the union, a rank filling the slots it lacks with the identity. A REPLICATED state
+  comes from its owner (the first rank that holds it and counts tokens), carried in the SUM buffer (the owner's
+  values, zeros elsewhere), so it takes no collective of its own; CONCAT states are gathered by key over the union.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,14 +41,26 @@ HostStates = dict[str, dict[str, np.ndarray]]
 OPS = {Reduction.SUM: "SUM", Reduction.MIN: "MIN", Reduction.MAX: "MAX"}
 
 
+@dataclass
+class Layout:
+    """What one flush reduces: the window slots ``(quantity, key, reduction, width)`` in the agreed order, the
+    REPLICATED states carried in the SUM buffer ``(quantity, key, this rank owns it, shape)``, and the CONCAT
+    states ``(quantity, key)``."""
+
+    slots: list[tuple[str, str, Reduction, int]]
+    replicated: list[tuple[str, str, bool, tuple[int, ...]]]
+    concat: list[tuple[str, str]]
+
+
 class Reducer:
     """Reduces the states of ``quantities`` at each flush (see the module docstring)."""
 
     def __init__(self, quantities: list[Quantity], *, distributed: bool = False, group: object = None,
-                 counts: bool = True) -> None:
+                 counts: bool = True, varied: bool = False) -> None:
         self.quantities = quantities
         self.distributed = distributed
         self.counts = counts  # this rank's windowed states count (False: it sees the same tokens as another)
+        self.varied = varied  # the ranks may hold different states (pipeline stages): agree on the layout per flush
         self.group = group
         self.widths: dict[tuple[str, str], int] | None = None  # agreed once every slot is known on some rank
         self.degraded = ""  # why the ranks are no longer reduced together ('' while they are)
@@ -113,32 +132,74 @@ class Reducer:
             self.widths = widths
         return widths
 
+    def _uniform_layout(self, collected: dict[str, dict[str, State]]) -> Layout:
+        """The layout when every rank holds the same states: the declared slots with their agreed widths, each
+        rank's REPLICATED states its own (rank 0's are written), its CONCAT states by key."""
+        widths = self._slot_widths(collected)
+        slots = [(q.name, key, kind, widths[(q.name, key)]) for q in self.quantities for key, kind in q.slots.items()]
+        concat = [(q, k) for q, states in collected.items() for k, s in states.items()
+                  if s.reduction is Reduction.CONCAT]
+        return Layout(slots, [], concat)
+
+    def _varied_layout(self, collected: dict[str, dict[str, State]]) -> Layout:
+        """The union of every rank's states (one object all-gather): slots in order of first appearance with
+        their widths, the owner of each REPLICATED state, and every CONCAT key."""
+        me = dist.get_rank(self.group)  # type: ignore[arg-type]
+        held = {(q, key): int(s.tensor.shape[1]) for q, states in collected.items() for key, s in states.items()}
+        mine = {"counts": self.counts,
+                "slots": [(q.name, key, kind.value, held.get((q.name, key), 0)) for q in self.quantities
+                          for key, kind in q.slots.items()],
+                "states": [(q, key, s.reduction.value, tuple(s.tensor.shape)) for q, states in collected.items()
+                           for key, s in states.items() if s.reduction not in WINDOW_REDUCTIONS]}
+        every: list[Any] = [None] * dist.get_world_size(self.group)  # type: ignore[arg-type]
+        dist.all_gather_object(every, mine, group=self.group)  # type: ignore[arg-type]
+        widths: dict[tuple[str, str, str], set[int]] = {}
+        for rank_layout in every:
+            for q, key, kind, width in rank_layout["slots"]:
+                widths.setdefault((q, key, kind), set()).update({width} if width else set())
+        if differ := [f"{q}/{k}: {sorted(w)}" for (q, k, _), w in widths.items() if len(w) > 1]:
+            raise ValueError(f"Ranks disagree on the size of the gatewatch state ({', '.join(differ)}): the stages "
+                             "that hold a gate must agree on its experts, and every rank must log the same task "
+                             "losses.")
+        slots = [(q, key, Reduction(kind), max(w, default=0)) for (q, key, kind), w in widths.items()]
+        owned: dict[tuple[str, str], tuple[int, tuple[int, ...]]] = {}
+        concat: dict[tuple[str, str], None] = {}
+        for counting in (True, False):  # the owner of a REPLICATED state: the first rank holding it that counts
+            for rank, rank_layout in enumerate(every):
+                for q, key, kind, shape in rank_layout["states"]:
+                    if Reduction(kind) is Reduction.CONCAT:
+                        concat[(q, key)] = None
+                    elif rank_layout["counts"] == counting and (q, key) not in owned:
+                        owned[(q, key)] = (rank, shape)
+        replicated = [(q, key, rank == me, shape) for (q, key), (rank, shape) in owned.items()]
+        return Layout(slots, replicated, list(concat))
+
     def _reduce_across_ranks(self, collected: dict[str, dict[str, State]], n_windows: int, control: list[float]
                              ) -> tuple[HostStates, list[float]]:
-        widths = self._slot_widths(collected)
+        plan = self._varied_layout(collected) if self.varied else self._uniform_layout(collected)
         device = next((s.tensor.device for states in collected.values() for s in states.values()),
                       torch.device("cpu"))  # built where the states are, then one copy per kind to the CPU (gloo)
         layout: dict[Reduction, list[tuple[str, str, int]]] = {kind: [] for kind in WINDOW_REDUCTIONS}
         parts: dict[Reduction, list[torch.Tensor]] = {kind: [] for kind in WINDOW_REDUCTIONS}
-        for q in self.quantities:
-            for key, kind in q.slots.items():
-                width = widths[(q.name, key)]
-                if not width:
-                    continue
-                state = collected[q.name].get(key) if self.counts else None
-                tensor = (state.tensor.to(device, torch.float64) if state is not None else
-                          torch.full((n_windows, width), IDENTITY[kind], dtype=torch.float64, device=device))
-                layout[kind].append((q.name, key, width))
-                parts[kind].append(tensor.reshape(n_windows, width))
+        for q, key, kind, width in plan.slots:
+            if not width:
+                continue
+            state = collected.get(q, {}).get(key) if self.counts else None
+            tensor = (state.tensor.to(device, torch.float64) if state is not None else
+                      torch.full((n_windows, width), IDENTITY[kind], dtype=torch.float64, device=device))
+            layout[kind].append((q, key, width))
+            parts[kind].append(tensor.reshape(n_windows, width))
         buffers = {kind: (torch.cat(p, dim=1) if p else torch.zeros(n_windows, 0, dtype=torch.float64)).cpu()
                    for kind, p in parts.items()}
         extremes = [(buffers[k] != IDENTITY[k]).sum().to(torch.float64).reshape(1) for k in (Reduction.MIN,
                                                                                             Reduction.MAX)]
         head = torch.cat([torch.tensor(control, dtype=torch.float64), *extremes])
-        summed = torch.cat([head, buffers[Reduction.SUM].reshape(-1)])
+        owned = [collected[q][key].tensor.reshape(-1).to("cpu", torch.float64) if mine else
+                 torch.zeros(math.prod(shape), dtype=torch.float64) for q, key, mine, shape in plan.replicated]
+        summed = torch.cat([head, buffers[Reduction.SUM].reshape(-1), *owned])
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)  # type: ignore[arg-type]
-        local = [(q, k, s.tensor) for q, states in collected.items() for k, s in states.items()
-                 if s.reduction is Reduction.REPLICATED]
+        local = [] if self.varied else [(q, k, s.tensor) for q, states in collected.items() for k, s in states.items()
+                                        if s.reduction is Reduction.REPLICATED]
         flat = torch.cat([summed.cpu(), *(t.reshape(-1).to("cpu", torch.float64) for _, _, t in local)])
         n = len(control)
         control_out, flags = flat[:n].tolist(), flat[n : n + 2].tolist()
@@ -152,15 +213,17 @@ class Reducer:
         for kind, entries in layout.items():
             col = 0
             for q, key, width in entries:
-                host[q][key] = windowed[kind][:, col : col + width]
+                host.setdefault(q, {})[key] = windowed[kind][:, col : col + width]
                 col += width
-        for q, key, tensor in local:
-            host[q][key] = flat[at : at + tensor.numel()].reshape(tensor.shape).numpy()
-            at += tensor.numel()
-        for q, states in collected.items():
-            for key, state in states.items():
-                if state.reduction is Reduction.CONCAT:
-                    host[q][key] = self._gather(state.tensor if self.counts else state.tensor[:0])
+        shaped = [(q, key, shape) for q, key, _, shape in plan.replicated] + [(q, k, t.shape) for q, k, t in local]
+        for q, key, shape in shaped:
+            host.setdefault(q, {})[key] = flat[at : at + math.prod(shape)].reshape(shape).numpy()
+            at += math.prod(shape)
+        for q, key in plan.concat:
+            state = collected.get(q, {}).get(key)
+            rows = self._gather(None if state is None else state.tensor if self.counts else state.tensor[:0])
+            if rows is not None:
+                host.setdefault(q, {})[key] = rows
         return host, control_out
 
     def _extreme(self, buffer: torch.Tensor, kind: Reduction, needed: bool) -> np.ndarray:
@@ -170,12 +233,14 @@ class Reducer:
             dist.all_reduce(buffer, op=getattr(dist.ReduceOp, OPS[kind]), group=self.group)  # type: ignore[arg-type]
         return buffer.cpu().numpy()
 
-    def _gather(self, tensor: torch.Tensor) -> np.ndarray:
-        """Rows of every rank, in rank order."""
+    def _gather(self, tensor: torch.Tensor | None) -> np.ndarray | None:
+        """Rows of every rank, in rank order (``tensor`` None: this rank holds no such state; None when no rank
+        has rows and this rank holds none)."""
         gathered: list[np.ndarray | None] = [None] * dist.get_world_size(self.group)  # type: ignore[arg-type]
-        dist.all_gather_object(gathered, tensor.detach().to("cpu", torch.float64).numpy(), group=self.group)
+        mine = None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+        dist.all_gather_object(gathered, mine, group=self.group)  # type: ignore[arg-type]
         parts = [g for g in gathered if g is not None and g.size]
-        return combine(Reduction.CONCAT, parts) if parts else tensor.detach().cpu().double().numpy()
+        return combine(Reduction.CONCAT, parts) if parts else mine
 
 
 def combine(kind: Reduction, parts: list[np.ndarray]) -> np.ndarray:

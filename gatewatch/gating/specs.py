@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -87,7 +87,9 @@ class ResolvedGate:
     expert_map: str | None = None  # how expert_modules was found ("explicit", "inferred ...") or why not
     router: Router | None = None
     fused: FusedSlices | None = None  # fused experts: declared, or inferred at the first output
+    stage: int | None = None  # the pipeline stage that holds it (a mesh with 'pp'); None: no pipeline
     n_experts: int | None = field(default=None, init=False)
+    elsewhere: ClassVar[bool] = False  # True: another pipeline stage holds it (gatewatch.capture.pipeline)
 
     def describe(self) -> dict[str, Any]:
         """The JSON-safe description stored in ``run.json``."""
@@ -98,6 +100,7 @@ class ResolvedGate:
             "expert_modules": self.expert_modules, "expert_map": self.expert_map,
             "fused_experts": None if self.fused is None else self.fused.describe(),
             "scoring": None if self.router is None else self.router.scoring,
+            **({} if self.stage is None else {"stage": self.stage}),
         }
 
     def expert_names(self) -> list[str] | None:

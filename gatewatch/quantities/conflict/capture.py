@@ -110,8 +110,17 @@ NOT_MEASURED = {
 }
 
 
+ACROSS_STAGES = ("conflict_every: gradient conflict is not measured across pipeline stages (a mesh with 'pp'): each "
+                 "task's gradient comes from torch.autograd.grad on the task's loss, and autograd.grad cannot cross "
+                 "the send/recv between stages, so the stages before the last never see a per-task gradient. Set "
+                 "conflict_every=0 (the gate, router and loss statistics of every stage stay exact), or measure "
+                 "conflict within one stage: a run of that stage's layers with the task heads, without 'pp'.")
+
+
 def refuse_layout(mesh: Any) -> None:
     """Refuse gradient conflict on a mesh layout it cannot measure exactly, naming the dimension and the fix."""
+    if "pp" in (getattr(mesh, "mesh_dim_names", None) or ()):
+        raise ConflictError(ACROSS_STAGES)
     names = [n for n in getattr(mesh, "mesh_dim_names", None) or () if n in NOT_MEASURED]
     if names:
         raise ConflictError(f"conflict_every: gradient conflict is not measured on a mesh with {names[0]!r}: "

@@ -43,6 +43,11 @@ def build(ctx: CaptureContext) -> ConflictProxy | None:
         return None
     if not ctx.tasks or len(ctx.tasks) < 2:
         raise ExpertMapError("conflict_proxy compares tasks: pass tasks=[...] with at least two task names.")
+    if "pp" in (getattr(ctx.mesh, "mesh_dim_names", None) or ()):
+        raise ExpertMapError("conflict_proxy is not measured across pipeline stages (a mesh with 'pp'): it multiplies "
+                             "a gate's weights by the gradient at each task's tower input, and the gate and the "
+                             "towers are on different stages. Pass conflict_proxy=False (the gate, router and loss "
+                             "statistics of every stage stay exact).")
     return ConflictProxy(ctx)
 
 

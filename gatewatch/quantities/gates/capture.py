@@ -89,6 +89,8 @@ class GateStatistics(Quantity):
         if gate.experts is None and gate.task is None and sum(g.task is None for g in self.gates) > 1:
             gate.experts = [f"{gate.name}:{i}" for i in range(e)]  # task-less gates (layers) own their experts
         gate.n_experts = e
+        if gate.elsewhere:  # another pipeline stage holds it: its experts are not in this rank's model
+            return
         if "ep" in (getattr(self.ctx.mesh, "mesh_dim_names", None) or ()):  # this rank holds some experts only
             gate.expert_modules, gate.fused, gate.expert_map = None, None, EXPERT_PARALLEL
         else:

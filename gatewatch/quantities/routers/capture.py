@@ -79,7 +79,7 @@ class RouterDispatch(Quantity):
 
     def on_window(self, step: int) -> None:
         self.buffer.on_window(step)
-        for i in self.indices:
+        for i in (i for i in self.indices if not self.ctx.gates[i].elsewhere):  # another stage snapshots its own
             bias = self.ctx.gates[i].router.bias_of(self.ctx.gates[i].module)  # type: ignore[union-attr]
             if bias is not None:
                 self._bias[i].append(bias.detach().to(torch.float64).clone())
