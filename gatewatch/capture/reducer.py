@@ -145,7 +145,8 @@ class Reducer:
         """The union of every rank's states (one object all-gather): slots in order of first appearance with
         their widths, the owner of each REPLICATED state, and every CONCAT key."""
         me = dist.get_rank(self.group)  # type: ignore[arg-type]
-        held = {(q, key): int(s.tensor.shape[1]) for q, states in collected.items() for key, s in states.items()}
+        held = {(q, key): int(s.tensor.shape[1]) for q, states in collected.items() for key, s in states.items()
+                if s.reduction in WINDOW_REDUCTIONS}
         mine = {"counts": self.counts,
                 "slots": [(q.name, key, kind.value, held.get((q.name, key), 0)) for q in self.quantities
                           for key, kind in q.slots.items()],
