@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import gatewatch as gw
-from gatewatch.capture.mesh import check_mesh, counts_tokens, token_dims
+from gatewatch.capture.mesh import check_mesh, counts_tokens, pipeline_stage, token_dims
 from gatewatch.models import MMoE
 from gatewatch.quantities.conflict.layout import ConflictError
 
@@ -30,9 +30,20 @@ def test_token_dimensions_add_up_and_tensor_parallel_counts_once() -> None:
     assert not counts_tokens(StandInMesh(("dp", "tp"), (0, 1)))  # a second tp rank sees the same tokens
 
 
+def test_pipeline_stages_are_read_from_pp() -> None:
+    check_mesh(StandInMesh(("dp", "pp"), (1, 2)))
+    assert pipeline_stage(StandInMesh(("dp", "pp"), (1, 2))) == 2
+    assert pipeline_stage(StandInMesh(("dp", "tp"), (1, 0))) is None
+    assert token_dims(StandInMesh(("dp", "pp"), (0, 0))) == ["dp"]
+
+
+def test_conflict_across_pipeline_stages_is_refused_with_the_reason(tmp_path: Path) -> None:
+    model = MMoE(in_dim=4, tasks=["a", "b"], n_experts=2, expert_hidden=(), expert_dim=3)
+    with pytest.raises(ConflictError, match=r"across pipeline stages.*autograd\.grad cannot cross.*conflict_every=0"):
+        gw.GateWatch(model, tasks=["a", "b"], log_dir=tmp_path, conflict_every=1, mesh=StandInMesh(("pp",), (0,)))
+
+
 def test_meshes_gatewatch_cannot_place_are_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="'pp' dimension: pipeline stages are not measured"):
-        check_mesh(StandInMesh(("pp", "dp"), (0, 0)))
     with pytest.raises(ValueError, match=r"dimensions \['sp'\]"):
         check_mesh(StandInMesh(("dp", "sp"), (0, 0)))
     with pytest.raises(TypeError, match="mesh_dim_names"):
