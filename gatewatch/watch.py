@@ -68,8 +68,9 @@ class GateWatch:
         sinks: more :class:`~gatewatch.sinks.Sink` objects to write to (rank 0 only).
         durable: fsync every file written to the run directory (power-loss safety; costs a few ms a flush).
         mesh: the ``DeviceMesh`` of a parallel layout, with named dimensions: token statistics add up over
-            ``dp``, ``dp_replicate``, ``dp_shard``, ``cp`` and ``ep``, and count a token once over ``tp``
-            (docs/distributed.md). None: every rank holds its own tokens (DDP, FSDP2 alone).
+            ``dp``, ``dp_replicate``, ``dp_shard``, ``cp`` and ``ep``, and count a token once over ``tp``; over
+            ``pp`` each stage measures the gates it holds and rank 0 writes every stage's (docs/distributed.md).
+            None: every rank holds its own tokens (DDP, FSDP2 alone).
         **options: the quantities' own keywords; ``gatewatch.capture.settings.quantity_keywords()`` lists them
             with their defaults. Those that ship: gradient conflict ``conflict_every`` (steps, a schedule
             ``step -> bool``, or 0: off), ``shared``, ``conflict_threshold``, ``conflict_group``,
