@@ -40,6 +40,11 @@ def build(ctx: CaptureContext) -> RoutingStability | None:
     if not every:
         return None
     every = positive_int("saturation_every", every, unit="steps")
+    if "pp" in (getattr(ctx.mesh, "mesh_dim_names", None) or ()):
+        raise ValueError("saturation_every is not measured on pipeline stages (a mesh with 'pp'): the probe reruns "
+                         "the model's forward on a kept batch, and a stage's module cannot run alone (its input "
+                         "comes from the stage before). Leave saturation_every at 0 (the gate and router figures of "
+                         "every stage stay exact).")
     tokens = positive_int("saturation_tokens", ctx.options["saturation_tokens"], unit="probe tokens per router")
     routers = [i for i, g in enumerate(ctx.gates) if g.router is not None]
     if not routers:
