@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -202,6 +203,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.rebuild or not (args.run / "run.json").exists():
         start = time.perf_counter()
+        shutil.rmtree(args.run, ignore_errors=True)
         (build_light if args.light else build)(args.run, args.steps, args.groups)
         print(f"built {args.run} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     estimate(args.run)
