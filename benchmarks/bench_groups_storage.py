@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gatewatch.quantities.groups.read import detail_every, group_tables
+from gatewatch.capture.per_expert import per_expert_due, per_expert_every
+from gatewatch.quantities.groups.read import group_tables
 from gatewatch.run_format import atomic_write_parquet
 from gatewatch.schema import conform
 
@@ -48,8 +49,8 @@ def written(tables: dict[str, list[pd.DataFrame]], folder: Path) -> int:
 def measure(windows: int, every: int | None, rng: np.random.Generator, folder: Path) -> tuple[int, int]:
     """(bytes per window, windows between per-expert lists) of ``windows`` windows written as one flush."""
     steps = np.arange(1, windows + 1) * 10
-    n = detail_every(LAYERS * GROUPS * EXPERTS, every)
-    detail = np.arange(1, windows + 1) % n == 0
+    n = every or per_expert_every(LAYERS * GROUPS * EXPERTS)
+    detail = per_expert_due(np.arange(windows), LAYERS * GROUPS * EXPERTS, every=n)
     tables: dict[str, list[pd.DataFrame]] = {"group_routing": [], "group_specialisation": []}
     for layer in range(LAYERS):
         for name, df in group_tables(f"model.layers.{layer}.mlp.gate", ["code", "maths", "chat"], True, steps,

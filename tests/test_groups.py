@@ -245,12 +245,12 @@ def test_training_random_numbers_are_untouched(tmp_path: Path) -> None:
 
 
 def test_per_expert_lists_every_n_windows_and_in_the_last(tmp_path: Path) -> None:
-    omoe_run(tmp_path, random_labels, steps=10, group_experts_every=2)  # windows at 2, 4, 6, 8, 10 -> 4, 8, 10
+    omoe_run(tmp_path, random_labels, steps=10, group_experts_every=2)  # windows at 2, 4, 6, 8, 10 -> 2, 6, 10
     routing = gw.load_run(tmp_path).table("group_routing")
     detail = sorted(routing.loc[routing["share"].notna(), "step"].unique())
-    assert detail == [4, 8, 10]
+    assert detail == [2, 6, 10]
     assert sorted(routing["step"].unique()) == [2, 4, 6, 8, 10]  # the scalar columns every window
-    assert figures.group_detail_steps(routing) == [4, 8, 10]
+    assert figures.group_detail_steps(routing) == [2, 6, 10]
 
 
 def test_bad_labels_and_arguments_fail_with_the_fix(tmp_path: Path) -> None:

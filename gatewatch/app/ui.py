@@ -278,6 +278,16 @@ def step_picker(steps: pd.Series, *, key: str, label: str = "Step") -> int | Non
                          key=key, help="Charts below show the window ending at (or just before) this step."))
 
 
+def per_expert_caption(run: Any, table: str) -> None:
+    """Say, under a per-expert figure, when ``table`` keeps its rows in every K-th window only (run.json's
+    ``per_expert_every``: a wide model's size bound); nothing when it keeps every window."""
+    every = (run.meta.get("per_expert_every") or {}).get(table)
+    if isinstance(every, int) and every > 1:
+        st.caption(f"Per-expert values ({table}) are kept in the first window, every {every}th after it and the "
+                   "run's last, so that a wide model's run stays small; the aggregate curves (entropy, MaxVio, "
+                   "dead count ...) have every window.")
+
+
 def empty(message: str) -> None:
     """Say why a section has nothing to show."""
     st.info(message, icon=":material/info:")

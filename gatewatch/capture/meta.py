@@ -43,10 +43,16 @@ def initial_meta(name: str, model: Any, settings: Mapping[str, Any], config: Map
     }
 
 
+MERGED = {"per_expert_every"}  # run.json keys of several quantities: {table: windows between per-expert rows}
+
+
 def refresh(meta: dict[str, Any], quantities: list[Any], **fields: Any) -> dict[str, Any]:
     """``meta`` with every quantity's fields, ``fields``, the time and a fresh heartbeat."""
     for q in quantities:
-        meta.update(q.describe())
+        fields_of = q.describe()
+        for key in MERGED & fields_of.keys():  # filled in by several quantities: each adds its own entries
+            fields_of[key] = {**(meta.get(key) or {}), **fields_of[key]}
+        meta.update(fields_of)
     meta.update(fields, updated=now(), heartbeat=time.time())
     return meta
 

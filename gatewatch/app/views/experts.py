@@ -10,6 +10,7 @@ if not len(run.experts.dropna(subset=["utilization"])):
     if len(run.table("router_experts")):  # sparse routers: each layer owns its experts (the Routers page)
         ui.empty("The experts of sparse routers belong to their layer: their load per layer is on the Routers page.")
         ui.chart(figures.load_heatmap(run.table("router_experts")), key="router_load")
+        ui.per_expert_caption(run, "router_experts")
         ui.panels("experts", ctx, run)  # e.g. the similarity of the fused experts of each layer
         st.stop()
     ui.empty("No expert utilization written yet: the first window appears after `every` steps and a flush.")

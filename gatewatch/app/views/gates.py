@@ -21,6 +21,7 @@ if view == "heatmap":
     ui.chart(figures.share_heatmap(run.shares, gate), key="share")
 else:
     ui.chart(figures.share_area(run.shares, gate), key="share")
+ui.per_expert_caption(run, "shares")
 
 threshold = float((run.meta.get("config") or {}).get("threshold", 0.9))
 ui.chart(figures.gate_curves(run.gates, threshold=threshold), key="curves")

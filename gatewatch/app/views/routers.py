@@ -18,6 +18,7 @@ step = ui.step_picker(experts["step"], key="router_step", label="Window")
 left, right = st.columns(2)
 with left:
     ui.chart(figures.load_heatmap(experts, step), key="router_load")
+    ui.per_expert_caption(run, "router_experts")
 with right:
     ui.chart(figures.max_violation_heatmap(routers), key="router_maxvio_map")
 ui.chart(figures.router_curves(routers, "max_violation"), key="router_maxvio")

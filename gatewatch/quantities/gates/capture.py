@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ...capture.gate_hooks import HookCall
+from ...capture.per_expert import PerExpertSchedule
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, to_device
 from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.expert_map import map_experts
@@ -52,6 +53,7 @@ class GateStatistics(Quantity):
         self._prev_share: dict[str, np.ndarray] = {}
         self._nonfinite_seen: set[str] = set()
         self._started: set[int] = set()  # gates that have had a window with samples (on some rank)
+        self.schedule = PerExpertSchedule()  # which windows keep their ``shares`` rows
         for i, gate in enumerate(self.gates):
             self.hook_gate(gate, self._hook(i))
 
@@ -126,8 +128,12 @@ class GateStatistics(Quantity):
         return self.buffer.collect(len(windows))
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
-        """The ``gates``, ``shares``, ``hist`` and ``experts`` rows of every window, computed per gate at once."""
+        """The ``gates``, ``hist`` and ``experts`` rows of every window, and the ``shares`` rows of the windows the
+        per-expert schedule keeps, computed per gate at once."""
         steps = np.asarray(windows, dtype=np.int64)
+        values = sum(Layout.experts_in(host[f"{i}"].shape[1], self.ctx.bins) for i in range(len(self.gates))
+                     if f"{i}" in host)
+        due = self.schedule.due(len(steps), values)
         tables: dict[str, list[pd.DataFrame]] = {"gates": [], "shares": [], "hist": [], "mix": []}
         events: list[dict[str, Any]] = []
         for i, gate in enumerate(self.gates):
@@ -144,7 +150,7 @@ class GateStatistics(Quantity):
             bad = host[f"{i}.bad"][keep, 0]
             first_bad = pd.array(np.where(np.isfinite(bad), bad, 0).astype(np.int64), dtype="Int64")
             first_bad[~np.isfinite(bad)] = pd.NA
-            self._gate_tables(gate, steps[keep], m, first_bad, tables)
+            self._gate_tables(gate, steps[keep], m, first_bad, due[keep], tables)
             if np.isfinite(bad).any() and gate.name not in self._nonfinite_seen:
                 self._nonfinite_seen.add(gate.name)
                 at = int(bad[np.isfinite(bad)][0])
@@ -168,8 +174,8 @@ class GateStatistics(Quantity):
         return np.cumsum(seen) > 0
 
     def _gate_tables(self, gate: ResolvedGate, steps: np.ndarray, m: dict[str, np.ndarray], first_bad: Any,
-                     tables: dict[str, list[pd.DataFrame]]) -> None:
-        """Append one gate's rows over several windows, column by column."""
+                     due: np.ndarray, tables: dict[str, list[pd.DataFrame]]) -> None:
+        """Append one gate's rows over several windows, column by column (``shares`` in the ``due`` ones)."""
         w, e = m["share"].shape
         valid = m["samples"] > 0
         share = m["share"]
@@ -192,10 +198,11 @@ class GateStatistics(Quantity):
             "drift": drift, "small_margin": m["small_margin"] if gate.top_k else np.nan,
             "nonfinite": m["nonfinite"], "first_nonfinite_step": first_bad,
         }))
+        n = int(due.sum())
         tables["shares"].append(pd.DataFrame({
-            "step": np.repeat(steps, e), "gate": gate.name, "expert": np.tile(np.arange(e), w),
-            "expert_name": np.tile(np.array(names, dtype=object), w), "share": share.ravel(),
-            "std": m["std"].ravel(), "top1": m["top1"].ravel(), "selected": selected.ravel(),
+            "step": np.repeat(steps[due], e), "gate": gate.name, "expert": np.tile(np.arange(e), n),
+            "expert_name": np.tile(np.array(names, dtype=object), n), "share": share[due].ravel(),
+            "std": m["std"][due].ravel(), "top1": m["top1"][due].ravel(), "selected": selected[due].ravel(),
         }))
         edges = np.linspace(0, 1, self.ctx.bins + 1)
         tables["hist"].append(pd.DataFrame({
@@ -209,8 +216,14 @@ class GateStatistics(Quantity):
             "utilization": share[valid].ravel(), "reference": 1.0 / e, "selected": selected[valid].ravel(),
         }))
 
+    def on_close(self) -> None:
+        self.schedule.close()
+
     def describe(self) -> dict[str, Any]:
-        return {"gates": [g.describe() for g in self.gates]}
+        out: dict[str, Any] = {"gates": [g.describe() for g in self.gates]}
+        if self.schedule.every is not None:
+            out["per_expert_every"] = {"shares": self.schedule.every}
+        return out
 
     def detach(self) -> None:
         super().detach()

@@ -106,8 +106,11 @@ def gate_findings(run: Run, th: Thresholds) -> list[Finding]:
         label = who(run, str(name), task)
         polarized = g["top_share"] >= th.collapse_share
         if bool(polarized.iloc[-1]) and int(last["experts"]) > 1:
-            top = shares[(shares["gate"] == name) & (shares["step"] == last["step"])].sort_values("share")
+            top, at = per_expert_at(shares, str(name), int(last["step"]))
+            top = top.sort_values("share", kind="stable")
             expert = str(top["expert_name"].iloc[-1]) if len(top) else "?"
+            if at is not None and at != int(last["step"]):
+                expert += f" (its largest share at step {at:,}, the last window with per-expert rows)"
             meaning = ("the task uses one expert, so MMoE has degenerated into a single tower for it" if task else
                        "one expert does the work of all, and the others hardly get any gradient")
             out.append(_finding(
@@ -192,9 +195,20 @@ def expert_findings(run: Run, th: Thresholds) -> list[Finding]:
     return out
 
 
+def per_expert_at(table: pd.DataFrame, gate: str, step: int) -> tuple[pd.DataFrame, int | None]:
+    """``gate``'s rows of a per-expert table (``shares``, ``router_experts``) in the latest window at or before
+    ``step`` that has them (a wide model keeps them every K-th window only), sorted by expert, and that window's
+    step (None when it has none)."""
+    mine = table[(table["gate"] == gate) & (table["step"] <= step)]
+    if not len(mine):
+        return mine, None
+    at = int(mine["step"].max())
+    return mine[mine["step"] == at].sort_values("expert"), at
+
+
 def last_windows(run: Run) -> list[tuple[str, pd.Series, pd.DataFrame]]:
-    """Each gate's last window with samples: (name, its ``gates`` row, its ``shares`` rows by expert), in run.json's
-    gate order."""
+    """Each gate's last window with samples: (name, its ``gates`` row, its ``shares`` rows by expert from the
+    latest window that has them), in run.json's gate order."""
     gates = run.gates.dropna(subset=["samples"])
     gates = gates[gates["samples"] > 0]
     if not len(gates):
@@ -204,13 +218,20 @@ def last_windows(run: Run) -> list[tuple[str, pd.Series, pd.DataFrame]]:
     out = []
     for name in [n for n in run.gate_names if n in last.index] + [n for n in last.index if n not in run.gate_names]:
         row = last.loc[name]
-        mine = shares[(shares["gate"] == name) & (shares["step"] == row["step"])]
-        out.append((name, row, mine.sort_values("expert")))
+        out.append((name, row, per_expert_at(shares, name, int(row["step"]))[0]))
     return out
 
 
+def expert_step(step: int, rows: pd.DataFrame) -> dict[str, int]:
+    """``{"expert_step": s}`` when the per-expert ``rows`` come from an earlier window (step ``s``) than the
+    window at ``step`` (a wide model's last window without them: a run still running); else ``{}``."""
+    at = int(rows["step"].iloc[0]) if len(rows) else step
+    return {"expert_step": at} if at != step else {}
+
+
 def gate_summaries(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
-    """The last window of each gate, in run.json's gate order."""
+    """The last window of each gate, in run.json's gate order (``expert_names``/``expert_share`` from the latest
+    window with per-expert rows: ``expert_step`` says which when it is an earlier one)."""
     out = []
     for name, row, sh in last_windows(run):
         out.append({
@@ -219,7 +240,7 @@ def gate_summaries(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
             "expert_share": [num(v) for v in sh["share"]], "entropy": num(row["entropy"]),
             "polarization": num(row["polarization"]), "max_weight": num(row["max_weight"]),
             "top_share": num(row["top_share"]), "effective_experts": num(row["effective_experts"]),
-            "mutual_info": num(row["mutual_info"]), "step": int(row["step"]),
+            "mutual_info": num(row["mutual_info"]), "step": int(row["step"]), **expert_step(int(row["step"]), sh),
         })
     return out
 
@@ -231,6 +252,7 @@ def gate_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     the shares add up to k), the mean gate weight otherwise; ``load_cv`` is its coefficient of variation;
     ``dead`` names the experts whose mean weight is below ``dead_fraction`` of an even split; ``small_margin``
     is the share of tokens whose k-th and (k+1)-th weights are closer than the watch's margin (routers only).
+    The per-expert figures come from the latest window that has per-expert rows (``expert_step`` when earlier).
     """
     top_k = {g["name"]: g.get("top_k") for g in run.meta.get("gates") or [] if isinstance(g, dict) and "name" in g}
     out = []
@@ -242,7 +264,7 @@ def gate_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
             "gate": name, "top_k": top_k.get(name), "expert_names": sh["expert_name"].astype(str).tolist(),
             "load": [num(v) for v in load], "load_cv": load_cv(load),
             "dead": sh.loc[dead, "expert_name"].astype(str).tolist(), "small_margin": num(row["small_margin"]),
-            "step": int(row["step"]),
+            "step": int(row["step"]), **expert_step(int(row["step"]), sh),
         })
     return out
 
@@ -338,6 +360,8 @@ def gates_text(gates: list[dict[str, Any]], report: dict[str, Any]) -> list[str]
     for g in gates:
         b = balance.get(g["name"]) or {}
         spec = f"  specialisation {fmt(special[g['name']])}" if g["name"] in special else ""
+        at = b.get("expert_step", g.get("expert_step"))
+        spec += f"  (per-expert at step {at:,})" if at is not None else ""
         if g["name"] in routed:
             load, experts = b["load"], bare(b["expert_names"], g["name"])
             lines.append(f"  {label[g['name']]:<{width}}  MaxVio {fmt(b['max_violation'])}  dead {len(b['dead']):>3}/"

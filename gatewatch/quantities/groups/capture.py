@@ -25,11 +25,12 @@ import pandas as pd
 import torch
 
 from ...capture.gate_hooks import HookCall
+from ...capture.per_expert import PerExpertSchedule
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.specs import ResolvedGate
 from ...validate import positive_int
-from .read import detail_every, group_tables, sums_layout
+from .read import group_tables, sums_layout
 
 KEYWORDS: dict[str, Any] = {"sample_groups": None, "group_experts_every": None}
 HOLD_ELEMENTS = 4_000_000  # affinities held until the flush; above: fold early
@@ -67,7 +68,8 @@ class SampleGroups(Quantity):
     batch_keys = ("sample_groups",)
 
     def __init__(self, ctx: CaptureContext, names: list[str], every: int | None) -> None:
-        self.ctx, self.names, self.every = ctx, names, every
+        self.ctx, self.names = ctx, names
+        self.schedule = PerExpertSchedule(every)  # which windows keep the per-expert lists
         for i in range(len(ctx.gates)):
             self.add_state(f"{i}", Reduction.SUM)
         self.buffer = WindowBuffer(self, ctx, self._reduce, hold_elements=HOLD_ELEMENTS)
@@ -75,8 +77,6 @@ class SampleGroups(Quantity):
         self.shuffled: torch.Tensor | None = None  # the uninformative labels of the same rows
         self._seen: torch.Tensor | None = None  # rows per group in the labels so far (float64)
         self._generator: torch.Generator | None = None
-        self._windows = 0  # windows written so far
-        self._closing = False
         self._told: set[str] = set()  # gates whose out-of-range labels were reported
         for i, gate in enumerate(ctx.gates):
             self.hook_gate(gate, self._hook(i))
@@ -202,7 +202,7 @@ class SampleGroups(Quantity):
         self.buffer.on_window(step)
 
     def on_close(self) -> None:
-        self._closing = True
+        self.schedule.close()
 
     def collect(self, windows: list[int]) -> dict[str, torch.Tensor]:
         return self.buffer.collect(len(windows))
@@ -212,12 +212,7 @@ class SampleGroups(Quantity):
         g = len(self.names)
         present = [(i, host[f"{i}"]) for i in range(len(self.ctx.gates)) if f"{i}" in host]
         values = sum(g * sums_layout(s.shape[1], g) for _, s in present)
-        every = detail_every(values, self.every)
-        ordinal = self._windows + 1 + np.arange(len(steps))
-        self._windows += len(steps)
-        detail = ordinal % every == 0
-        if self._closing and len(detail):
-            detail[-1] = True  # the run's last window keeps its per-expert lists
+        detail = self.schedule.due(len(steps), values)
         parts: dict[str, list[pd.DataFrame]] = {"group_routing": [], "group_specialisation": []}
         events = []
         for i, sums in present:
@@ -237,7 +232,10 @@ class SampleGroups(Quantity):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"sample_groups": list(self.names)}
+        out: dict[str, Any] = {"sample_groups": list(self.names)}
+        if self.schedule.every is not None:
+            out["per_expert_every"] = {"group_routing": self.schedule.every}
+        return out
 
     def detach(self) -> None:
         super().detach()

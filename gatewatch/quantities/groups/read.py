@@ -14,8 +14,10 @@ group's tokens dispatched to each expert, from the router's own choice; it adds 
   independently of its routing). With finitely many tokens the specialisation of unrelated labels is above 0;
   the baseline is what it is for the window's own routing, tokens and sequence structure.
 
-Per-expert ``share`` and ``load`` (lists, float32) are stored every ``group_experts_every`` windows and in the
-last window of the run (see :func:`detail_every`); the scalar columns every window.
+Per-expert ``share`` and ``load`` (lists, float32) are stored in the windows that
+:class:`~gatewatch.capture.per_expert.PerExpertSchedule` keeps (every window while gates x groups x experts is at
+most 512; above, the first, every K-th and the run's last), or every ``group_experts_every`` windows when given;
+the scalar columns every window.
 """
 
 from __future__ import annotations
@@ -47,15 +49,6 @@ TABLES: dict[str, dict[str, str]] = {
         "baseline": "float64",
     },
 }
-
-DETAIL_VALUES = 512  # per-expert values (gates x groups x experts) stored per window on average, at most
-
-
-def detail_every(values: int, every: int | None) -> int:
-    """Windows between two windows that store the per-expert lists: ``every`` when given, else 1 while the model
-    has at most ``DETAIL_VALUES`` gate x group x expert values, and enough windows to average that many above."""
-    return every if every is not None else max(1, math.ceil(values / DETAIL_VALUES))
-
 
 def sums_layout(width: int, groups: int) -> int:
     """The expert count of one gate's window sums of ``width`` floats (layout of :func:`split_sums`)."""

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ...capture.gate_hooks import HookCall
+from ...capture.per_expert import PerExpertSchedule
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
 from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.specs import ResolvedGate
@@ -51,6 +52,7 @@ class RouterDispatch(Quantity):
             self.add_state(f"{i}.bias", Reduction.REPLICATED)
         self.buffer = WindowBuffer(self, ctx, self._reduce, hold_elements=HOLD_ELEMENTS)
         self._bias: dict[int, list[torch.Tensor]] = {i: [] for i in indices}
+        self.schedule = PerExpertSchedule()  # which windows keep their ``router_experts`` rows
         for i in indices:
             self.hook_gate(ctx.gates[i], self._hook(i))
 
@@ -96,6 +98,8 @@ class RouterDispatch(Quantity):
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
         steps = np.asarray(windows, dtype=np.int64)
         parts: dict[str, list[pd.DataFrame]] = {"routers": [], "router_experts": []}
+        due = self.schedule.due(len(steps), sum(Sums.experts_in(host[f"{i}"].shape[1]) for i in self.indices
+                                                if f"{i}" in host))
         for i in self.indices:
             if f"{i}" not in host:
                 continue
@@ -104,12 +108,16 @@ class RouterDispatch(Quantity):
             bias = host.get(f"{i}.bias")
             names = gate.expert_names() or [str(j) for j in range(Sums.experts_in(sums.shape[1]))]
             for table, df in router_tables(gate.name, gate.router.top_k, gate.router.mask is not None,  # type: ignore[union-attr]
-                                           steps, sums, bias, names).items():
+                                           steps, sums, bias, names, due).items():
                 parts[table].append(df)
         return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items() if dfs}
 
+    def on_close(self) -> None:
+        self.schedule.close()
+
     def describe(self) -> dict[str, Any]:
-        return {"routers": [{"gate": self.ctx.gates[i].name, "scoring": r.scoring, "top_k": r.top_k,
+        every = {"per_expert_every": {"router_experts": self.schedule.every}} if self.schedule.every else {}
+        return {**every, "routers": [{"gate": self.ctx.gates[i].name, "scoring": r.scoring, "top_k": r.top_k,
                              "bias": r.bias, "groups": list(r.groups) if r.groups else None,
                              "capacity": r.capacity}
                             for i in self.indices if (r := self.ctx.gates[i].router) is not None]}

@@ -24,7 +24,7 @@ import pandas as pd
 
 from ...declarations import Page, ReadHalf, Section
 from ...rules import Finding, Thresholds, num, streak_start
-from ..gates.read import bare, gate_balance
+from ..gates.read import bare, expert_step, gate_balance, per_expert_at
 from .scalars import router_scalars
 
 if TYPE_CHECKING:
@@ -74,8 +74,9 @@ def max_violation(load: np.ndarray) -> np.ndarray:
 
 
 def router_tables(gate: str, top_k: int, capacity: bool, steps: np.ndarray, sums: np.ndarray,
-                  bias: np.ndarray | None, names: list[str]) -> dict[str, pd.DataFrame]:
-    """The ``routers`` and ``router_experts`` rows of one router over the windows ``steps``."""
+                  bias: np.ndarray | None, names: list[str], due: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """The ``routers`` rows of one router over the windows ``steps``, and its ``router_experts`` rows in the ``due``
+    ones (all when None)."""
     s = np.asarray(sums, dtype=np.float64)
     e = Sums.experts_in(s.shape[1])
     p = Sums(e).split(s)
@@ -100,10 +101,13 @@ def router_tables(gate: str, top_k: int, capacity: bool, steps: np.ndarray, sums
         "dropped": dropped, "bias_changed": np.where(has, p["changed"] / np.where(has, tokens, 1), np.nan)
         if bias is not None else np.nan, "bias_max": np.abs(b).max(1) if bias is not None else np.nan,
     })
+    due = np.ones(w, dtype=bool) if due is None else np.asarray(due, dtype=bool)
+    n = int(due.sum())
     experts = pd.DataFrame({
-        "step": np.repeat(steps, e), "gate": gate, "expert": np.tile(np.arange(e), w),
-        "expert_name": np.tile(np.array(names, dtype=object), w), "load": load.ravel(), "chose": chose.ravel(),
-        "dropped": dropped_e.ravel(), "weight": weight.ravel(), "bias": b.ravel(),
+        "step": np.repeat(steps[due], e), "gate": gate, "expert": np.tile(np.arange(e), n),
+        "expert_name": np.tile(np.array(names, dtype=object), n), "load": load[due].ravel(),
+        "chose": chose[due].ravel(), "dropped": dropped_e[due].ravel(), "weight": weight[due].ravel(),
+        "bias": b[due].ravel(),
     })
     return {"routers": routers, "router_experts": experts}
 
@@ -147,7 +151,9 @@ def router_findings(run: Run, th: Thresholds) -> list[Finding]:
         last = g.iloc[-1]
         recent = g.tail(int(th.router_windows))
         over = recent["max_violation"] > th.router_max_violation
-        mine = experts[(experts["gate"] == name) & (experts["step"] == last["step"])].sort_values("expert")
+        mine, at = per_expert_at(experts, str(name), int(last["step"]))
+        at = int(last["step"]) if at is None else at
+        when = "" if at == int(last["step"]) else f" at step {at:,} (the last window with per-expert rows)"
         load = mine["load"].to_numpy(dtype=float)
         if over.mean() >= th.router_imbalanced_share and len(recent) >= 2:
             out.append(_finding(
@@ -162,17 +168,17 @@ def router_findings(run: Run, th: Thresholds) -> list[Finding]:
             holding = int((np.cumsum(order) / order.sum() < 0.9).sum()) + 1
             if holding <= max(1, math.floor(th.collapse_experts * len(load))):
                 out.append(_finding(
-                    "router_collapse", "error", str(name), int(last["step"]),
+                    "router_collapse", "error", str(name), at,
                     f"router {name!r} has collapsed: {holding} of {len(load)} experts receive 90% of the dispatched "
-                    "tokens."))
+                    f"tokens{when}."))
         dead = mine[mine["load"] < th.dead_fraction * np.nanmean(load)] if len(load) else mine.iloc[:0]
         if len(dead):
             names = ", ".join(bare(dead["expert_name"].astype(str).tolist()[:12], str(name)))
             more = f" and {len(dead) - 12} more" if len(dead) > 12 else ""
             out.append(_finding(
-                "router_dead", "warning", str(name), int(last["step"]),
+                "router_dead", "warning", str(name), at,
                 f"layer {name!r} has {len(dead)} dead expert(s) of {len(load)}: {names}{more} receive less than "
-                f"{th.dead_fraction:.0%} of the mean load.", len(dead), f"of {len(load)} experts dead"))
+                f"{th.dead_fraction:.0%} of the mean load{when}.", len(dead), f"of {len(load)} experts dead"))
         out += _bias_growing(g, str(name), th)
     return out
 
@@ -197,7 +203,8 @@ def router_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
     """``balance[]`` of the gates quantity, with each router's dispatch view in its last window: ``load`` from
     the router's own indices, ``max_violation``, ``dead`` (dispatch load below ``dead_fraction`` of the mean),
     ``dropped`` (per expert; None without capacity), ``bias`` (per expert; None without one) and
-    ``bias_changed`` (share of tokens; None without a bias). Other gates get these keys as None."""
+    ``bias_changed`` (share of tokens; None without a bias). Other gates get these keys as None. The per-expert
+    figures come from the latest window with per-expert rows (``expert_step`` when it is earlier than ``step``)."""
     out = gate_balance(run, thresholds)
     routers = run.table("routers")
     routers = routers[routers["tokens"] > 0]
@@ -208,7 +215,7 @@ def router_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
         if not len(mine):
             continue
         row = mine.sort_values("step").iloc[-1]
-        ex = experts[(experts["gate"] == entry["gate"]) & (experts["step"] == row["step"])].sort_values("expert")
+        ex, _ = per_expert_at(experts, str(entry["gate"]), int(row["step"]))
         load = ex["load"].to_numpy(dtype=float)
         entry.update(
             load=[num(v) for v in load], max_violation=num(row["max_violation"]),
@@ -217,6 +224,8 @@ def router_balance(run: Run, thresholds: Thresholds) -> list[dict[str, Any]]:
             bias=None if ex["bias"].isna().all() else [num(v) for v in ex["bias"]],
             bias_changed=num(row["bias_changed"]), step=int(row["step"]),
         )
+        entry.pop("expert_step", None)
+        entry.update(expert_step(int(row["step"]), ex))
     return out
 
 
