@@ -320,7 +320,9 @@ def test_routers_page_and_findings_on_the_sample_run(monkeypatch: pytest.MonkeyP
 
     at = open_app(SAMPLE.parent, monkeypatch, "routers", run=SAMPLE.name)
     no_exception(at)
-    assert charts(at) == 5  # load + MaxVio heatmaps, MaxVio lines, bias heatmap, bias-changed lines
+    # load + MaxVio heatmaps, MaxVio lines, bias heatmap, bias-changed lines; co-activation P(j|i), routing
+    # stability heatmap and the saturation curve (the sample run probes its routing)
+    assert charts(at) == 8
     overview = open_app(SAMPLE.parent, monkeypatch, "overview", run=SAMPLE.name)
     assert "router imbalance" in texts(overview)
     links = [link.proto for link in overview.get("page_link")]
