@@ -16,7 +16,7 @@ are those of the real run with the same seed; the summary checks that they are.
     python scripts/experiments/group_specialisation.py --seeds 2 --steps 60 --tag small
 
 Writes, under docs/experiments/, group_specialisation[_TAG]:
-  .json (settings and summary), .csv (one row per run), .jsonl (each run as it finishes),
+  .json (settings and summary), .csv (one row per run), .jsonl (each run as it finishes; removed at the end),
   _specialisation.csv (per run, layer and window), _stability.csv (per run, layer and probe: stability and
   saturation), _coactivation.csv (per run, layer and window: the pair structure), .html/.png (figure).
 """
@@ -276,6 +276,7 @@ def main() -> None:
     for name, key in (("specialisation", "windows"), ("stability", "stability"), ("coactivation", "coactivation")):
         tables[key].to_csv(args.out / f"{stem}_{name}.csv", index=False)
     save_figure(figure(summary), args.out, stem, width=1300, height=450)
+    progress.unlink()  # the CSVs above hold every run
     print(f"{len(results)} runs in {meta['total_seconds']:.0f} s -> {args.out / stem}.json")
 
 
