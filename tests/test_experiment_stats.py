@@ -1,5 +1,5 @@
-"""The statistics the experiment scripts report: Fisher's exact test against hand-computed tables, and
-Wilson's interval against values worked out by hand."""
+"""The statistics the experiment scripts report: Fisher's exact test against hand-computed tables, Wilson's
+interval against values worked out by hand, and the co-activation summary against a count over every token."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
 from common import fisher_exact, wilson
+from group_specialisation import EXPERTS, STRONG, pair_structure
 
 
 @pytest.mark.parametrize(("table", "p"), [
@@ -50,3 +53,29 @@ def test_wilson_interval_matches_its_formula_by_hand(k, n):
 def test_wilson_interval_of_half_of_twenty():
     low, high = wilson(10, 20)
     assert (round(low, 4), round(high, 4)) == (0.2993, 0.7007)
+
+
+def test_pair_structure_matches_a_count_over_every_token():
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.full(EXPERTS, 0.5))
+    chosen = [tuple(sorted(rng.choice(EXPERTS, 2, replace=False, p=weights))) for _ in range(3000)]
+    # the coactivation table's rows: the upper triangle, the diagonal holding the tokens that chose each expert
+    counts = {}
+    for a, b in chosen:
+        for key in ((a, a), (b, b), (a, b)):
+            counts[key] = counts.get(key, 0) + 1
+    rows = pd.DataFrame([{"expert_a": a, "expert_b": b, "count": c} for (a, b), c in counts.items()])
+    got = pair_structure(10, "layer", rows)
+
+    pairs = {pair: chosen.count(pair) for pair in set(chosen)}
+    chose = [sum(e in pair for pair in chosen) for e in range(EXPERTS)]
+    given = [pairs.get(tuple(sorted((a, b))), 0) / chose[a]
+             for a in range(EXPERTS) for b in range(EXPERTS) if a != b and chose[a]]
+    ranked = sorted(pairs.values(), reverse=True)
+    assert got["tokens"] == len(chosen)
+    assert got["strong_pairs"] == sum(p > STRONG for p in given)
+    assert got["max_p"] == pytest.approx(max(given))
+    assert got["top1_share"] == pytest.approx(ranked[0] / len(chosen))
+    assert got["top3_share"] == pytest.approx(sum(ranked[:3]) / len(chosen))
+    assert got["top_pair"] == "-".join(map(str, max(pairs, key=pairs.get)))
+    assert got["load_max"] == pytest.approx(max(chose) / (2 * len(chosen)))
