@@ -58,6 +58,7 @@ class SampleRun:
 def config(**kwargs: object) -> TrainConfig:
     base: dict[str, object] = {"data": "synthetic", "data_kwargs": SYNTHETIC, "steps": 3000, "batch_size": 256,
                                "lr": 1e-3, "seed": 0, "every": 20, "flush_every": 500, "eval_every": 500,
+                               "flush_secs": None,  # flush by steps only: the same files on any machine
                                "tensorboard": False, "conflict_every": CONFLICT_EVERY, "similarity_every": 50}
     return TrainConfig(**{**base, **kwargs})  # type: ignore[arg-type]
 

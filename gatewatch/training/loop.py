@@ -73,6 +73,7 @@ class TrainConfig:
     staleness_delay: str = "fixed"  # delay = staleness, or "random": uniform on 0..staleness (seeded by seed)
     every: int = 10  # GateWatch window, steps
     flush_every: int = 100  # GateWatch writes, steps
+    flush_secs: float | None = 5.0  # ... or seconds since the last write, whichever first (None: steps only)
     conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
     similarity_every: int | None = None  # expert similarity (None: GateWatch's default, 0: off)
     sample_groups: bool | None = None  # label batches with their rows' domains (None: when the data has domains)
@@ -278,7 +279,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     watch = Unwatched() if not config.watch else GateWatch(
         model, tasks=tasks, log_dir=run_dir, every=config.every, flush_every=config.flush_every,
-        tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config, groups))
+        flush_secs=config.flush_secs, tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config, groups))
     if note:
         watch.annotate(note=note)
     bar = tqdm(total=config.steps, desc=run_dir.name, disable=not progress or not sys.stderr.isatty(),
