@@ -101,7 +101,7 @@ RUNS = [
               expect=frozenset({"polarization"}), forbid=frozenset()),
     SampleRun(router_sample.NAME, router_sample.SHOWS,
               config(model="sparse_moe", model_kwargs=router_sample.MODEL_KWARGS, data="domains",
-                     data_kwargs=router_sample.DATA_KWARGS, conflict_every=None, **router_sample.TRAIN),
+                     data_kwargs=router_sample.DATA_KWARGS, **router_sample.TRAIN),
               expect=router_sample.EXPECT, forbid=frozenset({"nonfinite"}), builder=router_sample.skewed),
 ]
 
