@@ -393,6 +393,16 @@ def test_installed_package_serves_the_app(tmp_path: Path, root: Path) -> None:
     assert out.stdout.strip().endswith("True")
 
 
+def test_groups_page_of_the_sparse_sample_draws_its_domains(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_app(SAMPLE_RUNS, monkeypatch, "groups", run="qwen3-moe-domains")
+    no_exception(at)
+    assert "Groups: d0, d1, d2" in texts(at)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(specs) == 4  # specialisation heatmap and lines, the share and load heatmaps of one gate
+    heatmaps = [s for s in specs if s["data"] and s["data"][0]["type"] == "heatmap"]
+    assert len(heatmaps) == 3 and all(len(h["data"][0]["z"]) > 0 for h in heatmaps)
+
+
 def test_experts_page_of_the_sparse_sample_shows_its_fused_experts_similarity(monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(SAMPLE_RUNS, monkeypatch, "experts", run="qwen3-moe-domains")
     no_exception(at)

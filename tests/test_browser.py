@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -82,11 +83,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, standard_run_dirs: dict[str, Path]) -> Iterator[Path]:
-    """The standard runs, the ``deepseek-routers`` sample run, and ``growing``, a run a background process keeps
-    writing while the test looks."""
+    """The standard runs, the sample runs that pages open as their example (``deepseek-routers``: a transformers
+    MoE's routers; ``qwen3-moe-domains``: sample groups), and ``growing``, a run a background process keeps writing
+    while the test looks."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     shutil.copytree(next(iter(standard_run_dirs.values())).parent, root)
-    shutil.copytree(SAMPLE_RUNS / "deepseek-routers", root / "deepseek-routers")  # a transformers MoE's routers
+    for name in sorted({parse_qs(query.lstrip("?")).get("run", [""])[0] for query, _ in PAGES.values()}):
+        if name and (SAMPLE_RUNS / name).is_dir() and not (root / name).exists():
+            shutil.copytree(SAMPLE_RUNS / name, root / name)
     writer = subprocess.Popen([
         sys.executable, "-c",
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _runs_factory import train_mmoe; "

@@ -310,7 +310,9 @@ def test_routers_figures_draw_the_dispatch_tables() -> None:
     maxvio = figures.max_violation_heatmap(routers)
     assert np.asarray(maxvio.data[0].z).shape == (3, routers["step"].nunique())
     assert len(figures.router_curves(routers).data) == 3
-    assert figures.router_summary(routers)["max_violation"].iloc[-1] > 1  # the skewed layer
+    skewed = routers[routers["gate"].str.endswith("layers.3.mlp.gate")].sort_values("step")
+    assert skewed["max_violation"].tail(10).median() > 1  # the skewed layer stays imbalanced
+    assert figures.router_summary(routers)["max_violation"].iloc[-1] == pytest.approx(skewed["max_violation"].iloc[-1])
     assert "no sparse router" in str(figures.load_heatmap(experts.iloc[:0]).layout.annotations[0].text)
 
 

@@ -22,14 +22,15 @@ from gatewatch.summary import SUMMARY_FILE, read_summary, summary_from_run
 from gatewatch.summary_cache import cache_file, cached_summary, can_write_into, summarize
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_runs"
-OLD = ("mmoe-polarized", "mmoe-collapsed", "census-mmoe")  # sample runs without summary.json
+OLD = ("mmoe-polarized", "mmoe-collapsed", "census-mmoe")  # sample runs, copied without summary.json
 
 
 def copy_old(root: Path, names: tuple[str, ...] = OLD) -> list[Path]:
     out = []
+    """Copies of sample runs ``names`` under ``root`` as runs written before summaries (no summary.json)."""
     for name in names:
-        assert not (SAMPLE / name / SUMMARY_FILE).exists()
-        shutil.copytree(SAMPLE / name, root / name, ignore=shutil.ignore_patterns("checkpoint.pt", "ablations"))
+        shutil.copytree(SAMPLE / name, root / name,
+                        ignore=shutil.ignore_patterns("checkpoint.pt", "ablations", SUMMARY_FILE))
         out.append(root / name)
     return out
 

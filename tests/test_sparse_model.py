@@ -84,3 +84,44 @@ def test_sparse_moe_trains_watched_and_rebuilds(tmp_path: Path) -> None:
     out = model(splits.x_test[:5])
     assert [o.shape for o in out] == [torch.Size([5])] * 2
     assert 0 <= result.metrics["test"]["flag"]["auc"] <= 1 and result.metrics["test"]["score"]["mse"] > 0
+    groups = run.table("group_routing")  # the loop labels each batch with its rows' domains
+    assert run.meta["sample_groups"] == ["d0", "d1", "d2"] and set(groups["group"]) == {"d0", "d1", "d2"}
+    seen = groups.groupby("group")["tokens"].sum() / 2  # both layers see every token of every batch once
+    assert seen.sum() == 12 * 32 * 16  # steps x sequences x tokens
+
+
+def test_loop_labels_groups_only_on_data_with_domains(tmp_path: Path) -> None:
+    from gatewatch.training import TrainConfig, train
+
+    with pytest.raises(ValueError, match="sample_groups=True needs a data set whose rows carry their domain"):
+        train(TrainConfig(data="synthetic", data_kwargs={"n_train": 64, "n_val": 16, "n_test": 16}, steps=2,
+                          batch_size=16, tensorboard=False, sample_groups=True), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="sample_groups is True, False or None"):
+        TrainConfig(sample_groups="yes")  # type: ignore[arg-type]
+
+
+def test_deepseek_bias_update_balances_against_each_forward_load() -> None:
+    pytest.importorskip("transformers")
+    from gatewatch.models import SparseMoE
+
+    torch.manual_seed(0)
+    model = SparseMoE(in_dim=8, tasks=["a"], family="deepseek_v3", vocab_size=32, n_layers=2, n_experts=8,
+                      bias_update=0.01, backbone_config={"n_group": 2, "topk_group": 1, "first_k_dense_replace": 1})
+    router = next(m for m in model.modules() if type(m).__name__ == "DeepseekV3TopkRouter")
+    chosen: list[torch.Tensor] = []
+    router.register_forward_hook(lambda _m, _i, out: chosen.append(out[2].detach().reshape(-1)))
+    x = torch.randint(0, 32, (6, 8))
+    model.train()
+    model(x)
+    assert torch.equal(router.e_score_correction_bias, torch.zeros(8))  # applied before the next forward
+    load = torch.bincount(chosen[0], minlength=8).float()
+    model(x)
+    want = 0.01 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(router.e_score_correction_bias, want)
+    model.eval()
+    before = router.e_score_correction_bias.clone()
+    model(x)
+    model(x)  # eval forwards neither count nor move the bias
+    torch.testing.assert_close(router.e_score_correction_bias, before)
+    with pytest.raises(ValueError, match="bias_update needs routers with an expert bias"):
+        SparseMoE(in_dim=8, tasks=["a"], bias_update=0.01)

@@ -4,7 +4,10 @@
 builds the data (:mod:`~gatewatch.training.datasets`) and the model (:mod:`gatewatch.models`), trains
 with ``watch.backward`` / ``watch.step``, evaluates on validation every ``eval_every`` steps and on
 test at the end, and leaves a complete run directory. ``staleness=tau`` trains on stale gradients, as
-asynchronous data-parallel workers would (:mod:`~gatewatch.training.staleness`). It leaves:
+asynchronous data-parallel workers would (:mod:`~gatewatch.training.staleness`). On a data set whose rows carry
+their domain (``splits.domains``, e.g. ``data="domains"``), each batch's forward is labelled with its rows' domains
+(``watch.grouped``), so the run records the sample groups' routing and specialisation (``sample_groups``). It
+leaves:
 
 * the GateWatch tables and ``run.json`` (plus an ``eval`` table: step, split, task, metric, value);
 * ``metrics.json``: final validation and test metrics per task, the validation history, steps done,
@@ -70,8 +73,11 @@ class TrainConfig:
     staleness_delay: str = "fixed"  # delay = staleness, or "random": uniform on 0..staleness (seeded by seed)
     every: int = 10  # GateWatch window, steps
     flush_every: int = 100  # GateWatch writes, steps
+    flush_secs: float | None = 5.0  # ... or seconds since the last write, whichever first (None: steps only)
     conflict_every: int | None = None  # per-task gradient conflict, when GateWatch supports it
     similarity_every: int | None = None  # expert similarity (None: GateWatch's default, 0: off)
+    saturation_every: int = 0  # routers: the routing probe every N steps (stability, saturation; 0: off)
+    sample_groups: bool | None = None  # label batches with their rows' domains (None: when the data has domains)
     guard_dropout: float = 0.0  # the online guard (gw.Guard) with this gate-dropout rate (0: no guard)
     eval_every: int = 0  # validation every N steps (0: only at the end)
     tensorboard: bool = True
@@ -101,6 +107,11 @@ class TrainConfig:
         for task, weight in self.task_weights.items():
             if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf):
                 raise ValueError(f"TrainConfig.task_weights[{task!r}] must be a number >= 0, got {weight!r}.")
+        if self.sample_groups is not None and not isinstance(self.sample_groups, bool):
+            raise ValueError(f"TrainConfig.sample_groups is True, False or None (None: when the data set has "
+                             f"domains), got {self.sample_groups!r}.")
+        if self.sample_groups and not self.watch:
+            raise ValueError("TrainConfig.sample_groups needs the watch (watch=True): the groups are its statistics.")
         if "gate_dropout" in self.model_kwargs:
             raise ValueError("set gate dropout with TrainConfig.gate_dropout, not model_kwargs['gate_dropout'].")
 
@@ -163,11 +174,29 @@ def supports_conflict() -> bool:
     return "conflict_every" in quantity_keywords()
 
 
-def watch_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """Extra GateWatch arguments: conflict_every (when this GateWatch supports it), similarity_every and the guard."""
+def group_names(config: TrainConfig, splits: Splits) -> list[str]:
+    """The sample groups the loop labels batches with: the data set's domain names, when it has domains and
+    ``config.sample_groups`` is not False; none otherwise. True on data without domains raises."""
+    if config.sample_groups is False or not config.watch:
+        return []
+    if not splits.domain_names:
+        if config.sample_groups:
+            raise ValueError(f"TrainConfig.sample_groups=True needs a data set whose rows carry their domain (e.g. "
+                             f"data='domains'); {config.data!r} has none. Leave sample_groups at None or False.")
+        return []
+    return list(splits.domain_names)
+
+
+def watch_kwargs(config: TrainConfig, groups: list[str] | None = None) -> dict[str, Any]:
+    """Extra GateWatch arguments: conflict_every (when this GateWatch supports it), similarity_every,
+    saturation_every, the guard and the sample groups."""
     extra: dict[str, Any] = {"guard": Guard(dropout=config.guard_dropout)} if config.guard_dropout else {}
+    if groups:
+        extra["sample_groups"] = groups
     if config.similarity_every is not None:
         extra["similarity_every"] = config.similarity_every
+    if config.saturation_every:
+        extra["saturation_every"] = config.saturation_every
     if config.conflict_every is None:
         return extra
     if not supports_conflict():
@@ -185,6 +214,9 @@ class Unwatched:
 
     def annotate(self, **fields: Any) -> None:
         """Nothing to record."""
+
+    def grouped(self, labels: Tensor) -> nullcontext[None]:
+        return nullcontext()
 
     def backward(self, losses: dict[str, Tensor]) -> None:
         sum(losses.values()).backward()  # type: ignore[union-attr]
@@ -245,10 +277,12 @@ def train(
     x_train, y_train = splits.x_train, splits.y_train
     rows = batches(len(x_train), config.batch_size, torch.Generator().manual_seed(config.seed))
     run_config = {**asdict(config), "data_ref": splits.ref}
+    groups = group_names(config, splits)
+    labels = splits.domains.get("train") if groups else None
     run_dir.mkdir(parents=True, exist_ok=True)
     watch = Unwatched() if not config.watch else GateWatch(
         model, tasks=tasks, log_dir=run_dir, every=config.every, flush_every=config.flush_every,
-        tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config))
+        flush_secs=config.flush_secs, tensorboard=config.tensorboard, config=run_config, **watch_kwargs(config, groups))
     if note:
         watch.annotate(note=note)
     bar = tqdm(total=config.steps, desc=run_dir.name, disable=not progress or not sys.stderr.isatty(),
@@ -268,7 +302,9 @@ def train(
             index = next(rows)
             x, y = x_train[index].to(config.device), y_train[index].to(config.device)
             with stale.stale() if stale is not None else nullcontext():
-                losses = weighted(task_losses(model(x), y, tasks, kinds), config.task_weights)
+                with watch.grouped(labels[index].to(config.device)) if labels is not None else nullcontext():
+                    outputs = model(x)
+                losses = weighted(task_losses(outputs, y, tasks, kinds), config.task_weights)
                 optimizer.zero_grad(set_to_none=True)
                 watch.backward(losses)
             optimizer.step()

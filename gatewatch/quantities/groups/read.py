@@ -239,6 +239,7 @@ QUANTITY = ReadHalf(
     sections=(Section("group_routing", group_routing),
               Section("group_specialisation", group_specialisation, specialisation_text)),
     rules=(group_findings,), remedy_texts=REMEDY_TEXTS,
-    pages=(Page("groups", "Groups", ":material/category:", "gatewatch.app.views.groups", 45), ),
+    pages=(Page("groups", "Groups", ":material/category:", "gatewatch.app.views.groups", 45,
+                "?run=qwen3-moe-domains", 4),),  # specialisation heatmap and lines, share and load heatmaps
     figures=("gatewatch.figures.groups",),
 )
