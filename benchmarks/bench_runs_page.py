@@ -1,0 +1,169 @@
+"""The Runs page on a folder of many runs, timed in headless Chromium against a real ``gatewatch dashboard``.
+
+Builds two folders of ``--runs`` hard-linked copies of the sample runs (``bench_dashboard.copies``): one where each
+run carries the ``summary.json`` a watch writes, one written before summaries (none). For each it starts a fresh
+``gatewatch dashboard`` process (cold: nothing imported, nothing cached), opens the Runs page in a new browser page
+and records, in the page itself (``performance.now()``: milliseconds since the navigation started, polled every
+25 ms, so the benchmark's own process does not delay the figures):
+
+* **table visible**: the runs table is on screen with rows in it - the dataframe's grid (Glide's accessible
+  ``table[role=grid]`` inside ``[data-testid=stDataFrame]``) has drawn at least one data row (a ``tbody`` row); the
+  rows the table holds then (``aria-rowcount`` less the header) are printed with it;
+* **every run in**: the table holds all the runs and no progress bar is left (for old runs: every run read in
+  full, its summary written into it);
+* **second visit**: a new browser page (a new session: nothing of the first page's session kept) on the same
+  server, timed to every run in; then, for the old runs, the same on a fresh server, their summaries now in the
+  runs; and once more with the summaries only in the per-user cache (``gatewatch summarize --cache`` on a fresh
+  set of old runs, as for a read-only folder).
+
+Targets: with summaries, the table visible cold in < 3 s; old runs, the table visible in < 10 s, then filling in;
+the second visit < 3 s. A screenshot of the page with every run in goes to ``--shot``.
+
+    python benchmarks/bench_runs_page.py [--runs 1000] [--dir DIR] [--shot runs-page.png] [--fill-timeout 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_dashboard import copies  # noqa: E402
+from test_browser import CHROMIUM, CHROMIUM_ARGS, WIDTH, free_port, full_page, stop, wait_healthy  # noqa: E402
+
+VISIBLE_S, OLD_VISIBLE_S = 3.0, 10.0
+# polled in the page from its first script on: when the table first shows rows, and each change of its row count
+WATCH = """
+window.__runsPage = {visible: null, visibleRows: null, counts: []};
+setInterval(() => {
+  const grid = document.querySelector('[data-testid="stDataFrame"] table[role="grid"]');
+  if (!grid) return;
+  const rows = Number(grid.getAttribute('aria-rowcount')) - 1, drawn = grid.querySelectorAll('tbody tr').length;
+  const w = window.__runsPage, t = performance.now() / 1000;
+  if (w.visible === null && drawn > 0) { w.visible = t; w.visibleRows = rows; }
+  const progress = !!document.querySelector('[data-testid="stProgress"]');
+  const last = w.counts[w.counts.length - 1];
+  if (!last || last[1] !== rows || last[2] !== progress) w.counts.push([t, rows, progress]);
+}, 25);
+"""
+ALL_IN = """n => { const c = window.__runsPage.counts, last = c[c.length - 1];
+  return !!last && last[1] === n && !last[2] && window.__runsPage.visible !== null; }"""
+
+
+@contextmanager
+def dashboard(folder: Path, env: dict[str, str]) -> Iterator[tuple[str, float]]:
+    """A fresh ``gatewatch dashboard`` on ``folder``: its URL and the seconds it took to answer its health check."""
+    port = free_port()
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "gatewatch.cli", "dashboard", str(folder), "--port", str(port),
+                               "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        yield url, time.perf_counter() - start
+    finally:
+        stop(server)
+
+
+def visit(browser, url: str, runs: int, timeout_s: float, shot: Path | None = None) -> dict:
+    """Open the Runs page in a new browser page; the in-page times: ``visible`` (s), ``visible_rows``, ``all_in`` (s)
+    and ``counts`` ([s, rows, progress bar shown] at each change)."""
+    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+    try:
+        page.add_init_script(WATCH)
+        page.goto(url)
+        try:
+            page.wait_for_function(ALL_IN, arg=runs, timeout=timeout_s * 1000, polling=250)
+        except Exception:
+            got = page.evaluate("() => window.__runsPage")
+            raise SystemExit(f"the Runs page did not show all {runs} runs within {timeout_s:g} s: {got}; it shows: "
+                             f"{page.inner_text('body')[:1500]}") from None
+        got = page.evaluate("() => window.__runsPage")
+        if page.locator('[data-testid="stException"]').count():
+            raise SystemExit(f"the Runs page raised: {page.locator('[data-testid=stException]').first.inner_text()}")
+        if shot is not None:
+            full_page(page, shot)
+    finally:
+        page.close()
+    return {"visible": got["visible"], "visible_rows": got["visibleRows"], "all_in": got["counts"][-1][0],
+            "counts": got["counts"]}
+
+
+def verdict(seconds: float, target: float) -> str:
+    return f"(target < {target:g} s){'  SLOW' if seconds >= target else ''}"
+
+
+def show(label: str, v: dict, runs: int, target: float, *, filling: bool = False) -> None:
+    print(f"  {label}: table visible at {v['visible']:.2f} s with {v['visible_rows']:,} of {runs:,} rows "
+          f"{verdict(v['visible'], target)}; every run in at {v['all_in']:.2f} s")
+    if filling:
+        passes = [(t, n) for t, n, _ in v["counts"] if n > 0]
+        step = max(1, len(passes) // 8)
+        print("    filling in (s: rows): " + ", ".join(f"{t:.0f}: {n:,}" for t, n in passes[::step])
+              + f" ... {passes[-1][0]:.0f}: {passes[-1][1]:,} ({len(passes)} redraws; "
+              f"{(passes[-1][0] - passes[0][0]) / max(1, passes[-1][1] - passes[0][1]):.3f} s a run)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000, help="runs in each folder")
+    parser.add_argument("--dir", type=Path, help="build the folders here (rebuilt each time); default: a temp dir")
+    parser.add_argument("--shot", type=Path, default=Path("runs-page.png"), help="screenshot of the Runs page")
+    parser.add_argument("--fill-timeout", type=float, default=900, help="seconds allowed for every old run to be in")
+    parser.add_argument("--skip-old", action="store_true", help="only the folder with summaries")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        root = (args.dir or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GATEWATCH_SUMMARIES": str(root / "summary-cache")}  # never the user's own cache
+        shutil.rmtree(root / "summary-cache", ignore_errors=True)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        n = args.runs
+
+        folder = copies(root, n, summaries=True)
+        print(f"{n:,} runs with summary.json in {folder}")
+        with dashboard(folder, env) as (url, up):
+            print(f"  fresh server up in {up:.1f} s")
+            show("cold", visit(browser, url, n, 120, args.shot), n, VISIBLE_S)
+            show("second visit, same server", visit(browser, url, n, 120), n, VISIBLE_S)
+        print(f"  screenshot: {args.shot}")
+        if args.skip_old:
+            return
+
+        folder = copies(root, n, summaries=False)
+        print(f"\n{n:,} runs written before summaries in {folder} (each read in full once; its summary written "
+              f"into it)")
+        with dashboard(folder, env) as (url, up):
+            print(f"  fresh server up in {up:.1f} s")
+            show("cold", visit(browser, url, n, args.fill_timeout), n, OLD_VISIBLE_S, filling=True)
+            show("second visit, same server", visit(browser, url, n, 120), n, VISIBLE_S)
+        with dashboard(folder, env) as (url, _):
+            show("second visit, fresh server", visit(browser, url, n, 120), n, VISIBLE_S)
+
+        folder = copies(root, n, summaries=False)
+        done = subprocess.run([sys.executable, "-m", "gatewatch.cli", "summarize", str(folder), "--cache"], env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"gatewatch summarize --cache failed: {done.stderr[-2000:]}")
+        print(f"\nthe same {n:,} old runs, their summaries only in the per-user cache (gatewatch summarize --cache)")
+        with dashboard(folder, env) as (url, _):
+            show("second visit, fresh server", visit(browser, url, n, 120), n, VISIBLE_S)
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
