@@ -45,8 +45,15 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS, WIDTH, free_port, full_page, s
 VISIBLE_S, OLD_VISIBLE_S = 3.0, 10.0
 # polled in the page from its first script on: when the table first shows rows, and each change of its row count
 WATCH = """
-window.__runsPage = {visible: null, visibleRows: null, counts: []};
+window.__runsPage = {visible: null, visibleRows: null, counts: [], marks: {"page loaded": null, "title drawn": null,
+                                                                           "table element": null}};
 setInterval(() => {
+  const m = window.__runsPage.marks, now = performance.now() / 1000;
+  if (m["page loaded"] === null && document.readyState === "complete") m["page loaded"] = now;
+  if (m["title drawn"] === null && document.querySelector('[data-testid="stMainBlockContainer"] h1')) {
+    m["title drawn"] = now;
+  }
+  if (m["table element"] === null && document.querySelector('[data-testid="stDataFrame"]')) m["table element"] = now;
   const grid = document.querySelector('[data-testid="stDataFrame"] table[role="grid"]');
   if (!grid) return;
   const rows = Number(grid.getAttribute('aria-rowcount')) - 1, drawn = grid.querySelectorAll('tbody tr').length;
@@ -61,9 +68,34 @@ ALL_IN = """n => { const c = window.__runsPage.counts, last = c[c.length - 1];
   return !!last && last[1] === n && !last[2] && window.__runsPage.visible !== null; }"""
 
 
+def cpu_seconds(server_group: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by the server (the processes of its process group) and by the browser
+    (this process's other descendants: Chromium and Playwright's driver), from Linux's /proc: the work each side
+    does, which the machine's other load does not inflate as it does the wall clock."""
+    tick, procs = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ... utime (12th), stime (13th)
+        except OSError:
+            continue
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), (int(fields[11]) + int(fields[12])) / tick)
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = procs[pid][0] if pid in procs else 0
+            if pid == os.getpid():
+                return True
+        return False
+
+    server = sum(cpu for _, group, cpu in procs.values() if group == server_group)
+    browser = sum(cpu for pid, (_, group, cpu) in procs.items() if group != server_group and mine(pid))
+    return server, browser
+
+
 @contextmanager
-def dashboard(folder: Path, env: dict[str, str]) -> Iterator[tuple[str, float]]:
-    """A fresh ``gatewatch dashboard`` on ``folder``: its URL and the seconds it took to answer its health check."""
+def dashboard(folder: Path, env: dict[str, str]) -> Iterator[tuple[str, float, int]]:
+    """A fresh ``gatewatch dashboard`` on ``folder``: its URL, the seconds it took to answer its health check, and
+    its process group."""
     port = free_port()
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "gatewatch.cli", "dashboard", str(folder), "--port", str(port),
@@ -72,15 +104,19 @@ def dashboard(folder: Path, env: dict[str, str]) -> Iterator[tuple[str, float]]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
-        yield url, time.perf_counter() - start
+        yield url, time.perf_counter() - start, server.pid
     finally:
         stop(server)
 
 
-def visit(browser, url: str, runs: int, timeout_s: float, shot: Path | None = None) -> dict:
-    """Open the Runs page in a new browser page; the in-page times: ``visible`` (s), ``visible_rows``, ``all_in`` (s)
-    and ``counts`` ([s, rows, progress bar shown] at each change)."""
-    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+def visit(context, server: tuple[str, float, int], runs: int, timeout_s: float, shot: Path | None = None) -> dict:
+    """Open the Runs page in a new page of the browser context ``context`` (a new Streamlit session). Returns the
+    in-page times: ``visible`` (s), ``visible_rows``, ``all_in`` (s), ``counts`` ([s, rows, progress bar shown] at
+    each change) and ``marks`` (page loaded, title drawn, table element); and the CPU seconds the server
+    (``server_cpu``) and the browser (``browser_cpu``) spent until every run was in."""
+    url, _, group = server
+    page = context.new_page()
+    before = cpu_seconds(group)
     try:
         page.add_init_script(WATCH)
         page.goto(url)
@@ -91,6 +127,7 @@ def visit(browser, url: str, runs: int, timeout_s: float, shot: Path | None = No
             raise SystemExit(f"the Runs page did not show all {runs} runs within {timeout_s:g} s: {got}; it shows: "
                              f"{page.inner_text('body')[:1500]}") from None
         got = page.evaluate("() => window.__runsPage")
+        after = cpu_seconds(group)
         if page.locator('[data-testid="stException"]').count():
             raise SystemExit(f"the Runs page raised: {page.locator('[data-testid=stException]').first.inner_text()}")
         if shot is not None:
@@ -98,7 +135,8 @@ def visit(browser, url: str, runs: int, timeout_s: float, shot: Path | None = No
     finally:
         page.close()
     return {"visible": got["visible"], "visible_rows": got["visibleRows"], "all_in": got["counts"][-1][0],
-            "counts": got["counts"]}
+            "counts": got["counts"], "marks": got["marks"], "server_cpu": after[0] - before[0],
+            "browser_cpu": after[1] - before[1]}
 
 
 def verdict(seconds: float, target: float) -> str:
@@ -108,6 +146,8 @@ def verdict(seconds: float, target: float) -> str:
 def show(label: str, v: dict, runs: int, target: float, *, filling: bool = False) -> None:
     print(f"  {label}: table visible at {v['visible']:.2f} s with {v['visible_rows']:,} of {runs:,} rows "
           f"{verdict(v['visible'], target)}; every run in at {v['all_in']:.2f} s")
+    print(f"    CPU until then: server {v['server_cpu']:.2f} s, browser {v['browser_cpu']:.2f} s")
+    print("    in the page (s): " + ", ".join(f"{k} {t:.2f}" for k, t in v["marks"].items() if t is not None))
     if filling:
         passes = [(t, n) for t, n, _ in v["counts"] if n > 0]
         step = max(1, len(passes) // 8)
@@ -136,10 +176,11 @@ def main() -> None:
 
         folder = copies(root, n, summaries=True)
         print(f"{n:,} runs with summary.json in {folder}")
-        with dashboard(folder, env) as (url, up):
-            print(f"  fresh server up in {up:.1f} s")
-            show("cold", visit(browser, url, n, 120, args.shot), n, VISIBLE_S)
-            show("second visit, same server", visit(browser, url, n, 120), n, VISIBLE_S)
+        browser_ctx = browser.new_context(viewport={"width": WIDTH, "height": 900})  # nothing in the browser's cache
+        with dashboard(folder, env) as server:
+            print(f"  fresh server up in {server[1]:.1f} s")
+            show("cold", visit(browser_ctx, server, n, 120, args.shot), n, VISIBLE_S)
+            show("second visit, same server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
         print(f"  screenshot: {args.shot}")
         if args.skip_old:
             return
@@ -147,12 +188,13 @@ def main() -> None:
         folder = copies(root, n, summaries=False)
         print(f"\n{n:,} runs written before summaries in {folder} (each read in full once; its summary written "
               f"into it)")
-        with dashboard(folder, env) as (url, up):
-            print(f"  fresh server up in {up:.1f} s")
-            show("cold", visit(browser, url, n, args.fill_timeout), n, OLD_VISIBLE_S, filling=True)
-            show("second visit, same server", visit(browser, url, n, 120), n, VISIBLE_S)
-        with dashboard(folder, env) as (url, _):
-            show("second visit, fresh server", visit(browser, url, n, 120), n, VISIBLE_S)
+        browser_ctx = browser.new_context(viewport={"width": WIDTH, "height": 900})
+        with dashboard(folder, env) as server:
+            print(f"  fresh server up in {server[1]:.1f} s")
+            show("cold", visit(browser_ctx, server, n, args.fill_timeout), n, OLD_VISIBLE_S, filling=True)
+            show("second visit, same server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
+        with dashboard(folder, env) as server:
+            show("second visit, fresh server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
 
         folder = copies(root, n, summaries=False)
         done = subprocess.run([sys.executable, "-m", "gatewatch.cli", "summarize", str(folder), "--cache"], env=env,
@@ -160,10 +202,9 @@ def main() -> None:
         if done.returncode:
             raise SystemExit(f"gatewatch summarize --cache failed: {done.stderr[-2000:]}")
         print(f"\nthe same {n:,} old runs, their summaries only in the per-user cache (gatewatch summarize --cache)")
-        with dashboard(folder, env) as (url, _):
-            show("second visit, fresh server", visit(browser, url, n, 120), n, VISIBLE_S)
+        with dashboard(folder, env) as server:
+            show("second visit, fresh server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
         browser.close()
-
 
 if __name__ == "__main__":
     main()

@@ -59,9 +59,25 @@ class RunRef:
 def inside(root: Path, path: Path) -> bool:
     """Whether ``path`` (with every symlink followed) lies in ``root``."""
     try:
-        return path.resolve().is_relative_to(root.resolve())
+        return _resolves_into(path, root.resolve())
     except (OSError, RuntimeError):  # a symlink loop
         return False
+
+
+def _resolves_into(path: Path, resolved_root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(resolved_root)
+    except (OSError, RuntimeError):
+        return False
+
+
+def outside_file(root: Path, run_path: Path, names: Sequence[str]) -> Path | None:
+    """The first of the run folder and its files ``names`` that resolves outside ``root``, else None. A file that is
+    not a symlink resolves into the run folder, so only the folder and the linked files are resolved: one path walk
+    per run, not one per file (the Runs page checks every run on every pass)."""
+    if not inside(root, run_path):
+        return run_path
+    return next((p for p in (run_path / name for name in names) if p.is_symlink() and not inside(root, p)), None)
 
 
 def discover(root: Path) -> list[RunRef]:
@@ -69,8 +85,9 @@ def discover(root: Path) -> list[RunRef]:
     if not root.is_dir():
         return []
     refs = []
+    base = root.resolve()
     for path in list_runs(root):
-        if inside(root, path):
+        if _resolves_into(path, base):
             rel = path.relative_to(root).as_posix()
             refs.append(RunRef(id=rel or ".", path=path))
     return refs
