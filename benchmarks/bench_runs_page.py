@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--fill-timeout", type=float, default=900, help="seconds allowed for every old run to be in")
     parser.add_argument("--skip-old", action="store_true", help="only the folder with summaries")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure as it comes, also into a pipe
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:

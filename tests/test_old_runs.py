@@ -202,6 +202,20 @@ def test_the_budget_reads_at_least_one_run_and_stops_when_spent() -> None:
     assert state.read_within(refs[3:], slow, 0.0, clock=lambda: now[0]) == 1 and read[-1] == "3"
 
 
+def test_the_first_read_is_short_while_the_table_has_no_row() -> None:
+    refs = [state.RunRef(str(i), Path(str(i))) for i in range(10)]
+    now = [0.0]
+
+    def read(ref: state.RunRef) -> None:
+        now[0] += 0.3
+
+    first = state.read_within(refs, read, state.read_budget(0), clock=lambda: now[0])
+    later = state.read_within(refs, read, state.read_budget(first), clock=lambda: now[0])
+    assert (state.read_budget(0), state.read_budget(first)) == (state.FIRST_READ_S, state.READ_BUDGET_S)
+    assert state.FIRST_READ_S < state.READ_BUDGET_S
+    assert (first, later) == (2, 7)  # 0.3 s a run: 2 runs pass 0.5 s, 7 pass 2 s
+
+
 def test_the_runs_page_shows_kept_summaries_at_once_and_fills_in_the_rest(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     copy_old(tmp_path)

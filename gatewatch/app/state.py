@@ -268,6 +268,7 @@ def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
 
 
 READ_BUDGET_S = 2.0  # the Runs page reads runs in full for this long, then shows them and goes on
+FIRST_READ_S = 0.5  # ... or for this long while it has no row to show: the table appears with its first runs sooner
 
 
 @dataclass
@@ -291,6 +292,12 @@ def runs_table(refs: Sequence[RunRef], row_of: Callable[[RunRef], dict[str, obje
         else:
             table.rows.append(row)
     return table
+
+
+def read_budget(rows_shown: int) -> float:
+    """How long the Runs page reads runs in full before it reruns to show them: :data:`FIRST_READ_S` while its table
+    has no row yet, else :data:`READ_BUDGET_S` (each rerun lists every run again, so longer passes fill in faster)."""
+    return READ_BUDGET_S if rows_shown else FIRST_READ_S
 
 
 def read_within(pending: Sequence[RunRef], read: Callable[[RunRef], object], budget_s: float,
