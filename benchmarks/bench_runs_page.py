@@ -13,8 +13,8 @@ and records, in the page itself (``performance.now()``: milliseconds since the n
   full, its summary written into it);
 * **second visit**: a new browser page (a new session: nothing of the first page's session kept) on the same
   server, timed to every run in; then, for the old runs, the same on a fresh server, their summaries now in the
-  runs; and once more with the summaries only in the per-user cache (``gatewatch summarize --cache`` on a fresh
-  set of old runs, as for a read-only folder).
+  runs; and once more with the summaries only in the per-user cache (each moved there, as ``gatewatch summarize
+  --cache`` keeps them for a read-only folder).
 
 Targets: with summaries, the table visible cold in < 3 s; old runs, the table visible in < 10 s, then filling in;
 the second visit < 3 s. A screenshot of the page with every run in goes to ``--shot``.
@@ -42,6 +42,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_dashboard import copies  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, WIDTH, free_port, full_page, stop, wait_healthy  # noqa: E402
 
+from gatewatch.run_reader import list_runs  # noqa: E402
+from gatewatch.summary import SUMMARY_FILE, read_summary  # noqa: E402
+from gatewatch.summary_cache import SUMMARIES_ENV, cache_summary, run_key  # noqa: E402
+
 VISIBLE_S, OLD_VISIBLE_S = 3.0, 10.0
 # polled in the page from its first script on: when the table first shows rows, and each change of its row count
 WATCH = """
@@ -68,10 +72,11 @@ ALL_IN = """n => { const c = window.__runsPage.counts, last = c[c.length - 1];
   return !!last && last[1] === n && !last[2] && window.__runsPage.visible !== null; }"""
 
 
-def cpu_seconds(server_group: int) -> tuple[float, float]:
-    """CPU seconds (user + system) used so far by the server (the processes of its process group) and by the browser
-    (this process's other descendants: Chromium and Playwright's driver), from Linux's /proc: the work each side
-    does, which the machine's other load does not inflate as it does the wall clock."""
+def cpu_seconds(server_group: int) -> dict[int, tuple[bool, float]]:
+    """For each process of the server (its process group) and of the browser (this process's other descendants:
+    Chromium and Playwright's driver): whether it is the server's, and the CPU seconds (user + system) it has used so
+    far, from Linux's /proc. The work each side does, which the machine's other load does not inflate as it does the
+    wall clock."""
     tick, procs = os.sysconf("SC_CLK_TCK"), {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -87,9 +92,17 @@ def cpu_seconds(server_group: int) -> tuple[float, float]:
                 return True
         return False
 
-    server = sum(cpu for _, group, cpu in procs.values() if group == server_group)
-    browser = sum(cpu for pid, (_, group, cpu) in procs.items() if group != server_group and mine(pid))
-    return server, browser
+    return {pid: (group == server_group, cpu) for pid, (_, group, cpu) in procs.items()
+            if group == server_group or mine(pid)}
+
+
+def cpu_used(before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]]) -> tuple[float, float]:
+    """CPU seconds the server and the browser used between two :func:`cpu_seconds` (by the processes alive at the
+    end: a process that ended in between is not counted)."""
+    used = [0.0, 0.0]
+    for pid, (server, cpu) in after.items():
+        used[0 if server else 1] += cpu - (before[pid][1] if pid in before else 0.0)
+    return used[0], used[1]
 
 
 @contextmanager
@@ -127,7 +140,7 @@ def visit(context, server: tuple[str, float, int], runs: int, timeout_s: float, 
             raise SystemExit(f"the Runs page did not show all {runs} runs within {timeout_s:g} s: {got}; it shows: "
                              f"{page.inner_text('body')[:1500]}") from None
         got = page.evaluate("() => window.__runsPage")
-        after = cpu_seconds(group)
+        server_cpu, browser_cpu = cpu_used(before, cpu_seconds(group))
         if page.locator('[data-testid="stException"]').count():
             raise SystemExit(f"the Runs page raised: {page.locator('[data-testid=stException]').first.inner_text()}")
         if shot is not None:
@@ -135,8 +148,8 @@ def visit(context, server: tuple[str, float, int], runs: int, timeout_s: float, 
     finally:
         page.close()
     return {"visible": got["visible"], "visible_rows": got["visibleRows"], "all_in": got["counts"][-1][0],
-            "counts": got["counts"], "marks": got["marks"], "server_cpu": after[0] - before[0],
-            "browser_cpu": after[1] - before[1]}
+            "counts": got["counts"], "marks": got["marks"], "server_cpu": server_cpu,
+            "browser_cpu": browser_cpu}
 
 
 def verdict(seconds: float, target: float) -> str:
@@ -170,7 +183,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
         root = (args.dir or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "GATEWATCH_SUMMARIES": str(root / "summary-cache")}  # never the user's own cache
+        os.environ[SUMMARIES_ENV] = str(root / "summary-cache")  # here and in the servers: not the user's cache
+        env = dict(os.environ)
         shutil.rmtree(root / "summary-cache", ignore_errors=True)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         n = args.runs
@@ -197,15 +211,17 @@ def main() -> None:
         with dashboard(folder, env) as server:
             show("second visit, fresh server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
 
-        folder = copies(root, n, summaries=False)
-        done = subprocess.run([sys.executable, "-m", "gatewatch.cli", "summarize", str(folder), "--cache"], env=env,
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"gatewatch summarize --cache failed: {done.stderr[-2000:]}")
-        print(f"\nthe same {n:,} old runs, their summaries only in the per-user cache (gatewatch summarize --cache)")
+        for run in list_runs(folder):  # as `gatewatch summarize --cache` keeps them, for a read-only folder
+            summary = read_summary(run)
+            assert summary is not None, f"{run} has no summary.json"
+            cache_summary(run, summary, run_key(run))
+            (run / SUMMARY_FILE).unlink()
+        print(f"\nthe same {n:,} runs, their summaries moved into the per-user cache (as `gatewatch summarize "
+              f"--cache` keeps them for a read-only folder)")
         with dashboard(folder, env) as server:
             show("second visit, fresh server", visit(browser_ctx, server, n, 120), n, VISIBLE_S)
         browser.close()
+
 
 if __name__ == "__main__":
     main()
