@@ -132,14 +132,20 @@ def summarize(path: Path, *, into_run: bool = True, writable: Callable[[Path], b
             return Summarized(summary, "written", problems)
         except OSError:
             pass  # read-only after all (a read-only file system, or a folder root may not write to): cache it
-    file = cache_file(path)
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(file, {"format": CACHE_FORMAT, "path": str(path.resolve()), "key": key, "summary": summary})
+        cache_summary(path, summary, key)
     except OSError as err:
-        return Summarized(summary, "not kept", problems,
-                          f"cannot write the cache file {file} ({err}); set {SUMMARIES_ENV} to a writable folder")
+        return Summarized(summary, "not kept", problems, f"cannot write the cache file {cache_file(path)} ({err}); "
+                                                         f"set {SUMMARIES_ENV} to a writable folder")
     return Summarized(summary, "cached", problems)
+
+
+def cache_summary(path: Path, summary: dict[str, Any], key: list[list[Any]]) -> None:
+    """Write the run's summary to its cache file, under ``key`` (:func:`run_key`, taken before the run was read);
+    OSError when the cache cannot be written."""
+    file = cache_file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(file, {"format": CACHE_FORMAT, "path": str(path.resolve()), "key": key, "summary": summary})
 
 
 def run_summaries(root: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -203,6 +203,20 @@ def test_the_budget_reads_at_least_one_run_and_stops_when_spent() -> None:
     assert state.read_within(refs[3:], slow, 0.0, clock=lambda: now[0]) == 1 and read[-1] == "3"
 
 
+def test_the_first_read_is_short_while_the_table_has_no_row() -> None:
+    refs = [state.RunRef(str(i), Path(str(i))) for i in range(10)]
+    now = [0.0]
+
+    def read(ref: state.RunRef) -> None:
+        now[0] += 0.3
+
+    first = state.read_within(refs, read, state.read_budget(0), clock=lambda: now[0])
+    later = state.read_within(refs, read, state.read_budget(first), clock=lambda: now[0])
+    assert (state.read_budget(0), state.read_budget(first)) == (state.FIRST_READ_S, state.READ_BUDGET_S)
+    assert state.FIRST_READ_S < state.READ_BUDGET_S
+    assert (first, later) == (2, 7)  # 0.3 s a run: 2 runs pass 0.5 s, 7 pass 2 s
+
+
 def test_the_runs_page_shows_kept_summaries_at_once_and_fills_in_the_rest(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     copy_old(tmp_path)
@@ -235,3 +249,29 @@ def test_the_runs_page_names_a_run_it_cannot_read_once(tmp_path: Path, full_read
     found = state.runs_table([ref], lambda r: data.kept_row(tmp_path, r, reads))
     assert not found.rows and not found.pending  # not read again on the next rerun
     assert len(found.unreadable) == 1 and "written by a newer gatewatch" in found.unreadable[0]
+
+
+def test_a_row_whose_run_or_files_link_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    (run,) = copy_old(root, ("mmoe-polarized",))
+    shutil.copytree(SAMPLE / "deepseek-routers", elsewhere / "deepseek-routers")
+    summary_from_elsewhere = elsewhere / "deepseek-routers" / SUMMARY_FILE
+    (root / "linked").mkdir()
+    (root / "linked" / "run.json").symlink_to(run / "run.json")  # a link that stays inside the root: allowed
+    (root / "linked" / SUMMARY_FILE).symlink_to(summary_from_elsewhere)
+    (root / "linked-out").symlink_to(elsewhere / "deepseek-routers", target_is_directory=True)
+    refs = [state.RunRef("mmoe-polarized", run), state.RunRef("linked", root / "linked"),
+            state.RunRef("linked-out", root / "linked-out")]
+    names = (SUMMARY_FILE, "run.json")
+    # the reference: every path resolved, one by one
+    for ref in refs:
+        want = next((p for p in (ref.path, *(ref.path / n for n in names))
+                     if (p.exists() or p.is_symlink()) and not state.inside(root, p)), None)
+        assert state.outside_file(root, ref.path, names) == want
+    assert [state.outside_file(root, ref.path, names) for ref in refs] == [
+        None, root / "linked" / SUMMARY_FILE, root / "linked-out"]
+    found = state.runs_table(refs, lambda ref: data.kept_row(root, ref, {}))
+    assert [r for r in found.unreadable if "points outside the dashboard's folder" in r] == [
+        f"`linked`: {root / 'linked' / SUMMARY_FILE} points outside the dashboard's folder {root}; it is not shown.",
+        f"`linked-out`: {root / 'linked-out'} points outside the dashboard's folder {root}; it is not shown."]
+    assert found.pending == [refs[0]]  # the plain run waits to be read in full

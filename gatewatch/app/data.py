@@ -20,7 +20,7 @@ from ..report import build_report
 from ..run_reader import Run, RunReadError, load_run
 from ..summary import SUMMARY_FILE
 from ..summary_cache import kept_summary, summarize
-from .state import OutsideRoot, RunRef, change_token, check_inside, inside, summary_row, write_stamp
+from .state import OutsideRoot, RunRef, change_token, check_inside, outside_file, summary_row, write_stamp
 
 
 class RunUnavailable(Exception):
@@ -91,9 +91,8 @@ def kept_row(root: Path, ref: RunRef, reads: Reads) -> dict[str, object] | str |
     """The Runs page's row of a run: the one read in full this session while the run is unchanged (it counts the
     unreadable files), else from its kept summary (``summary.json`` or the summary cache; findings at the default
     thresholds, as the run recorded them); a message when the run cannot be shown; None when it waits to be read."""
-    for p in (ref.path, ref.path / SUMMARY_FILE, ref.path / "run.json"):
-        if (p.exists() or p.is_symlink()) and not inside(root, p):
-            return f"{p} points outside the dashboard's folder {root}; it is not shown."
+    if (p := outside_file(root, ref.path, (SUMMARY_FILE, "run.json"))) is not None:
+        return f"{p} points outside the dashboard's folder {root}; it is not shown."
     if ref.id in reads and reads[ref.id][0] == write_stamp(ref.path):
         return reads[ref.id][1]
     kept = kept_summary(ref.path)

@@ -59,9 +59,25 @@ class RunRef:
 def inside(root: Path, path: Path) -> bool:
     """Whether ``path`` (with every symlink followed) lies in ``root``."""
     try:
-        return path.resolve().is_relative_to(root.resolve())
+        return _resolves_into(path, root.resolve())
     except (OSError, RuntimeError):  # a symlink loop
         return False
+
+
+def _resolves_into(path: Path, resolved_root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(resolved_root)
+    except (OSError, RuntimeError):
+        return False
+
+
+def outside_file(root: Path, run_path: Path, names: Sequence[str]) -> Path | None:
+    """The first of the run folder and its files ``names`` that resolves outside ``root``, else None. A file that is
+    not a symlink resolves into the run folder, so only the folder and the linked files are resolved: one path walk
+    per run, not one per file (the Runs page checks every run on every pass)."""
+    if not inside(root, run_path):
+        return run_path
+    return next((p for p in (run_path / name for name in names) if p.is_symlink() and not inside(root, p)), None)
 
 
 def discover(root: Path) -> list[RunRef]:
@@ -69,8 +85,9 @@ def discover(root: Path) -> list[RunRef]:
     if not root.is_dir():
         return []
     refs = []
+    base = root.resolve()
     for path in list_runs(root):
-        if inside(root, path):
+        if _resolves_into(path, base):
             rel = path.relative_to(root).as_posix()
             refs.append(RunRef(id=rel or ".", path=path))
     return refs
@@ -251,6 +268,7 @@ def finding_link(finding: Finding) -> tuple[str, dict[str, str]]:
 
 
 READ_BUDGET_S = 2.0  # the Runs page reads runs in full for this long, then shows them and goes on
+FIRST_READ_S = 0.5  # ... or for this long while it has no row to show: the table appears with its first runs sooner
 
 
 @dataclass
@@ -274,6 +292,12 @@ def runs_table(refs: Sequence[RunRef], row_of: Callable[[RunRef], dict[str, obje
         else:
             table.rows.append(row)
     return table
+
+
+def read_budget(rows_shown: int) -> float:
+    """How long the Runs page reads runs in full before it reruns to show them: :data:`FIRST_READ_S` while its table
+    has no row yet, else :data:`READ_BUDGET_S` (each rerun lists every run again, so longer passes fill in faster)."""
+    return READ_BUDGET_S if rows_shown else FIRST_READ_S
 
 
 def read_within(pending: Sequence[RunRef], read: Callable[[RunRef], object], budget_s: float,

@@ -3,8 +3,9 @@ severity, finding and config values, sort by any column, and pick the runs to lo
 runs are live the page re-reads them as they write (filters and choice kept).
 
 The runs with a kept summary (summary.json or the summary cache) show at once. The others are read in full after
-the page is drawn, for :data:`~gatewatch.app.state.READ_BUDGET_S` at a time, each keeping its summary; then the
-page reruns with them in the table, under a progress bar, until every run is in."""
+the page is drawn, for :data:`~gatewatch.app.state.READ_BUDGET_S` at a time (a shorter first read while no row is
+shown: :func:`~gatewatch.app.state.read_budget`), each keeping its summary; then the page reruns with them in the
+table, under a progress bar, until every run is in."""
 
 import pandas as pd
 import streamlit as st
@@ -24,7 +25,8 @@ found = state.runs_table(ctx.refs, lambda ref: data.kept_row(ctx.root, ref, read
 
 def read_more() -> None:
     """Read runs without a summary for the time budget, then rerun the page to show them."""
-    state.read_within(found.pending, lambda ref: data.read_in_full(ctx.root, ref, reads), state.READ_BUDGET_S)
+    state.read_within(found.pending, lambda ref: data.read_in_full(ctx.root, ref, reads),
+                      state.read_budget(len(found.rows)))
     st.rerun()
 
 
