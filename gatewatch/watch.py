@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -114,7 +115,8 @@ class GateWatch:
                           *([TensorBoardSink(self.log_dir / "tensorboard")] if tensorboard else []), *sinks]
         recent = RecentWindows() if any(s.wants_findings for s in self.sinks) else None
         self.writes = BackgroundWriter(threaded=bool(write_in_background), name=f"gatewatch-writer:{self.log_dir.name}")
-        self._fanout = Fanout(self.sinks, self.log_dir, self.writes.tell, recent)
+        self._fanout = Fanout(self.sinks, self.log_dir, self.writes.tell, recent, strict=not write_in_background)
+        self._deadline: float | None = None  # while closing: when the writer's time is up (time.monotonic())
         # rows made on the training thread: a step-time decision needs them (on_nonfinite="raise", Quantity.after)
         self._rows_inline = on_nonfinite == "raise" or any(type(q).after is not Quantity.after for q in self.quantities)
         self.meta = run_meta.initial_meta(self.log_dir.name, unwrap(model), st.recorded(), config, world_size(),
@@ -247,7 +249,8 @@ class GateWatch:
         does) and hand them to the writer thread, which writes them through every sink and refreshes the
         heartbeat. One flush at a time: a flush first waits for the last one to be written. ``wait``: return once
         everything handed over so far is written."""
-        self.writes.wait_for_flush()  # the quantities' rows of the last flush are made: their state may change
+        limit = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        self.writes.wait_for_flush(limit)  # the quantities' rows of the last flush are made: their state may change
         windows, self._windows = self._windows, []
         idle = not windows and self.clock.last_step == self.ctx.step  # e.g. close() right after a flush: no collective
         proposal = [self.clock.propose(self.ctx.step) if self.rank == 0 else 0.0] if self.ctx.distributed else []
@@ -258,7 +261,8 @@ class GateWatch:
         what = f"the flush of steps {windows[0]}..{windows[-1]}" if windows else f"run.json at step {self.ctx.step}"
         if self._rows_inline:
             tables = self._tables(windows, host, events)
-            self.writes.submit(what, lambda: self._fanout.flush(tables, meta, closing=closing), flush=True)
+            self.writes.submit(what, lambda: self._fanout.flush(tables, meta, closing=closing), flush=True,
+                               timeout=limit)
             check_nonfinite(tables["events"], self.on_nonfinite)
         else:
             def write() -> None:
@@ -267,7 +271,7 @@ class GateWatch:
                 if self.on_nonfinite == "warn" and (message := nonfinite_message(tables["events"])):
                     self.writes.tell(f"gatewatch: {message}")
 
-            self.writes.submit(what, write, flush=True)
+            self.writes.submit(what, write, flush=True, timeout=limit)
         if wait:
             self.writes.drain()
             self._warn_news()
@@ -306,6 +310,7 @@ class GateWatch:
         if self.closed:
             return
         self.closing = True  # the last flush evaluates the findings whatever their schedule
+        self._deadline = time.monotonic() + timeout  # a stuck sink: the last flush is handed over all the same
         try:
             for q in self.quantities:
                 q.on_step(self.ctx.step)  # what ran after the last step() joins the last window
@@ -324,7 +329,7 @@ class GateWatch:
                              error=None if error is None else f"{type(error).__name__}: {error}")
             meta = self._meta_now()
             self.writes.submit("the close of the sinks and the final run.json", lambda: self._fanout.close(meta))
-            lost = self.writes.close(timeout)
+            lost = self.writes.close(max(0.0, self._deadline - time.monotonic()))
             self._warn_news()
             if lost:
                 warnings.warn(f"gatewatch could not finish writing {self.log_dir} within {timeout:g} s; not written: "

@@ -58,8 +58,9 @@ class BackgroundWriter:
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ the training thread
-    def submit(self, what: str, run: Callable[[], None], *, flush: bool = False) -> None:
-        """Hand over a job; waits while a flush is in flight (for a flush) or ``MAX_QUEUED`` jobs wait."""
+    def submit(self, what: str, run: Callable[[], None], *, flush: bool = False, timeout: float | None = None) -> None:
+        """Hand over a job; waits while a flush is in flight (for a flush) or ``MAX_QUEUED`` jobs wait, at most
+        ``timeout`` seconds (then it is queued all the same)."""
         if self._inert:
             return
         job = Job(what, run, flush)
@@ -70,7 +71,7 @@ class BackgroundWriter:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("This writer is closed.")
-            self._wait(lambda: not (flush and self._flush_in_flight()) and len(self._queue) < MAX_QUEUED)
+            self._wait(lambda: not (flush and self._flush_in_flight()) and len(self._queue) < MAX_QUEUED, timeout)
             self.flushes += flush
             self._queue.append(job)
             if self._thread is None:
@@ -78,12 +79,12 @@ class BackgroundWriter:
                 self._thread.start()
             self._cond.notify_all()
 
-    def wait_for_flush(self) -> None:
-        """Return once no flush is in flight (waits counted): what a flush does first, so that it never collects the
-        quantities' state while their rows of the last flush are being made."""
+    def wait_for_flush(self, timeout: float | None = None) -> None:
+        """Return once no flush is in flight (waits counted), or after ``timeout`` seconds: what a flush does first,
+        so that it never collects the quantities' state while their rows of the last flush are being made."""
         if self.threaded and not self._inert:
             with self._cond:
-                self._wait(lambda: not self._flush_in_flight())
+                self._wait(lambda: not self._flush_in_flight(), timeout)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every job handed over is done (at most ``timeout`` seconds); False if some are not."""
@@ -132,12 +133,12 @@ class BackgroundWriter:
     def _flush_in_flight(self) -> bool:
         return any(job.flush for job in self._queue) or (self._running is not None and self._running.flush)
 
-    def _wait(self, ready: Callable[[], bool]) -> None:
-        """Wait (holding ``_cond``) until ``ready()``; count the wait when there is one."""
+    def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
+        """Wait (holding ``_cond``) until ``ready()`` (at most ``timeout`` s); count the wait when there is one."""
         if ready():
             return
         start = time.perf_counter()
-        self._cond.wait_for(ready)
+        self._cond.wait_for(ready, timeout)
         waited = time.perf_counter() - start
         self.waits += 1
         self.waited_s += waited

@@ -25,12 +25,13 @@ MAX_BACKLOG = 32  # flushes a failing sink keeps to write later
 
 
 class Fanout:
-    """Calls ``sinks`` (see the module docstring); ``tell`` passes a message to the training thread."""
+    """Calls ``sinks`` (see the module docstring); ``tell`` passes a message to the training thread. ``strict``: a
+    sink's exception propagates (writes on the training thread, for debugging)."""
 
     def __init__(self, sinks: list[Sink], log_dir: Path, tell: Callable[[str], None],
-                 recent: RecentWindows | None = None) -> None:
+                 recent: RecentWindows | None = None, *, strict: bool = False) -> None:
         self.sinks = sorted(sinks, key=lambda s: not isinstance(s, RunDirWriter))  # the run directory first
-        self.log_dir, self.tell, self.recent = log_dir, tell, recent
+        self.log_dir, self.tell, self.recent, self.strict = log_dir, tell, recent, strict
         self.backlog: dict[int, list[dict[str, pd.DataFrame]]] = {}  # sink index -> tables it missed
         self.failing: set[int] = set()
 
@@ -80,6 +81,8 @@ class Fanout:
         try:
             call()
         except Exception as err:  # a user's sink that raises never reaches training
+            if self.strict:
+                raise
             if i not in self.failing:
                 self.failing.add(i)
                 self.tell(f"gatewatch: the sink {type(sink).__name__} raised {type(err).__name__}: {err} (in {what} "
