@@ -123,7 +123,8 @@ class GateWatch:
                                           [name for name, q in self._by_name.items() if q is not None])
         self._windows: list[int] = []  # last steps of the windows closed since the last flush
         self._last_window = 0
-        self._write_meta()
+        # the first run.json, and the trackers' runs, start on the calling thread (MLflow's active run is per thread)
+        self._fanout.write_meta(self._meta_now())
 
     # ------------------------------------------------------------------ what loops and integrations use
     def quantity(self, name: str) -> Quantity | None:
@@ -291,10 +292,6 @@ class GateWatch:
                          step_time=self.clock.step_time, ranks_partial=self.reducer.degraded or None,
                          writes=self.writes.stats(), **fields)
         return copy.deepcopy(self.meta)
-
-    def _write_meta(self) -> None:
-        meta = self._meta_now()
-        self.writes.submit(f"run.json at step {self.ctx.step}", lambda: self._fanout.write_meta(meta))
 
     def _warn_news(self) -> None:
         """Warn, on the training thread, what the writer thread could not do (and NaN/Inf it found)."""

@@ -54,7 +54,7 @@ class BackgroundWriter:
         self._inert = False  # a forked child's copy: writes nothing
         self._news: list[str] = []
         self.flushes = self.waits = 0
-        self.waited_s = self.longest_wait_s = 0.0
+        self.waited_s = self.longest_wait_s = self.busy_s = 0.0  # busy_s: time spent running jobs
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ the training thread
@@ -66,7 +66,7 @@ class BackgroundWriter:
         job = Job(what, run, flush)
         if not self.threaded:
             self.flushes += flush
-            run()
+            self._run(job)
             return
         with self._cond:
             if self._stopping:
@@ -108,9 +108,10 @@ class BackgroundWriter:
 
     def stats(self) -> dict[str, Any]:
         """What run.json records: whether writes run in the background, the flushes handed over, how often and
-        how long the training thread waited for the writer."""
+        how long the training thread waited for the writer, and the time spent writing."""
         return {"background": self.threaded, "flushes": self.flushes, "waits": self.waits,
-                "waited_s": round(self.waited_s, 4), "longest_wait_s": round(self.longest_wait_s, 4)}
+                "waited_s": round(self.waited_s, 4), "longest_wait_s": round(self.longest_wait_s, 4),
+                "writing_s": round(self.busy_s, 4)}
 
     def close(self, timeout: float) -> list[str]:
         """Run what is queued (at most ``timeout`` seconds), then stop the thread. Returns what was not written:
@@ -154,13 +155,20 @@ class BackgroundWriter:
                 job = self._running = self._queue.popleft()
             with self._busy:
                 try:
-                    job.run()
+                    self._run(job)
                 except Exception as err:  # a write never reaches training: the training thread warns it
                     self.tell(f"gatewatch could not write {job.what}: {type(err).__name__}: {err}. Training goes "
                               "on; the next flushes are written as usual.")
             with self._cond:
                 self._running = None
                 self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        start = time.perf_counter()
+        try:
+            job.run()
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ fork and exit
     def _before_fork(self) -> bool:
