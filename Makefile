@@ -43,6 +43,7 @@ sample-runs: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_capture.py
+	$(BIN)/python benchmarks/bench_capture.py --tasks 4 --only ratios
 	$(BIN)/python benchmarks/bench_conflict.py
 	$(BIN)/python benchmarks/bench_proxy.py
 	$(BIN)/python benchmarks/bench_routers.py

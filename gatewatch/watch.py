@@ -3,13 +3,18 @@
 The watch names no quantity: it builds every registered one (``gatewatch.registry``) and calls each through the
 ``Quantity`` protocol. Per step the quantities only hold or add up device tensors. Every ``every`` steps a window
 closes (host bookkeeping only); at a flush (``flush_every`` steps or ``flush_secs`` seconds) the reducer gathers every
-quantity's state, reduces it across ranks and moves it to the host in one transfer, the quantities turn it
-into rows, and the sinks (run directory, TensorBoard, the user's own) write them.
+quantity's state, reduces it across ranks and moves it to the host in one transfer. That is all a flush does on the
+training thread: the writer thread (:mod:`gatewatch.sinks.background`) then has the quantities turn the host copy
+into rows, and the sinks (run directory, TensorBoard, the user's own) write them. Decisions taken at the step stay
+on the training thread: with ``on_nonfinite="raise"``, or a quantity that decides on each flush's rows (one that
+overrides ``Quantity.after``, such as the guard), the rows are made on the training thread and only the writes move.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -22,7 +27,7 @@ from torch import nn
 from .capture import meta as run_meta
 from .capture import settings
 from .capture.distributed import own_group, rank, world_size
-from .capture.flush import check_nonfinite, merge
+from .capture.flush import check_nonfinite, merge, nonfinite_message
 from .capture.flush_clock import FlushClock
 from .capture.loss_items import Losses, loss_items
 from .capture.mesh import check_mesh, counts_tokens, pipeline_stage
@@ -34,12 +39,16 @@ from .gating.discovery import resolve
 from .gating.specs import GateDiscoveryError, ResolvedGate
 from .schema import frame
 from .sinks import Sink
+from .sinks.background import BackgroundWriter
+from .sinks.fanout import Fanout
 from .sinks.live_findings import RecentWindows
 from .sinks.run_writer import RunDirWriter
 from .sinks.tensorboard import TensorBoardSink
 from .wrappers import unwrap
 
 __all__ = ["GateWatch", "Losses", "quantity_keywords"]
+
+WRITE_TIMEOUT_S = 120.0  # close() waits this long for the writer thread
 
 
 class GateWatch:
@@ -71,6 +80,10 @@ class GateWatch:
             ``dp``, ``dp_replicate``, ``dp_shard``, ``cp`` and ``ep``, and count a token once over ``tp``; over
             ``pp`` each stage measures the gates it holds and rank 0 writes every stage's (docs/distributed.md).
             None: every rank holds its own tokens (DDP, FSDP2 alone).
+        write_in_background: make the rows and write them (run directory, TensorBoard, ``sinks``) on a writer thread
+            of the watch's own, so that a flush costs the training thread only the reduction and the copy to the
+            host (docs/reliability.md). False: everything runs on the training thread, and an error in a sink or a
+            quantity's rows raises where it happens (for debugging).
         **options: the quantities' own keywords; ``gatewatch.capture.settings.quantity_keywords()`` lists them
             with their defaults. Those that ship: gradient conflict ``conflict_every`` (steps, a schedule
             ``step -> bool``, or 0: off), ``shared``, ``conflict_threshold``, ``conflict_group``,
@@ -87,7 +100,8 @@ class GateWatch:
         gates: Mapping[str, Any] | Sequence[Any] | None = None, log_dir: str | os.PathLike[str], every: int = 10,
         flush_every: int = 100, flush_secs: float | None = 5.0, tensorboard: bool = True, threshold: float = 0.9,
         bins: int = 20, margin: float = 0.05, config: Mapping[str, Any] | None = None, on_nonfinite: str = "warn",
-        sinks: Sequence[Sink] = (), durable: bool = False, mesh: Any = None, **options: Any,
+        sinks: Sequence[Sink] = (), durable: bool = False, mesh: Any = None, write_in_background: bool = True,
+        **options: Any,
     ) -> None:
         st = settings.check(model, tasks=tasks, every=every, flush_every=flush_every, flush_secs=flush_secs,
                             threshold=threshold, bins=bins, margin=margin, on_nonfinite=on_nonfinite, options=options)
@@ -111,12 +125,18 @@ class GateWatch:
         if self.rank == 0:
             self.sinks = [RunDirWriter(self.log_dir, durable=durable),
                           *([TensorBoardSink(self.log_dir / "tensorboard")] if tensorboard else []), *sinks]
-        self._recent = RecentWindows() if any(s.wants_findings for s in self.sinks) else None
+        recent = RecentWindows() if any(s.wants_findings for s in self.sinks) else None
+        self.writes = BackgroundWriter(threaded=bool(write_in_background), name=f"gatewatch-writer:{self.log_dir.name}")
+        self._fanout = Fanout(self.sinks, self.log_dir, self.writes.tell, recent, strict=not write_in_background)
+        self._deadline: float | None = None  # while closing: when the writer's time is up (time.monotonic())
+        # rows made on the training thread: a step-time decision needs them (on_nonfinite="raise", Quantity.after)
+        self._rows_inline = on_nonfinite == "raise" or any(type(q).after is not Quantity.after for q in self.quantities)
         self.meta = run_meta.initial_meta(self.log_dir.name, unwrap(model), st.recorded(), config, world_size(),
                                           [name for name, q in self._by_name.items() if q is not None])
         self._windows: list[int] = []  # last steps of the windows closed since the last flush
         self._last_window = 0
-        self._write_meta()
+        # the first run.json, and the trackers' runs, start on the calling thread (MLflow's active run is per thread)
+        self._fanout.write_meta(self._meta_now())
 
     # ------------------------------------------------------------------ what loops and integrations use
     def quantity(self, name: str) -> Quantity | None:
@@ -222,8 +242,8 @@ class GateWatch:
         self._check_open()
         rows = [{"step": int(step), "split": split, "task": str(t), "metric": str(m), "value": float(v)}
                 for t, values in metrics.items() for m, v in values.items()]
-        for sink in self.sinks:
-            sink.write({"eval": frame("eval", rows)})
+        self.writes.submit(f"the evaluation metrics of step {int(step)}",
+                           lambda: self._fanout.write({"eval": frame("eval", rows)}))
 
     def annotate(self, **fields: Any) -> None:
         """Store JSON-safe ``fields`` in run.json (written at the next flush and at close)."""
@@ -233,6 +253,7 @@ class GateWatch:
     def step(self) -> None:
         """Call once per optimizer step, after it."""
         self._check_open()
+        self._warn_news()
         step = self.ctx.step = self.ctx.step + 1
         for q in self.quantities:
             q.on_step(step)
@@ -247,40 +268,69 @@ class GateWatch:
         for q in self.quantities:
             q.on_window(self.ctx.step)
 
-    def flush(self) -> None:
+    def flush(self, *, wait: bool = False) -> None:
         """Reduce the closed windows (across ranks too: every rank must call it at the same steps, as ``step()``
-        does), write them through every sink, and refresh the heartbeat."""
+        does) and hand them to the writer thread, which writes them through every sink and refreshes the
+        heartbeat. One flush at a time: a flush first waits for the last one to be written. ``wait``: return once
+        everything handed over so far is written."""
+        limit = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        self.writes.wait_for_flush(limit)  # the quantities' rows of the last flush are made: their state may change
         windows, self._windows = self._windows, []
         idle = not windows and self.clock.last_step == self.ctx.step  # e.g. close() right after a flush: no collective
         proposal = [self.clock.propose(self.ctx.step) if self.rank == 0 else 0.0] if self.ctx.distributed else []
         host, control = self.reducer.reduce(windows, proposal, local=idle)
         self.clock.flushed(self.ctx.step, control[0] if control else None)
-        parts = [q.rows(windows, host.get(q.name, {})) for q in self.quantities]
-        tables = merge([*parts, {"events": self.reducer.news(windows[0] if windows else self.ctx.step)}])
-        tables = merge([tables, *(q.after(tables) for q in self.quantities)])
-        for sink in self.sinks:
-            sink.write(tables)
-        self._write_meta()
-        if self._recent is not None:
-            self._recent.add(tables)
-            findings = self._recent.findings(self.log_dir, self.meta, force=self.closing)
-            for sink in (s for s in self.sinks if s.wants_findings and findings is not None):
-                sink.log_findings(self.ctx.step, findings)
-        check_nonfinite(tables["events"], self.on_nonfinite)
+        events = self.reducer.news(windows[0] if windows else self.ctx.step)
+        meta, closing = self._meta_now(), self.closing
+        what = f"the flush of steps {windows[0]}..{windows[-1]}" if windows else f"run.json at step {self.ctx.step}"
+        if self._rows_inline:
+            tables = self._tables(windows, host, events)
+            self.writes.submit(what, lambda: self._fanout.flush(tables, meta, closing=closing), flush=True,
+                               timeout=limit)
+            check_nonfinite(tables["events"], self.on_nonfinite)
+        else:
+            def write() -> None:
+                tables = self._tables(windows, host, events)
+                self._fanout.flush(tables, meta, closing=closing)
+                if self.on_nonfinite == "warn" and (message := nonfinite_message(tables["events"])):
+                    self.writes.tell(f"gatewatch: {message}")
 
-    def _write_meta(self, **fields: Any) -> None:
+            self.writes.submit(what, write, flush=True, timeout=limit)
+        if wait:
+            self.writes.drain()
+            self._warn_news()
+
+    def _tables(self, windows: list[int], host: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+        """The rows of one flush from its host copy (on the writer thread unless ``_rows_inline``)."""
+        parts = [q.rows(windows, host.get(q.name, {})) for q in self.quantities]
+        tables = merge([*parts, {"events": events}])
+        if self._rows_inline:
+            tables = merge([tables, *(q.after(tables) for q in self.quantities)])
+        return tables
+
+    def _meta_now(self, **fields: Any) -> dict[str, Any]:
+        """run.json as it stands now, a copy of its own for the writer thread (the heartbeat is stamped when it is
+        written)."""
         run_meta.refresh(self.meta, self.quantities, steps=self.ctx.step, tasks=self.tasks or self.ctx.loss_tasks,
-                         step_time=self.clock.step_time, ranks_partial=self.reducer.degraded or None, **fields)
-        for sink in self.sinks:
-            sink.write_meta(self.meta)
+                         step_time=self.clock.step_time, ranks_partial=self.reducer.degraded or None,
+                         writes=self.writes.stats(), **fields)
+        return copy.deepcopy(self.meta)
+
+    def _warn_news(self) -> None:
+        """Warn, on the training thread, what the writer thread could not do (and NaN/Inf it found)."""
+        for message in self.writes.news():
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self, *, error: BaseException | None = None) -> None:
+    def close(self, *, error: BaseException | None = None, timeout: float = WRITE_TIMEOUT_S) -> None:
         """Write what is left, mark the run finished (or crashed), and remove every hook. Under DDP it waits at
-        most ``CLOSE_TIMEOUT_S`` for the other ranks; ranks that stopped elsewhere are named in a warning."""
+        most ``CLOSE_TIMEOUT_S`` for the other ranks; ranks that stopped elsewhere are named in a warning. The
+        writer thread gets at most ``timeout`` seconds to write what it was handed; a warning names what it did
+        not write (a sink stuck in a call)."""
         if self.closed:
             return
         self.closing = self.ctx.closing = True  # the last flush evaluates the findings whatever their schedule
+        self._deadline = time.monotonic() + timeout  # a stuck sink: the last flush is handed over all the same
         try:
             for q in self.quantities:
                 q.on_close()
@@ -299,10 +349,13 @@ class GateWatch:
                 q.detach()
             self.meta.update(status="finished" if error is None else "crashed", ended=run_meta.now(),
                              error=None if error is None else f"{type(error).__name__}: {error}")
-            report = None if self._recent is None else self._recent.report(self.log_dir, self.meta)
-            for sink in self.sinks:
-                sink.close(report)
-            self._write_meta()
+            meta = self._meta_now()
+            self.writes.submit("the close of the sinks and the final run.json", lambda: self._fanout.close(meta))
+            lost = self.writes.close(max(0.0, self._deadline - time.monotonic()))
+            self._warn_news()
+            if lost:
+                warnings.warn(f"gatewatch could not finish writing {self.log_dir} within {timeout:g} s; not written: "
+                              f"{'; '.join(lost)}.", RuntimeWarning, stacklevel=2)
 
     def _check_open(self) -> None:
         if self.closed:

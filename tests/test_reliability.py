@@ -219,6 +219,7 @@ def test_parts_and_chunks_left_by_a_crashed_merge_are_read_once(tmp_path) -> Non
     with watch_for(model, path) as watch:
         watch.writer.compact_every = 2
         train(model, watch, 11, n=8)
+        watch.writes.drain()  # the writer thread has written the flushes handed over
         before = {name: gw.load_run(path).table(name) for name in ["gates", *SAME_ROWS]}
         folder = path / "tables" / "gates"
         files = sorted(folder.iterdir())
@@ -501,7 +502,9 @@ def train_through(path: Path, broken: Callable[[gw.GateWatch], contextlib.Abstra
 
 
 def while_steps(watch: gw.GateWatch, first: int, last: int) -> Callable[[], bool]:
-    return lambda: first <= watch.step_count <= last
+    """True while the flush being written is that of a step in ``first..last`` (the writer thread writes it while
+    training goes on)."""
+    return lambda: first <= (watch.writer.head["step"] or 0) <= last
 
 
 @pytest.mark.slow
@@ -533,8 +536,12 @@ def test_run_directory_removed_mid_run_is_recreated_and_the_run_goes_on(tmp_path
 
     @contextlib.contextmanager
     def remove_at_30(watch: gw.GateWatch) -> Iterator[None]:
-        hook = watch.model.register_forward_pre_hook(
-            lambda *_: shutil.rmtree(path) if watch.step_count == 30 and path.exists() else None)
+        def remove(*_: object) -> None:
+            if watch.step_count == 30 and path.exists():
+                watch.writes.drain()  # once the flush of step 30 is written
+                shutil.rmtree(path)
+
+        hook = watch.model.register_forward_pre_hook(remove)
         yield
         hook.remove()
 

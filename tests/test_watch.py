@@ -225,6 +225,7 @@ def test_windows_close_every_n_steps_and_at_close(tmp_path) -> None:
     model = tiny_mmoe()
     watch = watch_of(model, tmp_path, every=10, flush_every=20)
     train(model, watch, 25, n=16)
+    watch.writes.drain()  # the flush of step 20 is written by the writer thread
     assert sorted(set(gw.load_run(tmp_path).gates["step"])) == [10, 20]  # 25 is not flushed yet
     watch.close()
     run = gw.load_run(tmp_path)

@@ -26,12 +26,17 @@ def merge(parts: list[Rows]) -> dict[str, pd.DataFrame]:
             for name, dfs in pieces.items()}
 
 
+def nonfinite_message(events: pd.DataFrame) -> str | None:
+    """What the NaN/Inf first seen in this flush's ``events`` are, in words (None: there is none)."""
+    bad = events[events["kind"].isin(NONFINITE_EVENTS)] if len(events) else events
+    return "; ".join(m.rstrip(".") for m in bad["message"].astype(str)) + "." if len(bad) else None
+
+
 def check_nonfinite(events: pd.DataFrame, policy: str) -> None:
     """Warn about (or stop on, with ``policy="raise"``) the NaN/Inf first seen in this flush."""
-    bad = events[events["kind"].isin(NONFINITE_EVENTS)] if len(events) else events
-    if not len(bad) or policy == "ignore":
+    text = nonfinite_message(events)
+    if text is None or policy == "ignore":
         return
-    text = "; ".join(m.rstrip(".") for m in bad["message"].astype(str)) + "."
     if policy == "raise":
         raise NonFiniteGateError(f"gatewatch stops training (on_nonfinite='raise'): {text}")
     warnings.warn(f"gatewatch: {text}", RuntimeWarning, stacklevel=4)
