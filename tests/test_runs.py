@@ -74,6 +74,7 @@ def test_close_compacts_into_one_chunk_per_table(tmp_path) -> None:
     model = tiny_mmoe()
     with gw.GateWatch(model, tasks=TASKS, log_dir=tmp_path, every=5, flush_every=10, tensorboard=False) as watch:
         train(model, watch, 30, n=16)
+        watch.writes.drain()  # the flush of step 30 is written by the writer thread
         mid = {name: gw.load_run(tmp_path).table(name) for name in TABLES}
     run = gw.load_run(tmp_path)
     for name in ("gates", "shares", "hist", "experts", "losses"):
