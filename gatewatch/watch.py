@@ -329,8 +329,11 @@ class GateWatch:
         not write (a sink stuck in a call)."""
         if self.closed:
             return
-        self.closing = self.ctx.closing = True  # the last flush evaluates the findings whatever their schedule
         self._deadline = time.monotonic() + timeout  # a stuck sink: the last flush is handed over all the same
+        # the flushes handed over before close() are made into rows before the quantities learn that the run closes
+        # (a quantity's rows may keep the run's last window; see gatewatch.capture.per_expert)
+        self.writes.drain(timeout)
+        self.closing = self.ctx.closing = True  # the last flush evaluates the findings whatever their schedule
         try:
             for q in self.quantities:
                 q.on_close()

@@ -216,7 +216,7 @@ def assert_routers_drawn(page) -> None:
     heatmaps = [c["title"] for c in charts if c["heatmap"]]
     assert len(heatmaps) == 5, charts
     for want in ("Dispatch load per layer and expert, step", "MaxVio per layer over training",
-                 "Expert bias per layer and expert, step", "Co-activation P(j | i), model.layers.3.mlp.gate, step",
+                 "Expert bias per layer and expert, step", "Co-activation P(j | i), backbone.layers.3.mlp.gate, step",
                  "Top-k set unchanged since the previous probe"):
         assert sum(t.startswith(want) for t in heatmaps) == 1, (want, heatmaps)
     lines = {c["title"]: c["legend"] for c in charts if not c["heatmap"]}

@@ -192,7 +192,7 @@ def test_sample_run_report_shape_and_figure() -> None:
     assert [e["module"] for e in entries] == [f"experts.{i}" for i in range(4)]
     assert set(entries[0]) == {"expert", "module", "tasks", "mode", "cosine", "below", "measured", "share", "step",
                                "window_step", "experts", "share_source", "scope"}
-    assert {e["scope"] for e in entries} == {"local"}  # recorded before the scope was stored
+    assert {e["scope"] for e in entries} == {run.meta["conflict"].get("scope", "local")}  # old runs read as local
     top = max(entries, key=lambda e: e["share"]["income"])
     assert top["module"] == "experts.0" and top["share"]["income"] > 0.9
     table = expert_table(run)
