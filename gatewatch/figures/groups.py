@@ -18,7 +18,7 @@ from ._style import (
     no_data,
     series_colours,
 )
-from .routers import _short
+from .routers import _short, gate_step_heatmap
 
 NO_GROUPS = ("no sample groups in this run: pass GateWatch(..., sample_groups=[names]) and label each batch with "
              "`with watch.grouped(labels): out = model(x)` (docs/guide.md)")
@@ -74,16 +74,8 @@ def specialisation_heatmap(group_specialisation: pd.DataFrame, *, above_baseline
                        "no window had two groups on a gate: the specialisation needs at least two")
     rows = rows.assign(shown=rows["value"] - rows["baseline"] if above_baseline else rows["value"])
     rows = downsample(rows, ["gate"], ["shown"], max_columns)
-    gates = _gates(rows)
-    short = _short(gates)
-    grid = rows.pivot_table(index="gate", columns="step", values="shown", aggfunc="mean").reindex(gates)
-    fig = go.Figure(go.Heatmap(
-        z=grid.to_numpy(), x=grid.columns.to_numpy(), y=[short[g] for g in gates], colorscale="Blues", zmin=0,
-        colorbar={"title": {"text": "I/H"}}, hovertemplate="%{y}, step %{x}: %{z:.3f}<extra></extra>",
-    ))
-    layout(fig, title=title, y="gate", height=max(300, 40 + 22 * len(gates)), hover="closest")
-    fig.update_yaxes(autorange="reversed", type="category")
-    return fig
+    return gate_step_heatmap(rows, "shown", _gates(rows), title=title, axis="gate", colorscale="Blues", colorbar="I/H",
+                             hover="%{y}, step %{x}: %{z:.3f}<extra></extra>")
 
 
 def specialisation_curves(group_specialisation: pd.DataFrame, gates: list[str] | None = None, *,

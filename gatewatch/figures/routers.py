@@ -72,14 +72,21 @@ def max_violation_heatmap(routers: pd.DataFrame, *, max_columns: int = MAX_COLUM
     if not len(rows):
         return no_data(title, NO_ROUTERS)
     rows = downsample(rows, ["gate"], ["max_violation"], max_columns)
-    layers = _layers(rows)
-    short = _short(layers)
-    grid = rows.pivot_table(index="gate", columns="step", values="max_violation", aggfunc="mean").reindex(layers)
+    return gate_step_heatmap(rows, "max_violation", _layers(rows), title=title, axis="layer", colorscale="Reds",
+                             colorbar="MaxVio", hover="layer %{y}, step %{x}: MaxVio %{z:.2f}<extra></extra>")
+
+
+def gate_step_heatmap(rows: pd.DataFrame, column: str, gates: list[str], *, title: str, axis: str, colorscale: str,
+                      colorbar: str, hover: str) -> go.Figure:
+    """A gate (or layer) x step heatmap of ``column`` (0 at the bottom of the colour scale), gates in ``gates``
+    order top to bottom, named by their shortest distinct suffix."""
+    short = _short(gates)
+    grid = rows.pivot_table(index="gate", columns="step", values=column, aggfunc="mean").reindex(gates)
     fig = go.Figure(go.Heatmap(
-        z=grid.to_numpy(), x=grid.columns.to_numpy(), y=[short[g] for g in layers], colorscale="Reds", zmin=0,
-        colorbar={"title": {"text": "MaxVio"}}, hovertemplate="layer %{y}, step %{x}: MaxVio %{z:.2f}<extra></extra>",
+        z=grid.to_numpy(), x=grid.columns.to_numpy(), y=[short[g] for g in gates], colorscale=colorscale, zmin=0,
+        colorbar={"title": {"text": colorbar}}, hovertemplate=hover,
     ))
-    layout(fig, title=title, y="layer", height=max(300, 40 + 22 * len(layers)), hover="closest")
+    layout(fig, title=title, y=axis, height=max(300, 40 + 22 * len(gates)), hover="closest")
     fig.update_yaxes(autorange="reversed", type="category")
     return fig
 
