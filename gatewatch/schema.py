@@ -32,13 +32,15 @@ def frame(table: str, rows: Iterable[Mapping[str, Any]] | None = None) -> pd.Dat
     """A DataFrame of ``table``'s columns and types (empty when ``rows`` is None or empty)."""
     rows = list(rows or [])
     if not rows:
-        return _empty(table, tuple(TABLES[table].items())).copy()
+        # A new frame from cached empty columns: a copy of one cached frame would share its index, and pandas
+        # keeps a reference to every view of a shared index until it next prunes them (heap that grows per flush).
+        return pd.DataFrame(_empty_columns(table, tuple(TABLES[table].items())), index=pd.RangeIndex(0), copy=True)
     return conform(table, pd.DataFrame(rows, columns=list(TABLES[table])))
 
 
 @lru_cache(maxsize=64)
-def _empty(table: str, columns: tuple[tuple[str, str], ...]) -> pd.DataFrame:
-    return conform(table, pd.DataFrame(columns=[c for c, _ in columns]))
+def _empty_columns(table: str, columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return {column: pd.array([], dtype=dtype) for column, dtype in columns}
 
 
 def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
