@@ -49,6 +49,7 @@ from .wrappers import unwrap
 __all__ = ["GateWatch", "Losses", "quantity_keywords"]
 
 WRITE_TIMEOUT_S = 120.0  # close() waits this long for the writer thread
+PER_STEP_HOOKS = ("on_losses", "on_step", "on_window", "around_backward")  # the Quantity methods a step may call
 
 
 class GateWatch:
@@ -118,6 +119,9 @@ class GateWatch:
         run_meta.claim(self.log_dir, self, writer=self.rank == 0)
         self._by_name = build_quantities(self.ctx)  # registry name -> quantity (None: off)
         self.quantities: list[Quantity] = [q for q in self._by_name.values() if q is not None]
+        # per hook of the training loop, the quantities that act on it (a step calls no empty method)
+        self._acting = {hook: [q for q in self.quantities if getattr(type(q), hook) is not getattr(Quantity, hook)]
+                        for hook in PER_STEP_HOOKS}
         self.reducer = Reducer(self.quantities, distributed=distributed, group=group,
                                counts=mesh is None or counts_tokens(mesh), varied=stage is not None)
         self.clock = FlushClock(self.flush_every, flush_secs, distributed=distributed)
@@ -174,7 +178,7 @@ class GateWatch:
 
     def _record(self, losses: Losses) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
         items, total = loss_items(self.ctx, losses)
-        for q in self.quantities:
+        for q in self._acting["on_losses"]:
             q.on_losses(items, self.step_count + 1)
         return items, total
 
@@ -233,7 +237,7 @@ class GateWatch:
         self._check_open()
         items, total = self._record(losses)
         with ExitStack() as around:
-            for q in self.quantities:
+            for q in self._acting["around_backward"]:
                 around.enter_context(q.around_backward(items, total, self.step_count + 1))
             yield total
 
@@ -255,7 +259,7 @@ class GateWatch:
         self._check_open()
         self._warn_news()
         step = self.ctx.step = self.ctx.step + 1
-        for q in self.quantities:
+        for q in self._acting["on_step"]:
             q.on_step(step)
         if step % self.every == 0:
             self._close_window()
@@ -265,7 +269,7 @@ class GateWatch:
     def _close_window(self) -> None:
         self._windows.append(self.ctx.step)
         self._last_window = self.ctx.step
-        for q in self.quantities:
+        for q in self._acting["on_window"]:
             q.on_window(self.ctx.step)
 
     def flush(self, *, wait: bool = False) -> None:
@@ -337,7 +341,7 @@ class GateWatch:
         try:
             for q in self.quantities:
                 q.on_close()
-            for q in self.quantities:
+            for q in self._acting["on_step"]:
                 q.on_step(self.ctx.step)  # what ran after the last step() joins the last window
             # under DDP only the (shared) step count decides, so that every rank closes the same windows;
             # losses logged after the last step() are then left out, rather than some ranks waiting forever

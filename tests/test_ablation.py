@@ -382,6 +382,7 @@ def test_knockout_of_the_dominant_expert_hurts_the_polarized_task_most(polarized
     assert summary["healthy"].loc[("a", "loss"), "max_harm"] < 0.1 * dominant
 
 
+@pytest.mark.slow
 def test_dropout_sweep_shows_the_polarized_task_brittle_and_the_healthy_one_graceful(polarized_and_healthy):
     sweeps = {name: dropout_sweep(model, evaluate, rates=(0, 0.1, 0.3), seeds=(0, 1))
               for name, (model, evaluate) in polarized_and_healthy.items()}

@@ -79,6 +79,7 @@ def no_exception(at: AppTest) -> None:
 
 
 @pytest.mark.parametrize(("page", "run"), page_matrix(RUNS))
+@pytest.mark.slow
 def test_every_page_renders_every_run(root: Path, monkeypatch: pytest.MonkeyPatch, page: str, run: str) -> None:
     at = open_app(root, monkeypatch, page, run=run)
     no_exception(at)
@@ -151,6 +152,7 @@ def test_finding_links_to_its_chart(root: Path, monkeypatch: pytest.MonkeyPatch)
     assert "Expert share of gate 'like'" in json.dumps([c.proto.spec for c in gates.get("plotly_chart")])
 
 
+@pytest.mark.slow
 def test_thresholds_in_the_sidebar_change_the_findings(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(root, monkeypatch, "overview", run="healthy")
     assert "polarization" not in texts(at)
@@ -243,6 +245,7 @@ def test_live_run_is_read_again_when_it_writes(tmp_path: Path, monkeypatch: pyte
 
 @pytest.mark.parametrize("page", [page if page in ("gates", "experts", "conflict") else  # the pages that say so
                                   pytest.param(page, marks=pytest.mark.slow) for page in PAGE_NAMES])
+@pytest.mark.slow
 def test_run_without_windows_yet(tmp_path: Path, runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                  page: str) -> None:
     """A run that has written run.json but no window yet (training just started)."""

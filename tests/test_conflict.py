@@ -174,6 +174,7 @@ def expert_group(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.slow
 def test_mmoe_three_tasks_every_figure_matches_reference(tmp_path: Path, device: str) -> None:
     torch.manual_seed(0)
     model = MMoE(in_dim=6, tasks=["a", "b", "c"], n_experts=3, expert_hidden=(5,), expert_dim=4, tower_hidden=(3,))

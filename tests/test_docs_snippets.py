@@ -199,6 +199,7 @@ def doc_params() -> list[Any]:
 
 
 @pytest.mark.parametrize("doc", doc_params())
+@pytest.mark.slow
 def test_doc_python_blocks_run_as_typed(doc: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         shown: list[dict]) -> None:
     monkeypatch.chdir(tmp_path)

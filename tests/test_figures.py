@@ -74,6 +74,7 @@ def is_no_data(fig: go.Figure) -> bool:
 @pytest.mark.parametrize("name", ["polarized", "one_expert", "routers", "corrupt",  # the fast lane draws these
                                   *(pytest.param(n, marks=pytest.mark.slow) for n in ("healthy", "one_task",
                                                                                        "cut_off"))])
+@pytest.mark.slow
 def test_every_figure_is_readable(runs: dict[str, gw.Run], name: str) -> None:
     for key, fig in all_figures(runs[name]).items():
         assert fig.layout.title.text, key

@@ -323,6 +323,7 @@ def test_report_keys_and_figures(tmp_path: Path) -> None:
     assert "sample_groups" in empty.layout.annotations[0].text
 
 
+@pytest.mark.slow
 def test_groups_page_draws_the_heatmap_and_specialisation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_app import charts, no_exception, open_app, texts
 

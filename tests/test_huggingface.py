@@ -58,6 +58,7 @@ def window_means(logged: list[dict[str, float]], per_window: int) -> dict[tuple[
 
 
 @pytest.mark.parametrize(("convention", "accumulate"), [("dict", 1), ("attribute", 2)])
+@pytest.mark.slow
 def test_trainer_run_has_gates_and_task_losses(tmp_path: Path, convention: str, accumulate: int) -> None:
     model = MultiTask(convention)
     callback = GateWatchTrainerCallback(tasks=TASKS, module="net", every=2, flush_every=4)

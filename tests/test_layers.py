@@ -38,6 +38,7 @@ def test_import_gatewatch_loads_no_torch() -> None:
     assert loaded_after("import gatewatch\nassert gatewatch.__version__") == []
 
 
+@pytest.mark.slow
 def test_report_command_loads_no_torch() -> None:
     script = (
         "import sys\n"

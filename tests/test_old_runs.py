@@ -57,6 +57,7 @@ def make_live(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_folder_of_old_runs_gets_summaries_once(tmp_path: Path, full_reads: list[Path]) -> None:
     runs = copy_old(tmp_path)
     assert [summarize(p).outcome for p in runs] == ["written"] * 3 and full_reads == runs
@@ -155,6 +156,7 @@ def counts(out: str) -> dict[str, int]:
     return {k.split()[0]: v for k, v in lines.items()}
 
 
+@pytest.mark.slow
 def test_gatewatch_summarize_backfills_a_folder(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     copy_old(runs)
@@ -183,6 +185,7 @@ def test_gatewatch_summarize_cache_leaves_the_runs_untouched(tmp_path: Path) -> 
     assert cached_summary(tmp_path / "mmoe-collapsed") is not None
 
 
+@pytest.mark.slow
 def test_gatewatch_summarize_says_what_is_wrong_with_its_folder(tmp_path: Path) -> None:
     missing = run_cli(str(tmp_path / "nope"))
     assert missing.returncode == 2 and "is not a folder" in missing.stderr

@@ -108,6 +108,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return full, sparse
 
 
+@pytest.mark.slow
 def test_a_wide_run_keeps_the_first_every_kth_and_the_last_window(runs: tuple[Path, Path]) -> None:
     full, sparse = load_run(runs[0]), load_run(runs[1])
     steps = list(range(1, STEPS + 1))  # every=1: one window per step

@@ -151,6 +151,7 @@ def test_the_kit_models_make_every_registered_quantity_active(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("name", built())
+@pytest.mark.slow
 def test_an_empty_flush_collects_and_writes_nothing(name: str, tmp_path: Path) -> None:
     watch = watch_of(model_for(name), tmp_path)
     states = watch.reducer.collect([])[the(watch, name).name]
@@ -163,6 +164,7 @@ def test_an_empty_flush_collects_and_writes_nothing(name: str, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name", built())
+@pytest.mark.slow
 def test_a_flush_with_no_closed_window_loses_and_changes_nothing(name: str, tmp_path: Path) -> None:
     """every=5 over 3 steps: a flush after step 2 has no closed window; the run equals one without that flush."""
     data = batches(3)
@@ -187,6 +189,7 @@ def test_a_flush_with_no_closed_window_loses_and_changes_nothing(name: str, tmp_
 
 
 @pytest.mark.parametrize("name", built())
+@pytest.mark.slow
 def test_a_ddp_style_reduce_of_two_ranks_equals_the_whole_batch(name: str, tmp_path: Path) -> None:
     """Two watches fed the two halves of each batch ("ranks"), their states reduced with the reducer's own
     combine(), give the rows of one watch fed the whole batch; a quantity whose states are all REPLICATED (each
@@ -231,6 +234,7 @@ def hooks_of(module: nn.Module) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", built())
+@pytest.mark.slow
 def test_detach_leaves_no_hook_on_any_module(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The quantity alone (with the gate statistics, which map the experts it may need), trained, then detached:
     no module keeps a hook; the same with every quantity at close."""
@@ -266,6 +270,7 @@ def test_one_forward_hook_per_gate_module(make: Callable[[], nn.Module], tmp_pat
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.slow
 def test_activation_checkpointing_counts_each_forward_once(reentrant: bool, tmp_path: Path) -> None:
     """A forward recomputed during the backward is not measured again: every table equals the plain run's."""
     options = dict(OPTIONS)

@@ -34,6 +34,7 @@ def test_its_declaration_holds_together(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", registry.QUANTITIES)
+@pytest.mark.slow
 def test_a_run_without_its_tables_loads_and_reports(name: str, tmp_path: Path) -> None:
     half = registry.declaration(name)
     source = sample_with(list(half.tables))

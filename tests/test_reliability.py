@@ -769,6 +769,7 @@ def test_a_factory_outside_gatewatch_is_not_imported_without_permission(tmp_path
         sys.modules.pop("planted_factory", None)
 
 
+@pytest.mark.slow
 def test_runs_are_only_found_and_read_below_the_root(tmp_path, finished_run) -> None:
     from gatewatch.app.state import OutsideRoot, check_inside, discover
 

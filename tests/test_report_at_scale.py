@@ -71,6 +71,7 @@ def within_limits(text: str) -> None:
     assert max(map(len, lines)) <= MAX_WIDTH, max(lines, key=len)
 
 
+@pytest.mark.slow
 def test_the_text_report_at_48_by_128_stays_within_the_limits(wide_run: Path) -> None:
     report = build_report(load_run(wide_run))
     assert len(report["balance"]) == LAYERS and all(len(b["load"]) == EXPERTS for b in report["balance"])
@@ -106,6 +107,7 @@ def test_with_sample_groups_the_layer_lines_show_specialisation(wide_run: Path) 
     assert len(layer_lines) == LAYERS and "specialisation 0.120" in layer_lines[12]
 
 
+@pytest.mark.slow
 def test_report_of_the_wide_run_into_a_closed_pipe(wide_run: Path) -> None:
     command = f"'{sys.executable}' -m gatewatch.cli report '{wide_run}' | head -3; exit ${{PIPESTATUS[0]}}"
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)

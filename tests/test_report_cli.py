@@ -64,6 +64,7 @@ def test_broken_run_is_read_by_load_run_tensorboard_and_report(runs, capsys) -> 
     assert report["experts"]["dead"] == [3] and report["experts"]["utilization"][3] < 1e-6
 
 
+@pytest.mark.slow
 def test_healthy_run_reports_no_error(runs, capsys) -> None:
     code, report = report_json(capsys, runs["healthy"])
     assert code == EXIT_OK, report["findings"]

@@ -12,6 +12,7 @@ SAMPLE_RUNS = Path(__file__).resolve().parents[1] / "sample_runs"
 
 
 @pytest.mark.parametrize("json_flag", ["", "--json"])
+@pytest.mark.slow
 def test_report_into_a_closed_pipe_ends_quietly(json_flag: str) -> None:
     run = SAMPLE_RUNS / "deepseek-routers"
     command = f"'{sys.executable}' -m gatewatch.cli report '{run}' {json_flag} | head -3; exit ${{PIPESTATUS[0]}}"

@@ -146,6 +146,7 @@ def test_run_cut_off_mid_write_reads_up_to_the_last_complete_flush(mid_run) -> N
     assert report["status"] == "cut off" and len(report["problems"]) == 2
 
 
+@pytest.mark.slow
 def test_status_of_a_run_on_another_host_goes_by_its_heartbeat(mid_run) -> None:
     rewrite_meta(mid_run, host=socket.gethostname() + "-elsewhere", heartbeat=time.time(), flush_secs=5.0,
                  step_time=0.3)

@@ -64,6 +64,7 @@ def missing(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.slow
 def test_sample_run_holds_what_the_current_version_writes(name: str) -> None:
     assert not missing(SAMPLE_RUNS / name), (f"sample_runs/{name} is stale: {missing(SAMPLE_RUNS / name)}; regenerate "
                                              "it with python scripts/make_sample_runs.py")

@@ -55,6 +55,7 @@ def observed(name: str, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.slow
 def test_tags_and_metric_names_are_unchanged(name: str, tmp_path: Path) -> None:
     want = json.loads(GOLDEN.read_text())[name]
     got = observed(name, tmp_path)

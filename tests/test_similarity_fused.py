@@ -94,6 +94,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict], str, Callab
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_fused_similarity_matches_numpy_cka_of_each_experts_own_output(case: str, tmp_path: Path) -> None:
     make, losses, path, reference = CASES[case]
     if case in ("qwen3_moe", "gpt_oss"):

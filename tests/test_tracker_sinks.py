@@ -261,6 +261,7 @@ def test_a_failing_mlflow_never_stops_training(tmp_path: Path, mlflow_store: str
     assert gw.load_run(tmp_path / "run2").status == "finished" and down.closed
 
 
+@pytest.mark.slow
 def test_mlflow_names_are_valid() -> None:
     need("mlflow")
     from mlflow.utils.validation import _validate_metric_name

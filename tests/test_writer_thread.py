@@ -68,6 +68,7 @@ def test_windows_reach_a_slow_sink_and_the_run_directory_in_order(tmp_path: Path
     assert run.meta["writes"]["background"] and run.meta["writes"]["flushes"] == 8
 
 
+@pytest.mark.slow
 def test_at_most_one_flush_is_in_flight_and_the_waits_are_recorded(tmp_path: Path) -> None:
     model, sink = tiny_mmoe(), Recording(delay=0.1)
     watch = watch_for(model, tmp_path / "run", sinks=[sink])
@@ -162,6 +163,7 @@ class Failing(Recording):
         return super().write(tables)
 
 
+@pytest.mark.slow
 def test_a_raising_sink_or_rows_is_a_warning_at_the_next_step_and_later_windows_are_kept(tmp_path: Path,
                                                                                          monkeypatch) -> None:
     model, sink = tiny_mmoe(), Failing(fail=3)
@@ -195,6 +197,7 @@ def test_a_raising_sink_or_rows_is_a_warning_at_the_next_step_and_later_windows_
     assert sorted(set(run.gates["step"])) == [s for s in range(1, 13) if s != 7] and run.status == "finished"
 
 
+@pytest.mark.slow
 def test_close_with_a_stuck_sink_returns_within_its_timeout_and_names_what_was_not_written(tmp_path: Path) -> None:
     release = threading.Event()
 
@@ -219,6 +222,7 @@ def test_close_with_a_stuck_sink_returns_within_its_timeout_and_names_what_was_n
     assert sorted(set(run.gates["step"])) == [1, 2, 3] and run.meta["status"] == "running"
 
 
+@pytest.mark.slow
 def test_the_heartbeat_and_the_commit_come_before_a_slow_sink(tmp_path: Path) -> None:
     seen = []
 

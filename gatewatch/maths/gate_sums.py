@@ -37,8 +37,9 @@ def window_sums(
     ``margin``. ``threshold`` must be above 0 (a zeroed bad row must not count as polarized).
     """
     g, n, e = p.shape
-    good = torch.isfinite(p.sum(-1)).to(p.dtype)  # [G, N]: 1 for a usable row, 0 for a row with NaN/Inf
-    p = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) * good.unsqueeze(-1)  # bad rows -> all zeros
+    usable = torch.isfinite(p.sum(-1))  # [G, N]: a row without NaN/Inf
+    good = usable.to(p.dtype)
+    p = torch.where(usable.unsqueeze(-1), p, 0.0)  # bad rows -> all zeros (one pass)
     top, arg = p.max(-1)
     top1 = torch.zeros(g, e, dtype=p.dtype, device=p.device).scatter_add_(1, arg, good)
     selected = torch.zeros_like(top1)
