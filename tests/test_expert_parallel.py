@@ -9,9 +9,11 @@ experts' gradients (which already hold both ranks' tokens) halved, so that the t
 two ranks' losses.
 
 The reference is one process with the whole layer that runs both batches per step and backpropagates the mean of
-their losses: the router figures (load, MaxVio, dead experts, margins), the gate shares and the losses must equal
-it (1e-5), with the router measured on each rank's own tokens before dispatch and summed over ``ep``. The
-per-expert figures (similarity; expert conflict, which is refused under ``ep``) are skipped with that reason.
+their losses: the router figures (load, MaxVio, dead experts, margins), the gate shares, the losses, gradient
+conflict (every scope: parameters, the E expert slices, "all"; purity), the per-expert conflict and the experts'
+similarity must equal it (1e-5), with the router measured on each rank's own tokens before dispatch and summed
+over ``ep``, the conflict statistics of each rank's experts put together over ``ep``, and the similarity probe rows
+(rank 0's first rows, as in the replay's first forward of a step) sent to every expert's owner.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ from test_tensor_parallel import same_table
 from torch import nn
 
 import gatewatch as gw
+from gatewatch.quantities.conflict.read import expert_table
 from gatewatch.report import build_report
-from gatewatch.skipped import EXPERT_PARALLEL, EXPERT_PARALLEL_FIX
 
 pytestmark = pytest.mark.slow  # 2 processes
 
 TASKS = ["a", "b"]
 SIZES = {0: 10, 1: 14}
 WORLD, STEPS, EVERY, LR, EXPERTS = 2, 3, 1, 0.1, 4
-TABLES = ("gates", "shares", "routers", "router_experts", "losses")
+TABLES = ("gates", "shares", "routers", "router_experts", "losses", "conflict", "purity", "similarity",
+          "similarity_summary")
 
 
 def new_model() -> GroupedMoE:
@@ -90,7 +93,7 @@ def task_losses(model: nn.Module, step: int, rank: int) -> dict[str, torch.Tenso
 
 def watch_for(model: nn.Module, log_dir: Path, mesh: object = None) -> gw.GateWatch:
     return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, every=EVERY, flush_every=EVERY, tensorboard=False,
-                        mesh=mesh)
+                        mesh=mesh, conflict_every=1, similarity_every=1)
 
 
 def worker(root: str) -> None:
@@ -153,7 +156,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("table", TABLES)
-def test_ep_router_figures_equal_one_process_on_both_ranks_tokens(runs: Path, table: str) -> None:
+def test_ep_figures_equal_one_process_on_both_ranks_tokens(runs: Path, table: str) -> None:
     got, want = gw.load_run(runs / "run"), gw.load_run(runs / "replay")
     same_table(table, got.table(table), want.table(table))
 
@@ -169,8 +172,17 @@ def test_ep_counts_both_ranks_tokens_and_trains_as_one_process(runs: Path) -> No
 
 
 @pytest.mark.timeout(240)
-def test_per_expert_figures_under_ep_are_skipped_with_the_real_reason(runs: Path) -> None:
-    skipped = build_report(gw.load_run(runs / "run"))["skipped"]
-    similarity = [s for s in skipped if s["view"] == "similarity"]
-    assert similarity == [{"view": "similarity", "gate": "layers.0.router", "reason": EXPERT_PARALLEL,
-                           "fix": EXPERT_PARALLEL_FIX}]
+def test_per_expert_conflict_covers_every_expert_once_as_one_process(runs: Path) -> None:
+    got, want = expert_table(gw.load_run(runs / "run")), expert_table(gw.load_run(runs / "replay"))
+    same_table("expert_conflict", got, want)
+    experts = [f"layers.0.experts[{i}]" for i in range(EXPERTS)]
+    assert got.groupby("step")["module"].apply(sorted).tolist() == [experts] * STEPS  # one pair (a, b) per step
+    meta = gw.load_run(runs / "run").meta
+    assert meta["conflict"]["ep_ranks"] == WORLD and meta["conflict"]["disabled"] is None
+    assert meta["gates"][0]["fused_experts"] == {"module": "layers.0.experts", "experts": EXPERTS, "ep_ranks": WORLD,
+                                                 "params": {f"layers.0.experts.{w}": 0 for w in ("w1", "w2", "w3")}}
+
+
+@pytest.mark.timeout(240)
+def test_nothing_is_skipped_under_ep(runs: Path) -> None:
+    assert build_report(gw.load_run(runs / "run"))["skipped"] == []
