@@ -99,12 +99,13 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
         raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
                             "conflict_every=0.")
     refuse_layout(ctx.mesh)
-    warn_unmapped(ctx.model, ctx.gates, ctx.tasks, ctx.mesh)
-    return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
+    quantity = ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
                              distributed=ctx.distributed, gates=ctx.gates, scope=o["conflict_scope"],
                              ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None,
                              wrapper=ctx.model, mesh=ctx.mesh)
+    warn_unmapped(ctx.model, ctx.gates, ctx.tasks, ctx.mesh)
+    return quantity
 
 
 NOT_MEASURED = {
@@ -149,27 +150,33 @@ def leaves(model: nn.Module, params: Sequence[torch.Tensor]) -> list[torch.Tenso
 def warn_unmapped(model: nn.Module, gates: Sequence[ResolvedGate], tasks: Sequence[str] | None,
                   mesh: Any = None) -> None:
     """Warn once, at construction, about the gates whose experts cannot be found, so that their per-expert
-    conflict (``expert_conflict``) cannot be computed. A gate's width is known at its first output; here the
-    experts are looked for with the count the gate's module suggests (a router's weight rows, the Linear before a
-    softmax; over the 'ep' ranks of ``mesh``, this rank's share); a gate whose count cannot be told yet is checked
-    at its first output (run.json's ``expert_map``)."""
+    conflict (``expert_conflict``) cannot be computed; on a mesh with ``ep``, about the gates whose experts are not
+    fused ``[E/ep, ...]`` slices, so that gradient conflict will turn off. A gate's width is known at its first
+    output; here the experts are looked for with the count the gate's module suggests (a router's weight rows, the
+    Linear before a softmax); a gate whose count cannot be told yet is checked at its first output (run.json's
+    ``expert_map``)."""
     model = unwrap(model)
     ranks = (expert_shard(mesh) or (0, 1))[1]
     missing = {}
     for gate in gates:
-        if gate.expert_modules is not None or gate.fused is not None:
+        if gate.fused is not None or (gate.expert_modules is not None and ranks == 1):
             continue
         width = expected_width(model, gate)
-        width = width // ranks if width is not None and width % ranks == 0 else None if ranks > 1 else width
-        paths, fused, why = (None, None, "") if width is None else find_experts(
-            model, gate.path, width, gate.task, tasks, gate.experts)
-        if why and paths is None and fused is None:
-            missing[gate.name] = why
+        if width is None:
+            continue
+        if width % ranks:
+            missing[gate.name] = f"its {width} experts do not split evenly over {ranks} 'ep' ranks"
+            continue
+        paths, fused, why = find_experts(model, gate.path, width // ranks, gate.task, tasks, gate.experts)
+        if fused is None and (paths is None or ranks > 1):
+            missing[gate.name] = why if paths is None else "each 'ep' rank holds its experts as separate modules"
     if missing:
         said = "; ".join(f"{name}: {why}" for name, why in list(missing.items())[:3])
         more = f" (and {len(missing) - 3} more gates)" if len(missing) > 3 else ""
-        warnings.warn(f"gatewatch: expert_conflict will be skipped for {len(missing)} gate(s): {said}{more}.",
-                      RuntimeWarning, stacklevel=4)
+        what = ("gradient conflict will be off on this mesh with 'ep' (every gate's experts must be fused "
+                "[E/ep, ...] slices, to be told from the replicated parameters), because of" if ranks > 1 else
+                "expert_conflict will be skipped for")
+        warnings.warn(f"gatewatch: {what} {len(missing)} gate(s): {said}{more}.", RuntimeWarning, stacklevel=4)
 
 
 class ConflictGradients(Quantity):
