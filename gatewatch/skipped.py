@@ -17,10 +17,12 @@ from .layer_names import name_pattern
 
 MAP_FIX = ("pass gw.Gate(..., expert_modules=[one module per gate column]) or, for experts held as slices of "
            "[E, ...] parameters, gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))")
-EXPERT_PARALLEL = ("its experts are split over the mesh's 'ep' ranks (each holds E/ep of them), and per-expert "
-                   "figures are not gathered from the experts' owners yet; the gate, router and loss figures stay "
-                   "exact")
-EXPERT_PARALLEL_FIX = "none under expert parallelism yet: measure per-expert figures in a run without 'ep'"
+EXPERT_PARALLEL = ("its experts are split over the mesh's 'ep' ranks and {why}; per-expert figures are gathered from "
+                   "the experts' owners only for fused experts, 'ep' rank r holding experts r*E/ep to (r+1)*E/ep-1 "
+                   "as the slices of [E/ep, ...] parameters; the gate, router and loss figures stay exact")
+EXPERT_PARALLEL_FIX = ("hold each rank's experts as one module of [E/ep, ...] parameters (found by itself, or "
+                       "gw.Gate(..., expert_modules=gw.FusedExperts(module, dim=...))), or measure per-expert figures "
+                       "in a run without 'ep'")
 PIPELINE = ("it is held by pipeline stage {stage}, and per-expert figures are not gathered from another stage yet "
             "(they come from the writer's own stage); the gate, router and loss figures stay exact")
 PIPELINE_FIX = "measure per-expert figures of this layer in a run where rank 0's stage holds it, or without 'pp'"
@@ -46,7 +48,7 @@ def unmapped(gate: dict[str, Any]) -> bool:
 def map_fix(gate: dict[str, Any]) -> str:
     """What to pass for a gate whose experts were not found."""
     how = str(gate.get("expert_map"))
-    if how == EXPERT_PARALLEL:
+    if how.startswith(EXPERT_PARALLEL.split("{")[0]):
         return EXPERT_PARALLEL_FIX
     return PIPELINE_FIX if how.startswith(PIPELINE.split("{")[0]) else MAP_FIX
 

@@ -29,9 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _distributed import launch
+from _distributed import launch, launch_and_replay, same_table, train_on_mean
 from _grouped_experts import MoELayer
-from test_tensor_parallel import same_table
 from torch import nn
 
 import gatewatch as gw
@@ -170,14 +169,8 @@ def replay(log_dir: Path, n_dp: int, dense: bool) -> dict[str, torch.Tensor]:
     """The same training in one process with the whole model: every dp group's batch, the mean of their losses."""
     model = PipelineMoE(dense).double()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    with watch_for(model, log_dir) as watch:
-        for step in range(1, STEPS + 1):
-            per_dp = [losses_of(model(x), y) for x, y in (batch(step, r) for r in range(n_dp))]
-            watch.backward({t: sum(losses[t] for losses in per_dp) / n_dp for t in TASKS})
-            opt.step()
-            opt.zero_grad()
-            watch.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return train_on_mean(model, watch_for(model, log_dir), opt, STEPS,
+                         lambda step: [losses_of(model(x), y) for x, y in (batch(step, r) for r in range(n_dp))])
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -185,9 +178,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp(f"pipeline-{request.param}")
     (root / "layout").write_text(request.param)
     n_dp, n_pp = LAYOUTS[request.param]
-    launch("test_pipeline_parallel", "worker", root, world=n_dp * n_pp, timeout=240)
-    torch.save(replay(root / "replay", n_dp, dense=n_pp == 3), root / "replay.pt")
-    return root
+    return launch_and_replay("test_pipeline_parallel", root, lambda log_dir: replay(log_dir, n_dp, dense=n_pp == 3),
+                             world=n_dp * n_pp, timeout=240)
 
 
 @pytest.mark.timeout(300)

@@ -25,11 +25,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from _distributed import launch
+from _distributed import launch, same_table
 from torch import nn
 
 import gatewatch as gw
@@ -177,29 +176,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-KEYS = {"gates": ["step", "gate"], "shares": ["step", "gate", "expert"], "losses": ["step", "task"],
-        "conflict": ["step", "scope", "name", "task_a", "task_b"], "purity": ["step", "scope", "name", "bin"],
-        "conflict_proxy": ["step", "name", "task_a", "task_b"]}
-
-
-def assert_same_table(name: str, got: pd.DataFrame, want: pd.DataFrame) -> None:
-    got = got.sort_values(KEYS[name]).reset_index(drop=True)
-    want = want.sort_values(KEYS[name]).reset_index(drop=True)
-    assert len(got) == len(want) > 0, name
-    for col in want.columns:
-        if pd.api.types.is_float_dtype(want[col]):
-            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{name}.{col}")
-        else:
-            assert got[col].astype(str).tolist() == want[col].astype(str).tolist(), f"{name}.{col}"
+TABLES = ("gates", "shares", "losses", "conflict", "purity", "conflict_proxy")
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("table", list(KEYS))
+@pytest.mark.parametrize("table", TABLES)
 def test_applied_scope_equals_the_replay(runs: Path, mode: str, table: str) -> None:
     got, want = gw.load_run(runs / f"{mode}-applied"), gw.load_run(runs / "replay-applied")
-    assert_same_table(table, got.table(table), want.table(table))
+    same_table(table, got.table(table), want.table(table))
 
 
 @pytest.mark.timeout(300)
@@ -207,7 +192,7 @@ def test_applied_scope_equals_the_replay(runs: Path, mode: str, table: str) -> N
 def test_local_scope_is_rank_0_batch_alone(runs: Path, mode: str) -> None:
     got, want = gw.load_run(runs / f"{mode}-local"), gw.load_run(runs / "replay-local")
     for table in ("conflict", "purity"):
-        assert_same_table(table, got.table(table), want.table(table))
+        same_table(table, got.table(table), want.table(table))
     applied = gw.load_run(runs / f"{mode}-applied").table("conflict")
     local = got.table("conflict")
     assert not np.allclose(applied["cosine"], local["cosine"])  # the two scopes describe different gradients
@@ -248,7 +233,7 @@ def test_training_is_unchanged_by_the_watch(runs: Path, mode: str) -> None:
 def test_accumulated_micro_batches_equal_the_replay(runs: Path, config: str) -> None:
     got, want = gw.load_run(runs / f"ddp-{config}"), gw.load_run(runs / "replay-accumulate")
     for table in ("gates", "losses", "conflict", "purity"):
-        assert_same_table(table, got.table(table), want.table(table))
+        same_table(table, got.table(table), want.table(table))
     replayed = torch.load(runs / "replay-accumulate.pt")
     for name, value in torch.load(runs / f"ddp-{config}.pt").items():
         torch.testing.assert_close(value, replayed[name], rtol=1e-10, atol=1e-12, msg=name)

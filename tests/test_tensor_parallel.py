@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _distributed import launch
+from _distributed import launch_and_replay, same_table, train_on_mean
 from _grouped_experts import TopKRouter
 from torch import nn
 
@@ -116,35 +114,14 @@ def replay(log_dir: Path) -> dict[str, torch.Tensor]:
     """The same training in one process: both data-parallel batches per step, the mean of their losses."""
     model = new_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=False)
-    with watch_for(model, log_dir) as watch:
-        for step in range(1, STEPS + 1):
-            per_rank = [task_losses(model, step, r) for r in SIZES]
-            watch.backward({t: sum(p[t] for p in per_rank) / len(SIZES) for t in TASKS})
-            opt.step()
-            opt.zero_grad()
-            watch.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return train_on_mean(model, watch_for(model, log_dir), opt, STEPS,
+                         lambda step: [task_losses(model, step, r) for r in SIZES])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tensor-parallel")
-    launch("test_tensor_parallel", "worker", root, world=WORLD, timeout=240)
-    torch.save(replay(root / "replay"), root / "replay.pt")
-    return root
-
-
-def same_table(name: str, got: pd.DataFrame, want: pd.DataFrame) -> None:
-    keys = [c for c in want.columns if not pd.api.types.is_float_dtype(want[c])]
-    got, want = got.sort_values(keys).reset_index(drop=True), want.sort_values(keys).reset_index(drop=True)
-    assert len(got) == len(want) > 0, name
-    assert list(got.columns) == list(want.columns), name
-    for col in want.columns:
-        if pd.api.types.is_float_dtype(want[col]):
-            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-5, atol=1e-6,
-                                       equal_nan=True, err_msg=f"{name}.{col}")
-        else:
-            assert got[col].astype(str).tolist() == want[col].astype(str).tolist(), f"{name}.{col}"
+    return launch_and_replay("test_tensor_parallel", tmp_path_factory.mktemp("tensor-parallel"), replay,
+                             world=WORLD, timeout=240)
 
 
 @pytest.mark.timeout(300)

@@ -3,7 +3,8 @@
 ``GateWatch(..., mesh=mesh)`` reads the names of ``mesh.mesh_dim_names``:
 
 * ``dp``, ``dp_replicate``, ``dp_shard``, ``cp`` (and ``ep``, carved out of the data-parallel ranks): the ranks
-  along them hold different tokens, so token statistics add up over them;
+  along them hold different tokens, so token statistics add up over them; the ranks along ``ep`` also hold
+  different experts (:func:`expert_shard`);
 * ``tp``: the ranks along it see the same tokens, so a token is counted once (only the ranks at ``tp`` index 0
   contribute to the statistics of tokens);
 * ``pp``: the ranks along it hold different layers (pipeline stages): each stage measures the gates it holds, and
@@ -18,6 +19,7 @@ from typing import Any
 TOKEN_DIMS = ("dp", "dp_replicate", "dp_shard", "cp", "ep")  # ranks along these hold different tokens
 REPLICA_DIMS = ("tp",)  # ranks along these hold the same tokens
 STAGE_DIM = "pp"  # ranks along it hold different layers
+EXPERT_DIM = "ep"  # ranks along it hold different tokens and different experts
 KNOWN_DIMS = (*TOKEN_DIMS, *REPLICA_DIMS, STAGE_DIM)
 
 
@@ -49,3 +51,11 @@ def pipeline_stage(mesh: Any) -> int | None:
     """This rank's pipeline stage (its index along ``pp``), or None when ``mesh`` has no ``pp`` dimension."""
     names = list(getattr(mesh, "mesh_dim_names", None) or ())
     return int(mesh.get_local_rank(names.index(STAGE_DIM))) if STAGE_DIM in names else None
+
+
+def expert_shard(mesh: Any) -> tuple[int, int] | None:
+    """``(this rank's index along 'ep', the size of 'ep')``, or None when ``mesh`` has no ``ep`` dimension."""
+    names = list(getattr(mesh, "mesh_dim_names", None) or ())
+    if EXPERT_DIM not in names:
+        return None
+    return int(mesh.get_local_rank(names.index(EXPERT_DIM))), int(mesh.size(names.index(EXPERT_DIM)))

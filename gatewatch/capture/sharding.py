@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .mesh import token_dims
+from .mesh import EXPERT_DIM, token_dims
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -49,11 +49,21 @@ def data_parallel_group(model: nn.Module, mesh: Any = None) -> Any:
     dimensions of ``mesh`` (``dp``, ``dp_replicate``, ``dp_shard``, ``cp``) flattened, or every rank (None)."""
     if mesh is not None:
         dims = token_dims(mesh)
-        if not dims:
-            return None
-        return mesh[dims[0]].get_group() if len(dims) == 1 else mesh[tuple(dims)]._flatten().get_group()
+        return flat_group(mesh, dims) if dims else None
     group = getattr(model, "process_group", None)
     return group if type(model).__name__ == "DistributedDataParallel" else None
+
+
+def expert_replica_group(mesh: Any) -> Any:
+    """Under expert parallelism: the process group over the ranks that hold the same experts (the data-parallel
+    dimensions of ``mesh`` besides ``ep``, flattened), or None when ``ep`` is the only one."""
+    dims = [d for d in token_dims(mesh) if d != EXPERT_DIM]
+    return flat_group(mesh, dims) if dims else None
+
+
+def flat_group(mesh: Any, dims: list[str]) -> Any:
+    """The process group of ``mesh``'s dimensions ``dims`` (one or more) taken together."""
+    return mesh[dims[0]].get_group() if len(dims) == 1 else mesh[tuple(dims)]._flatten().get_group()
 
 
 def group_size(group: Any) -> int:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..skipped import EXPERT_PARALLEL
 from ..wrappers import unwrap
 from .fused_experts import NOT_EXPERTS, SHARED, FusedExpertsError, FusedSlices, fused_in_scope
 
@@ -190,9 +191,14 @@ def _shared_first(owner: nn.Module, labels: Sequence[str] | None) -> bool | None
     return None
 
 
-def map_experts(model: nn.Module, gate: ResolvedGate, n_experts: int, tasks: Sequence[str] | None) -> None:
+def map_experts(model: nn.Module, gate: ResolvedGate, n_experts: int, tasks: Sequence[str] | None,
+                shard: tuple[int, int] | None = None) -> None:
     """Check a gate's explicit map against its width, or infer one (sets ``expert_modules`` or ``fused``, and
-    ``expert_map``)."""
+    ``expert_map``). ``shard`` (``(rank, ranks)`` along a mesh's ``ep``): this rank holds E/ranks of the experts
+    (:func:`map_expert_shard`)."""
+    if shard is not None:
+        map_expert_shard(model, gate, n_experts, tasks, *shard)
+        return
     if gate.expert_map is not None and gate.expert_map.startswith("explicit"):
         if gate.expert_modules is not None:
             check_width(gate.expert_modules, n_experts, gate.name)
@@ -203,6 +209,35 @@ def map_experts(model: nn.Module, gate: ResolvedGate, n_experts: int, tasks: Seq
         return
     gate.expert_modules, gate.fused, gate.expert_map = find_experts(
         unwrap(model), gate.path, n_experts, gate.task, tasks, gate.experts)
+
+
+def map_expert_shard(model: nn.Module, gate: ResolvedGate, n_experts: int, tasks: Sequence[str] | None, rank: int,
+                     ranks: int) -> None:
+    """The map of a gate whose ``n_experts`` experts are split over ``ranks`` 'ep' ranks: this rank (``rank``
+    along ``ep``) holds experts ``rank*E/ranks`` to ``(rank+1)*E/ranks - 1`` as fused ``[E/ranks, ...]``
+    parameters, declared or found around the gate. Experts held otherwise get no map, with the reason."""
+    if gate.fused is not None and gate.fused.ranks > 1:
+        return  # placed already
+    explicit = gate.expert_map is not None and gate.expert_map.startswith("explicit")
+    local, fused, why = n_experts // ranks, None, ""
+    if n_experts % ranks:
+        why = f"its {n_experts} experts do not split evenly over {ranks} ranks"
+    elif explicit and gate.fused is not None:
+        if gate.fused.n_experts != local:
+            raise FusedExpertsError(f"Gate {gate.name!r} has {n_experts} outputs, {local} per 'ep' rank, but its "
+                                    f"FusedExperts {gate.fused.path!r} holds {gate.fused.n_experts} experts along the "
+                                    "dimension given: pass dim= with the dimension that indexes this rank's experts.")
+        fused = gate.fused
+    elif explicit:
+        why = "each rank holds them as separate modules (expert_modules=[...])"
+    else:
+        paths, fused, how = find_experts(unwrap(model), gate.path, local, gate.task, tasks, gate.experts)
+        why = "each rank holds them as separate modules" if paths is not None else how
+    if fused is None:
+        gate.expert_modules, gate.fused, gate.expert_map = None, None, EXPERT_PARALLEL.format(why=why)
+        return
+    gate.expert_modules, gate.fused = None, fused.spread(rank, ranks)
+    gate.expert_map = gate.fused.how("explicit" if explicit else "inferred")
 
 
 TOWERS = re.compile(r"tower|head", re.IGNORECASE)

@@ -11,15 +11,17 @@
   dimension is not 0.
 
 Expert i is ``param.select(dim, i)`` of each listed parameter and is named ``<module path>[i]``; the slice of
-one parameter is named ``<parameter name>[i]``. run.json stores the map per gate under ``fused_experts``
-(:meth:`FusedSlices.describe`).
+one parameter is named ``<parameter name>[i]``. Under expert parallelism (a mesh with ``ep``) each of the R ranks
+holds E/R experts, 'ep' rank r experts ``r*E/R`` to ``(r+1)*E/R - 1`` as slices 0 to ``E/R - 1``
+(:meth:`FusedSlices.spread`); the names are the global ones. run.json stores the map per gate under
+``fused_experts`` (:meth:`FusedSlices.describe`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -51,24 +53,42 @@ class FusedExperts:
 
 @dataclass(frozen=True)
 class FusedSlices:
-    """Fused experts bound to the model: the module's path, each parameter's full name and expert dimension."""
+    """Fused experts bound to the model: the module's path, each parameter's full name and expert dimension, the
+    number of experts (all ranks' under expert parallelism) and, under expert parallelism, this rank's first
+    expert and the number of 'ep' ranks they are split over."""
 
     path: str
     params: dict[str, int]
     n_experts: int
+    first: int = 0  # the global index of slice 0 of this rank's parameters
+    ranks: int = 1  # 'ep' ranks the experts are split over (1: this process holds them all)
+
+    @property
+    def local(self) -> int:
+        """How many experts this rank's parameters hold."""
+        return self.n_experts // self.ranks
+
+    def spread(self, rank: int, ranks: int) -> FusedSlices:
+        """These slices (this rank's) as 'ep' rank ``rank`` of ``ranks``' share of ``n_experts * ranks`` experts."""
+        return replace(self, n_experts=self.n_experts * ranks, first=rank * self.n_experts, ranks=ranks)
 
     def names(self) -> list[str]:
-        """The name of each expert: ``<module path>[i]``."""
+        """The name of each expert (every rank's): ``<module path>[i]``."""
         return [f"{self.path}[{i}]" for i in range(self.n_experts)]
 
     def how(self, found: str) -> str:
         """The ``expert_map`` text of run.json: how the map was found and what expert i is made of."""
         parts = ", ".join(f"{name.rsplit('.', 1)[-1]}[i] (dim {d})" for name, d in self.params.items())
-        return f"{found}: fused experts {self.path}, expert i = {parts}"
+        split = "" if self.ranks == 1 else (f", split over {self.ranks} 'ep' ranks: 'ep' rank r holds experts "
+                                            f"{self.local}*r to {self.local}*r+{self.local - 1} as its slices "
+                                            f"0 to {self.local - 1}")
+        return f"{found}: fused experts {self.path}, expert i = {parts}{split}"
 
     def describe(self) -> dict[str, object]:
-        """run.json's ``fused_experts`` of a gate: expert i is slice i of each parameter along its dimension."""
-        return {"module": self.path, "params": dict(self.params), "experts": self.n_experts}
+        """run.json's ``fused_experts`` of a gate: expert i is slice i of each parameter along its dimension
+        (under expert parallelism, ``ep_ranks``: slice i - r*E/R of 'ep' rank r's parameters)."""
+        out: dict[str, object] = {"module": self.path, "params": dict(self.params), "experts": self.n_experts}
+        return out if self.ranks == 1 else {**out, "ep_ranks": self.ranks}
 
 
 def declared(model: nn.Module, spec: FusedExperts, gate: str) -> FusedSlices:

@@ -33,6 +33,9 @@ so the model's ``.grad`` is unchanged; under FSDP2 it is taken on the unsharded 
 * ``"local"``: no communication; the figures are rank 0's own batch (every task by ``autograd.grad``: ``.grad``
   is averaged over ranks, or sharded).
 
+Under expert parallelism (a mesh with ``ep``) each rank holds some of the experts: the applied scope's gradients and
+the statistics of one process holding them all are put together from every rank's (:mod:`.expert_parallel`).
+
 Every collective runs in a gloo group of gatewatch's own over the data-parallel ranks, with a timeout
 (:func:`~gatewatch.capture.distributed.own_copy`), on CPU copies of the rows. Under FSDP2 each extra
 ``autograd.grad`` all-gathers parameters in the training's own group, so a conflict step first checks, in
@@ -53,14 +56,16 @@ import torch
 from torch import nn
 
 from ...capture.distributed import others, own_copy
+from ...capture.mesh import EXPERT_DIM, expert_shard
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
-from ...capture.sharding import data_parallel_group, graph_leaves, group_size, is_sharded
+from ...capture.sharding import data_parallel_group, expert_replica_group, graph_leaves, group_size, is_sharded
 from ...gating.discovery import expected_width
 from ...gating.expert_map import find_experts
 from ...gating.specs import ResolvedGate
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from ...wrappers import unwrap
+from .expert_parallel import LOCAL_SCOPE, ExpertShards
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
 from .maths import (
     PURITY_BINS,
@@ -94,19 +99,18 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
         raise ConflictError(f"conflict_every compares tasks, but tasks={list(ctx.tasks)} has one; set "
                             "conflict_every=0.")
     refuse_layout(ctx.mesh)
-    warn_unmapped(ctx.model, ctx.gates, ctx.tasks)
-    return ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
+    quantity = ConflictGradients(ctx.model, schedule=schedule, shared=o["shared"], threshold=o["conflict_threshold"],
                              group=o["conflict_group"], param_limit=o["conflict_param_limit"],
-                             distributed=ctx.distributed, gates=ctx.gates, scope=check_scope(o["conflict_scope"]),
+                             distributed=ctx.distributed, gates=ctx.gates, scope=o["conflict_scope"],
                              ranks=data_parallel_group(ctx.model, ctx.mesh) if ctx.distributed else None,
-                             wrapper=ctx.model)
+                             wrapper=ctx.model, mesh=ctx.mesh)
+    warn_unmapped(ctx.model, ctx.gates, ctx.tasks, ctx.mesh)
+    return quantity
 
 
 NOT_MEASURED = {
     "tp": "its parameters are tensor-parallel DTensor shards, and gatewatch does not yet add up the shards' partial "
           "Gram products across the 'tp' ranks",
-    "ep": "each 'ep' rank holds different experts, and gatewatch does not yet gather the per-expert slices from "
-          "their owners (averaging over the data-parallel group would add up different experts)",
 }
 
 
@@ -143,26 +147,36 @@ def leaves(model: nn.Module, params: Sequence[torch.Tensor]) -> list[torch.Tenso
     return [unsharded.get(id(p), p) for p in params] if unsharded else list(params)
 
 
-def warn_unmapped(model: nn.Module, gates: Sequence[ResolvedGate], tasks: Sequence[str] | None) -> None:
+def warn_unmapped(model: nn.Module, gates: Sequence[ResolvedGate], tasks: Sequence[str] | None,
+                  mesh: Any = None) -> None:
     """Warn once, at construction, about the gates whose experts cannot be found, so that their per-expert
-    conflict (``expert_conflict``) cannot be computed. A gate's width is known at its first output; here the
-    experts are looked for with the count the gate's module suggests (a router's weight rows, the Linear before a
-    softmax); a gate whose count cannot be told yet is checked at its first output (run.json's ``expert_map``)."""
+    conflict (``expert_conflict``) cannot be computed; on a mesh with ``ep``, about the gates whose experts are not
+    fused ``[E/ep, ...]`` slices, so that gradient conflict will turn off. A gate's width is known at its first
+    output; here the experts are looked for with the count the gate's module suggests (a router's weight rows, the
+    Linear before a softmax); a gate whose count cannot be told yet is checked at its first output (run.json's
+    ``expert_map``)."""
     model = unwrap(model)
+    ranks = (expert_shard(mesh) or (0, 1))[1]
     missing = {}
     for gate in gates:
-        if gate.expert_modules is not None or gate.fused is not None:
+        if gate.fused is not None or (gate.expert_modules is not None and ranks == 1):
             continue
         width = expected_width(model, gate)
-        paths, fused, why = (None, None, "") if width is None else find_experts(
-            model, gate.path, width, gate.task, tasks, gate.experts)
-        if why and paths is None and fused is None:
-            missing[gate.name] = why
+        if width is None:
+            continue
+        if width % ranks:
+            missing[gate.name] = f"its {width} experts do not split evenly over {ranks} 'ep' ranks"
+            continue
+        paths, fused, why = find_experts(model, gate.path, width // ranks, gate.task, tasks, gate.experts)
+        if fused is None and (paths is None or ranks > 1):
+            missing[gate.name] = why if paths is None else "each 'ep' rank holds its experts as separate modules"
     if missing:
         said = "; ".join(f"{name}: {why}" for name, why in list(missing.items())[:3])
         more = f" (and {len(missing) - 3} more gates)" if len(missing) > 3 else ""
-        warnings.warn(f"gatewatch: expert_conflict will be skipped for {len(missing)} gate(s): {said}{more}.",
-                      RuntimeWarning, stacklevel=4)
+        what = ("gradient conflict will be off on this mesh with 'ep' (every gate's experts must be fused "
+                "[E/ep, ...] slices, to be told from the replicated parameters), because of" if ranks > 1 else
+                "expert_conflict will be skipped for")
+        warnings.warn(f"gatewatch: {what} {len(missing)} gate(s): {said}{more}.", RuntimeWarning, stacklevel=4)
 
 
 class ConflictGradients(Quantity):
@@ -179,7 +193,7 @@ class ConflictGradients(Quantity):
     def __init__(self, model: nn.Module, *, schedule: Schedule, shared: SharedSpec = None, threshold: float = 0.0,
                  group: GroupSpec = None, param_limit: int = PARAM_ROW_LIMIT, distributed: bool = False,
                  gates: Sequence[ResolvedGate] = (), scope: str = "applied", ranks: Any = None,
-                 wrapper: nn.Module | None = None) -> None:
+                 wrapper: nn.Module | None = None, mesh: Any = None) -> None:
         if not -1.0 < threshold <= 0.0:
             raise ConflictError(
                 f"conflict_threshold is a cosine S in (-1, 0] (a step counts as conflict when cosine < S); "
@@ -202,6 +216,9 @@ class ConflictGradients(Quantity):
         self.averaged = distributed and self.scope == "applied"  # all-reduce the task gradients before the statistics
         # gatewatch's own gloo group over the data-parallel ranks ``ranks`` (the training's; None: every rank)
         self.group = own_copy(ranks) if distributed and (self.averaged or self.sharded) else None
+        if expert_shard(mesh) is not None and self.scope != "applied":
+            raise ConflictError(LOCAL_SCOPE)
+        self.shards = self._expert_shards(mesh) if distributed else None  # under 'ep': every rank's experts
         self.layout: SharedLayout | None = None
         self.disabled: str | None = None
         self._due: tuple[int, bool] = (-1, False)
@@ -226,6 +243,20 @@ class ConflictGradients(Quantity):
         self._collected: list[tuple[int, list[str]]] = []
         self._below: dict[tuple[str, str, str], np.ndarray] = {}  # (scope, task a, task b) -> count per name
         self.add_state("steps", Reduction.REPLICATED)
+
+    def _expert_shards(self, mesh: Any) -> ExpertShards | None:
+        """This rank's place among the 'ep' ranks of ``mesh`` and gatewatch's groups for them (None: no ``ep``)."""
+        shard = expert_shard(mesh)
+        if shard is None:
+            return None
+        replicas = expert_replica_group(mesh)
+        return ExpertShards(*shard, tokens=self.group, replicas=None if replicas is None else own_copy(replicas),
+                            experts=own_copy(mesh[EXPERT_DIM].get_group()))
+
+    @property
+    def written(self) -> SharedLayout | None:
+        """The layout the rows are written in: one process's, with every 'ep' rank's experts."""
+        return self.shards.whole if self.shards is not None else self.layout
 
     # ------------------------------------------------------------------ schedule
     def due(self, step: int) -> bool:
@@ -264,7 +295,7 @@ class ConflictGradients(Quantity):
             return False
         if self._step is not None and (self._step != step or tasks != self._tasks):
             self.end_step()
-        if self.sharded and self.group is not None and not self._all_measure():
+        if (self.sharded or self.shards is not None) and self.group is not None and not self._all_measure():
             return False
         if self.layout is None and not self._discover(items):
             return False
@@ -361,12 +392,22 @@ class ConflictGradients(Quantity):
         """The statistics of the task gradients in the stack (:func:`~.maths.task_statistics`); None when the
         ranks could not average them (conflict logging is then off)."""
         assert self.layout is not None and self._stack is not None
+        k = len(self._tasks)
         if self.averaged and not self._stack_averaged:  # the gradients of the mean over ranks of each rank's loss
-            if not self._average(self._stack[: len(self._tasks)]):
+            if not self._average(self._stack[:k]):
                 return None
             self._stack_averaged = True
-        return task_statistics(self._stack, len(self._tasks), self.layout.units, self.layout.group_bounds,
-                               PURITY_BINS, self._sample, self._plan)
+        if self.shards is not None:
+            self.shards.count_once(self._stack[:k])
+        stats = task_statistics(self._stack, k, self.layout.units, self.layout.group_bounds, PURITY_BINS,
+                                self._sample, self._plan)
+        if self.shards is None:
+            return stats
+        try:
+            return self.shards.gather(stats, k)
+        except RuntimeError as err:
+            self._lost(err)
+            return None
 
     # ------------------------------------------------------------------ across ranks
     def _ddp_averages(self, params: Sequence[torch.Tensor]) -> bool:
@@ -381,8 +422,11 @@ class ConflictGradients(Quantity):
     def _average(self, rows: torch.Tensor) -> bool:
         """Replace ``rows`` (this rank's task gradients) by their mean over the data-parallel ranks, in
         gatewatch's own gloo group; False, and conflict logging off, when a rank stopped answering."""
-        host = rows if rows.device.type == "cpu" else rows.cpu()
         try:
+            if self.shards is not None:
+                self.shards.average(rows)
+                return True
+            host = rows if rows.device.type == "cpu" else rows.cpu()
             torch.distributed.all_reduce(host, group=self.group)
         except RuntimeError as err:
             self._lost(err)
@@ -393,8 +437,9 @@ class ConflictGradients(Quantity):
         return True
 
     def _all_measure(self) -> bool:
-        """Under FSDP2: does every rank's watch measure this step? Its extra ``autograd.grad`` calls all-gather
-        parameters in the training's group, which a rank without them would never match. One tiny collective in
+        """Under FSDP2 or 'ep': does every rank's watch measure this step? Its extra ``autograd.grad`` calls
+        all-gather parameters (FSDP2) or run the all-to-all's backward (``ep``) in the training's group, which a
+        rank without them would never match. One tiny collective in
         gatewatch's group (with its timeout); False, and conflict logging off, when a rank does not come."""
         try:
             torch.distributed.all_reduce(torch.ones(1), group=self.group)
@@ -469,6 +514,8 @@ class ConflictGradients(Quantity):
         grads = [torch.autograd.grad(loss, used, retain_graph=True, allow_unused=True) if loss.requires_grad
                  else (None,) * len(params) for _, loss in items]
         reach = [[g is not None for g in task] for task in grads]
+        if self.shards is not None and not self._reach_anywhere(reach):
+            return False
         if self.shared_names is None:
             keep = [i for i in range(len(params)) if sum(r[i] for r in reach) >= 2]
         else:
@@ -484,16 +531,44 @@ class ConflictGradients(Quantity):
             self._disable(f"the shared parameters span several devices ({sorted(map(str, devices))}); pass "
                           "shared= with parameters of one device")
             return False
-        fused = {name: (d, g.fused.path) for g in self.gates if g.fused is not None
+        fused = {name: (d, g.fused.path, g.fused.first) for g in self.gates if g.fused is not None
                  for name, d in g.fused.params.items()}
-        self.layout = SharedLayout.build(
-            [names[i] for i in keep], [params[i] for i in keep], [[r[i] for i in keep] for r in reach],
-            self.grouper, self.param_limit, fused, self.expert_groups,
-        )
+        args = ([names[i] for i in keep], [params[i] for i in keep], [[r[i] for i in keep] for r in reach],
+                self.grouper, self.param_limit)
+        if self.shards is None:
+            self.layout = SharedLayout.build(*args, {n: (d, m) for n, (d, m, _) in fused.items()},
+                                             self.expert_groups)
+        elif self._experts_placed():
+            self.layout = self.shards.layouts(*args, fused, self.expert_groups)
+        else:
+            return False
         position = {n: i for i, n in enumerate(names)}
         order = [position[n] for n in self.layout.param_names]
         self._probe = [[task[i] for i in order] for task in grads]
         return True
+
+    def _reach_anywhere(self, reach: list[list[bool]]) -> bool:
+        """Under 'ep': which task reaches which parameter on any rank (every rank then keeps the same shared
+        parameters), in place; False, and conflict logging off, when a rank stopped answering."""
+        seen = torch.tensor(reach, dtype=torch.int64)
+        try:
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        except RuntimeError as err:
+            self._lost(err)
+            return False
+        reach[:] = [[bool(x) for x in task] for task in seen.tolist()]
+        return True
+
+    def _experts_placed(self) -> bool:
+        """Under 'ep': is every gate's share of experts known on this rank (fused ``[E/ep, ...]`` slices)? Without
+        it the expert parameters cannot be told from the replicated ones; conflict logging turns off, saying why."""
+        unplaced = {g.name: g.expert_map for g in self.gates if g.fused is None or g.fused.ranks == 1}
+        if unplaced:
+            name, why = next(iter(unplaced.items()))
+            self._disable(f"on a mesh with 'ep' every gate's experts must be placed on their ranks, so that the "
+                          f"expert parameters are told from the replicated ones; gate {name!r}: "
+                          f"{why or 'it produced no output yet'}")
+        return not unplaced
 
     def _disable(self, why: str) -> None:
         self.disabled = why
@@ -508,10 +583,11 @@ class ConflictGradients(Quantity):
         return {"steps": torch.stack([flat for _, _, flat in pending])}
 
     def rows(self, windows: list[int], host: dict[str, np.ndarray]) -> Rows:
-        if "steps" not in host or self.layout is None:
+        if "steps" not in host or self.written is None:
             return {}
         steps, tasks = [s for s, _ in self._collected], self._collected[0][1]
-        return conflict_tables(steps, tasks, self.layout, host["steps"], self.threshold, self._below)
+        assert self.written is not None
+        return conflict_tables(steps, tasks, self.written, host["steps"], self.threshold, self._below)
 
     def describe(self) -> dict[str, Any]:
         return {"conflict": self.settings()}
@@ -527,12 +603,13 @@ class ConflictGradients(Quantity):
 
     def settings(self) -> dict[str, Any]:
         """What run.json records about conflict logging."""
-        layout = self.layout
+        layout = self.written
         out: dict[str, Any] = {
             "schedule": describe(self.schedule), "threshold": self.threshold, "purity_bins": PURITY_BINS,
             "sign_sample": {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": SAMPLE_SEED},
             "method": self.method(),
             "disabled": self.disabled, "scope": self.scope,
+            **({} if self.shards is None else {"ep_ranks": self.shards.ranks}),
         }
         if layout is not None:
             out.update(

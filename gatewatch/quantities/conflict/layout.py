@@ -113,6 +113,7 @@ class SharedLayout:
     group_of: list[int]  # group index of each piece
     reach: list[list[bool]]  # [task][parameter]: the task's loss reaches the parameter
     per_param: bool
+    signs_scaled: bool = False  # the sign counts come scaled to their elements (gathered from 'ep' ranks)
     bounds: list[tuple[int, int]] = field(init=False)
     group_bounds: list[tuple[int, int]] = field(init=False)
 
@@ -140,6 +141,10 @@ class SharedLayout:
         return self.bounds if self.per_param else self.group_bounds
 
     @property
+    def unit_names(self) -> list[str]:
+        return self.names if self.per_param else self.groups
+
+    @property
     def fused(self) -> bool:
         return any(d is not None for d in self.dims)
 
@@ -148,6 +153,8 @@ class SharedLayout:
 
     def sampled(self, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
         """How many elements of each range the sign statistics count (ranges tile units end to end)."""
+        if self.signs_scaled:
+            return self.elements(bounds)
         return np.array([e - s for s, e in sample_ranges(self.units, bounds)], dtype=np.float64)
 
     def views(self, row: torch.Tensor, i: int) -> list[tuple[torch.Tensor, int | None]]:
@@ -167,10 +174,11 @@ class SharedLayout:
     @classmethod
     def build(cls, names: list[str], params: list[nn.Parameter], reach: list[list[bool]],
               grouper: Callable[[str], str], param_limit: int, fused: Fused | None = None,
-              expert_groups: bool = True) -> SharedLayout:
+              expert_groups: bool = True, first: dict[str, int] | None = None) -> SharedLayout:
         """Order the pieces so that every group's elements are contiguous (groups in first-seen order); a fused
-        parameter (``fused``) is cut into its experts' slices, grouped by expert when ``expert_groups``."""
-        fused = fused or {}
+        parameter (``fused``) is cut into its experts' slices, grouped by expert when ``expert_groups``, slice i
+        named as expert ``first[name] + i`` (expert parallelism: this rank's slices of every rank's experts)."""
+        fused, first = fused or {}, first or {}
         pieces: list[tuple[int, int | None]] = []
         piece_names, labels = [], []
         for i, (name, p) in enumerate(zip(names, params, strict=True)):
@@ -182,8 +190,9 @@ class SharedLayout:
             d, module = fused[name]
             for e in range(p.shape[d]):
                 pieces.append((i, e))
-                piece_names.append(f"{name}[{e}]")
-                labels.append(f"{module}[{e}]" if expert_groups else str(grouper(f"{name}[{e}]")))
+                index = first.get(name, 0) + e
+                piece_names.append(f"{name}[{index}]")
+                labels.append(f"{module}[{index}]" if expert_groups else str(grouper(f"{name}[{index}]")))
         groups = list(dict.fromkeys(labels))
         rank = {g: k for k, g in enumerate(groups)}
         order = sorted(range(len(pieces)), key=lambda k: rank[labels[k]])

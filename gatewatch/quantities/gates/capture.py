@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ...capture.gate_hooks import HookCall
+from ...capture.mesh import expert_shard
 from ...capture.per_expert import PerExpertSchedule
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, to_device
 from ...capture.window_buffer import Slot, WindowBuffer
@@ -25,7 +26,6 @@ from ...gating.expert_map import map_experts
 from ...gating.specs import GateOutputError, ResolvedGate
 from ...maths.gate_metrics import Layout, js_bits, window_metrics
 from ...maths.gate_sums import window_sums
-from ...skipped import EXPERT_PARALLEL
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
 HOLD_ELEMENTS = 4_000_000  # gate outputs held until the flush (16 MB of float32); above: fold early
@@ -93,10 +93,7 @@ class GateStatistics(Quantity):
         gate.n_experts = e
         if gate.elsewhere:  # another pipeline stage holds it: its experts are not in this rank's model
             return
-        if "ep" in (getattr(self.ctx.mesh, "mesh_dim_names", None) or ()):  # this rank holds some experts only
-            gate.expert_modules, gate.fused, gate.expert_map = None, None, EXPERT_PARALLEL
-        else:
-            map_experts(self.ctx.model, gate, e, self.ctx.tasks)
+        map_experts(self.ctx.model, gate, e, self.ctx.tasks, expert_shard(self.ctx.mesh))  # 'ep': some experts
 
     def on_window(self, step: int) -> None:
         self.buffer.on_window(step)
