@@ -571,7 +571,8 @@ def test_page_shows_saved_results_and_guards_foreign_factories(tmp_path):
     assert not app.exception
     assert [t.label for t in app.tabs] == ["Expert knock-out", "Gate-dropout sweep", "Training with gate dropout",
                                            "Task removal"]
-    assert len(app.dataframe) == 1  # the knock-out summary; the other tabs say there is nothing yet
+    assert len(app.dataframe) == 2  # the knock-out summary and each knock-out; the other tabs say there is nothing yet
+    assert (app.dataframe[1].value["ablated_load"] == 0).all()  # a dense gate's expert gets no weight once knocked out
     assert any("No gate-dropout sweep results" in i.value for i in app.info)
     assert not any(b.disabled for b in app.button)
     meta = json.loads((run / "model.json").read_text())

@@ -38,6 +38,13 @@ CHARTS = ("() => [...document.querySelectorAll('.js-plotly-plot')].map(e => ({" 
           "title: e.querySelector('.gtitle')?.textContent ?? '', heatmap: !!e.querySelector('.heatmaplayer image'), "
           "legend: [...e.querySelectorAll('.legendtext')].map(t => t.textContent)}))")
 SAMPLE_RUNS = Path(__file__).parents[1] / "sample_runs"
+SPARSE_RUN = "qwen3-moe-domains"  # a transformers Qwen3-MoE (fused experts) with its checkpoint: the Ablations page
+ROWS = ("() => [...document.querySelectorAll('[data-testid=\"stDataFrame\"]')].map(d => [...d.querySelectorAll("
+        "'[role=row]')].map(r => [...r.querySelectorAll('[role=gridcell], [role=columnheader]')]"
+        ".map(c => c.textContent)))")  # each table's rows as its accessible grid holds them
+TEXT_BOXES = ("() => [...document.querySelectorAll('.js-plotly-plot text')].filter(t => t.textContent.trim())"
+              ".map(t => { const b = t.getBoundingClientRect(); "
+              "return {text: t.textContent, x0: b.left, y0: b.top, x1: b.right, y1: b.bottom}; })")
 
 pytestmark = pytest.mark.browser
 
@@ -84,11 +91,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, standard_run_dirs: dict[str, Path]) -> Iterator[Path]:
     """The standard runs, the sample runs that pages open as their example (``deepseek-routers``: a transformers
-    MoE's routers; ``qwen3-moe-domains``: sample groups), and ``growing``, a run a background process keeps writing
-    while the test looks."""
+    MoE's routers; ``qwen3-moe-domains``: sample groups) and the sparse run the Ablations test knocks an expert out
+    of, and ``growing``, a run a background process keeps writing while the test looks."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     shutil.copytree(next(iter(standard_run_dirs.values())).parent, root)
-    for name in sorted({parse_qs(query.lstrip("?")).get("run", [""])[0] for query, _ in PAGES.values()}):
+    for name in sorted({parse_qs(query.lstrip("?")).get("run", [""])[0] for query, _ in PAGES.values()} | {SPARSE_RUN}):
         if name and (SAMPLE_RUNS / name).is_dir() and not (root / name).exists():
             shutil.copytree(SAMPLE_RUNS / name, root / name)
     writer = subprocess.Popen([
@@ -245,5 +252,84 @@ def test_live_run_refreshes_by_itself(playwright_api, server: str, screenshots: 
             "&& parseInt(p.innerText.replace(/,/g, '')) > n)", arg=first, timeout=60_000)
         assert steps_shown(page) > first
         full_page(page, screenshots / "live.png")
+    finally:
+        browser.close()
+
+
+def overlapping(boxes: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of chart texts whose boxes intersect (by more than a pixel each way)."""
+    return [(a["text"], b["text"]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]) > 1 and min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]) > 1]
+
+
+def pick(page, widget: str, label: str, option: str) -> None:
+    """Choose ``option`` in the first Streamlit selectbox or multiselect (``widget``) labelled ``label``."""
+    box = page.locator(f'[data-testid="{widget}"]').filter(
+        has=page.locator('[data-testid="stWidgetLabel"]', has_text=re.compile(f"^{re.escape(label)}$"))).first
+    box.locator("input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.keyboard.press("Escape")
+
+
+@pytest.mark.timeout(180)
+def test_router_knockout_on_the_ablations_page(playwright_api, server: str, root: Path, screenshots: Path,
+                                               tmp_path: Path) -> None:
+    """Knock one expert out of one router of the sparse sample run from the Ablations page: the page's tables show
+    the expert's dispatch load 0 with it knocked out and each metric's change, equal to what ``run_knockout`` (the
+    function behind ``gatewatch ablate``) computes on a copy of the same run; the heatmap annotates the harm."""
+    from gatewatch.ablation import run_knockout
+    from gatewatch.metric_direction import primary_metric
+
+    gate, expert = "backbone.layers.1.mlp.gate", 3
+    assert not (root / SPARSE_RUN / "ablations").exists()
+    shutil.copytree(SAMPLE_RUNS / SPARSE_RUN, tmp_path / SPARSE_RUN, ignore=shutil.ignore_patterns("ablations"))
+    want = run_knockout(tmp_path / SPARSE_RUN, only=[gate], experts=[expert]).set_index(["task", "metric"])
+    assert want["load"].iloc[0] > 0.05 and (want["ablated_load"] == 0).all()  # the expert had tokens; then none
+    browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+        page.goto(f"{server}/ablations?run={SPARSE_RUN}")
+        settle(page, 0)
+        assert page.get_by_text("No expert knock-out results for this run yet.").count() == 1
+        pick(page, "stMultiSelect", "Gates", gate)
+        pick(page, "stSelectbox", "Experts of each gate", "the experts I choose")
+        pick(page, "stMultiSelect", "Experts", str(expert))
+        page.get_by_text("1 evaluation of the model on the split").wait_for(timeout=30_000)
+        page.get_by_role("button", name="Run expert knock-out").click()
+        page.get_by_text("Each knock-out", exact=True).wait_for(timeout=90_000)  # the result, read from the run
+        settle(page, 1)
+        full_page(page, screenshots / "ablations-router-knockout.png")
+        exceptions = page.locator('[data-testid="stException"]')
+        assert exceptions.count() == 0, exceptions.first.inner_text()[:2000]
+        assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+        assert not problems, problems
+
+        tables = {tuple(rows[0]): rows[1:] for rows in page.evaluate(ROWS) if rows}
+        header = ("gate", "expert", "load", "load knocked out", "task", "metric", "base", "ablated", "delta")
+        assert header in tables, list(tables)
+        shown = {(r[4], r[5]): dict(zip(header, r, strict=True)) for r in tables[header]}
+        assert set(shown) == set(want.index)
+        for key, row in shown.items():
+            assert (row["gate"], row["expert"]) == (gate, str(expert))
+            assert float(row["load knocked out"]) == 0.0  # no token reaches the knocked-out expert
+            for column in ("load", "base", "ablated", "delta"):
+                assert float(row[column]) == pytest.approx(want.loc[key, column], rel=1e-6, abs=1e-9), (key, column)
+        assert max(abs(float(r["delta"])) for r in shown.values()) > 1e-3  # the knock-out changed the metrics
+
+        charts = page.evaluate(CHARTS)
+        assert [c["title"] for c in charts if c["heatmap"]] == [
+            "Expert knock-out: harm to each task (red = worse without that expert)"], charts
+        texts = [b["text"] for b in page.evaluate(TEXT_BOXES)]
+        cells = [float(t) for t in texts if re.fullmatch(r"[+-]\d[\d.e+-]*", t)]  # the annotated harms, 2 digits
+        harms = []
+        for task in want.index.get_level_values("task").unique():
+            metric = primary_metric(want.loc[task].index)
+            harms.append(want.loc[(task, metric), "harm"])  # one panel per task, in the order of the tasks
+            assert any(t.startswith(f"task {task} - {metric}") for t in texts), texts
+        assert cells == pytest.approx(harms, rel=0.05), (cells, harms)
+        assert {"expert knocked out", "gate", gate, str(expert)} <= set(texts), texts
+        assert not overlapping(page.evaluate(TEXT_BOXES))
     finally:
         browser.close()

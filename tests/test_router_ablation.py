@@ -142,6 +142,20 @@ def test_knockout_bounded_to_the_most_and_least_loaded_experts() -> None:
         assert share == pytest.approx(float(load[e] / load.sum()))
     assert knockout_plan([("a", 128)] * 48, None, None) == 6144 and auto_per_gate([("a", 128)] * 48, None) == 2
     assert knockout_plan([("a", 128)] * 48, ["a"], 2) == 48 * 4 and auto_per_gate([("a", 8)] * 2, None) is None
+    assert knockout_plan([("a", 8), ("b", 8)], ["b"], None, [3, 5]) == 2
+
+
+def test_knockout_of_chosen_experts_measures_their_load_with_them_knocked_out() -> None:
+    model, x = sparse_model(), tokens(128, seed=2)
+    y = torch.stack([torch.rand(128).round(), torch.randn(128)], 1)
+    gate = "backbone.layers.0.mlp.gate"
+    load = torch.bincount(fused_dispatch(model, x)[0].reshape(-1), minlength=8).float()
+    busiest = int(load.argmax())
+    df = knockout(model, evaluator(x, y, TASKS, ["binary", "regression"]), only=[gate], experts=[busiest])
+    assert set(df["expert"]) == {busiest} and (df["ablated_load"] == 0).all()  # no token reaches it any more
+    assert df["load"].iloc[0] == pytest.approx(float(load[busiest] / load.sum()))
+    with pytest.raises(ValueError, match="has 8 experts"):
+        knockout(model, evaluator(x, y, TASKS, ["binary", "regression"]), only=[gate], experts=[8])
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -169,6 +183,15 @@ def test_cli_knockout_and_dropout_on_a_saved_sparse_moe(sparse_run: Path, capsys
     assert settings["per_gate"] == 1 and len(df) == len(rows)
     assert main(["ablate", str(sparse_run), "--knockout", "--gate", "backbone.layers.1.mlp.gate"]) == 0
     assert "8 evaluations" in capsys.readouterr().err  # the default: every expert (16 <= 256)
+    assert main(["ablate", str(sparse_run), "--knockout", "--gate", "backbone.layers.1.mlp.gate", "--expert", "2",
+                 "--json"]) == 0
+    out = capsys.readouterr()
+    rows = json.loads(out.out)["results"]
+    assert "1 evaluation," in out.err
+    assert {(r["gate"], r["expert"]) for r in rows} == {("backbone.layers.1.mlp.gate", 2)}
+    assert all(r["ablated_load"] == 0 for r in rows) and any(r["delta"] != 0 for r in rows)
+    assert main(["ablate", str(sparse_run), "--knockout", "--expert", "8"]) == 2
+    assert "has 8 experts (0..7)" in capsys.readouterr().err
     assert main(["ablate", str(sparse_run), "--knockout", "--gate", "nope"]) == 2
     assert "No gate named ['nope']" in capsys.readouterr().err
     assert main(["ablate", str(sparse_run), "--dropout-sweep", "0,0.3", "--seeds", "1", "--json"]) == 0

@@ -45,6 +45,8 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     ends = p.add_mutually_exclusive_group()
     ends.add_argument("--per-gate", type=int, metavar="N", help="knock-out: only the N most and N least loaded "
                       "experts of each gate (default: every expert when that is at most 256 evaluations, else 2)")
+    ends.add_argument("--expert", action="append", type=int, metavar="INDEX", help="knock-out: only the expert "
+                      "with this index of each gate (repeat for several)")
     ends.add_argument("--all-experts", action="store_true", help="knock-out: every expert of every gate, however "
                       "many evaluations that takes")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {len(DEFAULT_SEEDS)} for a sweep, "
@@ -77,7 +79,8 @@ def _cli_bar(desc: str) -> tuple[Progress, Callable[[], None]]:
             said.append(total)
             left = message.partition("(about ")[2].rstrip(")")
             estimate = f", about {left}" if left else ""
-            print(f"gatewatch ablate {desc}: {total} evaluations{estimate}", file=sys.stderr, flush=True)
+            plural = "s" * (total != 1)
+            print(f"gatewatch ablate {desc}: {total} evaluation{plural}{estimate}", file=sys.stderr, flush=True)
         bar.total, bar.n = total, done
         bar.set_postfix_str(message, refresh=True)
 
@@ -108,7 +111,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             from .expert_knockout import run_knockout
 
             per_gate = None if args.all_experts else args.per_gate if args.per_gate is not None else "auto"
-            df = run_knockout(args.run_dir, only=args.gate, per_gate=per_gate, **common)
+            df = run_knockout(args.run_dir, only=args.gate, per_gate=per_gate, experts=args.expert, **common)
             summary = knockout_summary(df)
         elif kind == "dropout_sweep":
             from .sweep import run_dropout_sweep

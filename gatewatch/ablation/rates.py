@@ -19,11 +19,14 @@ AUTO_LIMIT = 256  # knock-outs of a saved run beyond which the default is the AU
 AUTO_PER_GATE = 2
 
 
-def knockout_plan(gates: Iterable[tuple[str, int]], only: Iterable[str] | None, per_gate: int | None) -> int:
+def knockout_plan(gates: Iterable[tuple[str, int]], only: Iterable[str] | None, per_gate: int | None,
+                  experts: Iterable[int] | None = None) -> int:
     """The evaluations a knock-out takes on gates of these ``(name, experts)``: every expert of the gates in
-    ``only`` (all gates when None), or the ``per_gate`` most and least loaded of each."""
+    ``only`` (all gates when None), the ``per_gate`` most and least loaded of each, or the ``experts`` given."""
     named = set(only) if only is not None else None
-    return sum(n if per_gate is None else min(n, 2 * per_gate) for name, n in gates if named is None or name in named)
+    chosen = len(set(experts)) if experts is not None else None
+    return sum(chosen if chosen is not None else n if per_gate is None else min(n, 2 * per_gate)
+               for name, n in gates if named is None or name in named)
 
 
 def auto_per_gate(gates: Iterable[tuple[str, int]], only: Iterable[str] | None) -> int | None:

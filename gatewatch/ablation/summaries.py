@@ -28,6 +28,16 @@ def knockout_summary(df: pd.DataFrame) -> pd.DataFrame:
                                        "total_harm", "concentration"])
 
 
+def knockout_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per knock-out, task and metric: the gate, the expert, its load in the unmasked evaluation and with
+    it knocked out (0 when the mask reaches the gate; NaN in results written before it was measured), and the
+    metric's base, ablated value and change."""
+    out = df.assign(ablated_load=df.get("ablated_load", math.nan), load=df.get("load", math.nan))
+    out = out.rename(columns={"expert_name": "expert", "expert": "index"})
+    return out[["gate", "expert", "load", "ablated_load", "task", "metric", "base", "ablated", "delta"]
+               ].reset_index(drop=True)
+
+
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds of each task's metric at each rate, and the mean harm."""
     g = df.groupby(["task", "metric", "rate"], sort=False)

@@ -45,7 +45,13 @@ from ..ablation.rates import (
     parse_rates,
 )
 from ..ablation.store import KINDS, ablations_dir, check_kind, read_result
-from ..ablation.summaries import comparison_summary, knockout_summary, removal_summary, sweep_summary
+from ..ablation.summaries import (
+    comparison_summary,
+    knockout_rows,
+    knockout_summary,
+    removal_summary,
+    sweep_summary,
+)
 from ..figures.ablation import comparison_figure, knockout_heatmap, removal_figure, sweep_curves
 from ..run_reader import read_meta
 from ..training.model_info import CHECKPOINT_FILE, CheckpointError, is_trusted_factory, read_model_info
@@ -69,6 +75,7 @@ class Options:
     drop: list[str] = field(default_factory=list)  # task removal: the tasks to leave out (none: each in turn)
     gates: list[str] = field(default_factory=list)  # knock-out: the gates whose experts are knocked out (none: all)
     per_gate: int | str | None = "auto"  # knock-out: the most and least loaded n of each gate, None: all, "auto"
+    experts: list[int] | None = None  # knock-out: only these expert indices of each gate (in place of per_gate)
 
 
 def ablate_command(run_path: Path, kind: str, options: Options) -> list[str]:
@@ -85,7 +92,9 @@ def ablate_command(run_path: Path, kind: str, options: Options) -> list[str]:
         cmd += ["--steps", str(options.steps)]
     if kind == "knockout":
         cmd += [arg for gate in options.gates for arg in ("--gate", gate)]
-        if options.per_gate is None:
+        if options.experts is not None:
+            cmd += [arg for e in options.experts for arg in ("--expert", str(e))]
+        elif options.per_gate is None:
             cmd.append("--all-experts")
         elif options.per_gate != "auto":
             cmd += ["--per-gate", str(options.per_gate)]
@@ -221,7 +230,7 @@ def render(run_path: Path, *, root: Path, selected: Sequence[Path]) -> None:
 
 def _controls(run_path: Path, kind: str, blocked: str | None, allow: bool) -> None:
     key = f"{kind}:{run_path}"
-    cols = st.columns(4, vertical_alignment="bottom")
+    cols = st.columns([1, 2, 1.3, 1.3], vertical_alignment="bottom")  # room for a router's path among the gates
     options = Options(allow_factory=allow)
     help_text = ("Whose final metrics the runs are compared on." if kind in ("train", "task_removal") else
                  "The data the model is evaluated on.")
@@ -269,7 +278,7 @@ def recorded_gates(run_path: Path) -> list[tuple[str, int]]:
             if isinstance(g, dict) and g.get("name")]
 
 
-EXPERT_CHOICES = {"every expert": None, "the most and least loaded": "ends"}
+EXPERT_CHOICES = {"every expert": None, "the most and least loaded": "ends", "the experts I choose": "chosen"}
 
 
 def _knockout_controls(run_path: Path, cols: Sequence, key: str, options: Options) -> None:
@@ -285,10 +294,15 @@ def _knockout_controls(run_path: Path, cols: Sequence, key: str, options: Option
     if EXPERT_CHOICES[choice] == "ends":
         options.per_gate = int(cols[3].number_input("Most and least loaded, each", 1, 64, auto or AUTO_PER_GATE,
                                                     key=f"per_gate:{key}"))
-    total = knockout_plan(gates, only, options.per_gate)
-    st.caption(f"{total:,} evaluations of the model on the split, one per expert knocked out (the progress bar "
-               "shows the time left once it starts). On a router the expert's logit is masked before the top-k, "
-               "so its tokens go to their next choice.")
+    elif EXPERT_CHOICES[choice] == "chosen":
+        fewest = min((n for name, n in gates if only is None or name in only), default=0)
+        options.experts = cols[3].multiselect(
+            "Experts", list(range(fewest)), key=f"experts:{key}",
+            help="By index; each is knocked out of each gate chosen, in turn. None chosen: every expert.") or None
+    total = knockout_plan(gates, only, options.per_gate, options.experts)
+    st.caption(f"{total:,} evaluation{'s' * (total != 1)} of the model on the split, one per expert knocked out (the "
+               "progress bar shows the time left once it starts). On a router the expert's logit is masked before the "
+               "top-k, so its tokens go to their next choice.")
 
 
 @st.fragment(run_every=POLL_S)
@@ -337,7 +351,21 @@ def _results(run_path: Path, kind: str, root: Path, selected: Sequence[Path]) ->
     _settings_caption(settings)
     if kind == "knockout":
         ui.chart(knockout_heatmap(df), key=f"knockout:{run_path}")
-        st.dataframe(knockout_summary(df), hide_index=True)
+        number = st.column_config.NumberColumn
+        st.dataframe(knockout_summary(df), hide_index=True, column_config={
+            "base": number("base", format="%.4g"), "worst_gate": "worst gate", "worst_expert": "worst expert",
+            "max_harm": number("max harm", format="%+.3g", help="The worst knock-out's metric change, + = worse"),
+            "total_harm": number("total harm", format="%.3g", help="The sum of the knock-outs' positive harms"),
+            "concentration": number("concentration", format="%.2f", help="max harm / total harm: near 1 when one "
+                                    "expert carries the task; empty when no knock-out harms it")})
+        st.markdown("##### Each knock-out")
+        st.dataframe(knockout_rows(df), hide_index=True, key=f"knockout_rows:{run_path}", column_config={
+            "load": number("load", format="%.4f", help="The expert's share of the gate in the unmasked evaluation: "
+                           "of the tokens' top-k choices for a router, of the weight for a dense gate"),
+            "ablated_load": number("load knocked out", format="%.4f",
+                                   help="Its share with it knocked out: 0 when the mask reaches the gate"),
+            "base": number("base", format="%.4g"), "ablated": number("ablated", format="%.4g"),
+            "delta": number("delta", format="%+.3g", help="ablated - base")})
     elif kind == "dropout_sweep":
         others = {p: read_result(p, kind) for p in selected if p != run_path}
         others = {p: r[0] for p, r in others.items() if r is not None}

@@ -42,12 +42,14 @@ def _task_frames(df: pd.DataFrame, metric: str | None) -> list[tuple[str, str, p
     return out
 
 
-def _grid(titles: Sequence[str], cols: int, **kwargs: object) -> tuple[go.Figure, int, int]:
+def _grid(titles: Sequence[str], cols: int, vertical_spacing: float | None = None, **kwargs: object
+          ) -> tuple[go.Figure, int, int]:
     """A figure with one subplot per title, ``cols`` per row at most; returns it with its columns and rows."""
     cols = max(1, min(cols, len(titles)))
     n_rows = math.ceil(len(titles) / cols)
+    spacing = min(0.15, 0.35 / n_rows) if vertical_spacing is None else vertical_spacing
     fig = make_subplots(rows=n_rows, cols=cols, subplot_titles=list(titles),
-                        vertical_spacing=min(0.15, 0.35 / n_rows), horizontal_spacing=0.08, **kwargs)
+                        vertical_spacing=spacing, horizontal_spacing=0.08, **kwargs)
     return fig, cols, n_rows
 
 
@@ -74,8 +76,8 @@ def knockout_heatmap(df: pd.DataFrame, *, metric: str | None = None, tasks: Sequ
 
     Harm is the metric change signed so that positive is worse (``delta`` for losses, ``-delta`` for
     AUC); red = the task gets worse, blue = better, white = no change (the colour scale is centred at 0
-    and symmetric per task). Each cell is annotated (up to :data:`MAX_ANNOTATED` experts); hovering shows base,
-    ablated and delta. The gates are named on the first panel of each row.
+    and symmetric per task). One panel per row, so that the cells are wide enough to carry their value (two
+    significant digits, up to :data:`MAX_ANNOTATED` experts); hovering shows base, ablated and delta.
     """
     title = "Expert knock-out: harm to each task (red = worse without that expert)"
     if df is None or not len(df):
@@ -85,8 +87,10 @@ def knockout_heatmap(df: pd.DataFrame, *, metric: str | None = None, tasks: Sequ
     panels = _task_frames(df, metric)
     if not panels:
         return no_data(title, f"no rows for metric {metric!r}")
-    fig, cols, n_rows = _grid(_panel_titles(panels), cols=2)
     gates = list(dict.fromkeys(df["gate"].astype(str)))
+    panel, gap, margins = max(60, 40 * len(gates)), 100, 110  # px: a panel, between panels (ticks, titles), margins
+    plot = len(panels) * panel + (len(panels) - 1) * gap
+    fig, cols, _ = _grid(_panel_titles(panels), cols=1, vertical_spacing=gap / plot)
     for i, (_task, name, rows) in enumerate(panels):
         experts = sorted(rows["expert_name"].astype(str).unique(), key=natural_key)
         cell = rows.assign(gate=rows["gate"].astype(str), expert_name=rows["expert_name"].astype(str))
@@ -97,14 +101,12 @@ def knockout_heatmap(df: pd.DataFrame, *, metric: str | None = None, tasks: Sequ
         place = _place(i, cols)
         fig.add_trace(go.Heatmap(
             z=z, x=experts, y=gates, zmid=0, zmin=-bound, zmax=bound, colorscale=HARM_SCALE, showscale=False,
-            texttemplate="%{z:+.3g}" if len(experts) <= MAX_ANNOTATED else None, text=hover,
+            texttemplate="%{z:+.2g}" if len(experts) <= MAX_ANNOTATED else None, text=hover,
             hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1,
         ), **place)
         fig.update_xaxes(title_text="expert knocked out", type="category", **place)
-        first = place["col"] == 1  # the gates are named once per row of panels (long router paths overlap)
-        fig.update_yaxes(title_text="gate" if first else None, showticklabels=first, type="category",
-                         autorange="reversed", **place)
-    return layout(fig, title=title, x=None, height=max(300, 120 + (60 + 40 * len(gates)) * n_rows), hover="closest")
+        fig.update_yaxes(title_text="gate", type="category", autorange="reversed", **place)
+    return layout(fig, title=title, x=None, height=margins + plot, hover="closest")
 
 
 def _at(cell: pd.DataFrame, gate: str, expert: str, column: str) -> float | None:
