@@ -70,6 +70,49 @@ def lightning_worker(root: str) -> None:
     _save(out, "lightning", rank, module.sizes, module.logged)
 
 
+def lightning_fsdp2_worker(root: str) -> None:
+    """Lightning's FSDP2 strategy (``ModelParallelStrategy``): each expert and the whole MMoE ``fully_shard``-ed in
+    ``configure_model`` over the strategy's data-parallel mesh, the watch made by the callback afterwards."""
+    rank, out = _rank_setup(root)
+    import lightning.pytorch as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from test_lightning import MultiTask
+    from torch.distributed.fsdp import fully_shard
+
+    from gatewatch.integrations.lightning import GateWatchCallback
+
+    class Sharded(MultiTask):
+        def __init__(self) -> None:
+            super().__init__("dict")
+            self.sizes: list[int] = []
+
+        def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
+            for expert in self.model.experts:
+                fully_shard(expert, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            self.sharded_before_the_watch = callback.watch is None
+
+        def training_step(self, data: list[torch.Tensor], batch_idx: int) -> object:
+            self.sizes.append(len(data[0]))
+            return super().training_step(data, batch_idx)
+
+    module = Sharded()
+    callback = GateWatchCallback(tasks=TASKS, every=EVERY, flush_every=FLUSH_EVERY, tensorboard=False,
+                                 log_dir=out / "runs" / f"rank{rank}")
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1, process_group_backend="gloo")
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, num_nodes=1, strategy=strategy, max_steps=STEPS,
+                        default_root_dir=out / "lightning", logger=False, callbacks=[callback],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.world_size == WORLD and trainer.global_rank == rank
+    trainer.fit(module)
+    from torch.distributed.tensor import DTensor
+    assert isinstance(next(module.model.experts[0].parameters()), DTensor)  # the experts were sharded
+    assert module.sharded_before_the_watch  # the callback made its watch on the sharded model
+    assert callback.watch is not None and callback.watch.closed and callback.watch.ctx.distributed
+    _save(out, "lightning-fsdp2", rank, module.sizes, module.logged)
+
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 def huggingface_worker(root: str) -> None:
     rank, out = _rank_setup(root)
@@ -146,6 +189,14 @@ def test_lightning_ddp_two_gloo_ranks(tmp_path: Path) -> None:
     # the gate scalars went into the logger's TensorBoard run, which only rank 0 has
     assert not (tmp_path / "runs" / "rank0" / "tensorboard").exists()
     assert len(list((tmp_path / "lightning" / "tb").glob("version_*/events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_lightning_fsdp2_model_parallel_strategy_two_gloo_ranks(tmp_path: Path) -> None:
+    pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is an optional dependency")
+    launch("test_integrations_ddp", "lightning_fsdp2_worker", tmp_path, world=WORLD, timeout=120)
+    check_run(tmp_path, "lightning-fsdp2", LIGHTNING_N)
 
 
 @pytest.mark.slow

@@ -108,8 +108,10 @@ class GateWatchCallback(pl.Callback):
         self._optimizer_steps = 0
         self._warned = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self.watch is not None and not self.watch.closed):
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the watch once the strategy has set the model up: after ``configure_model`` (FSDP2's
+        ``fully_shard``, tensor parallelism) and the DDP wrapping, as for a watch made by hand."""
+        if self.watch is not None and not self.watch.closed:
             return
         default_dir = Path(trainer.log_dir or trainer.default_root_dir) / "gatewatch"  # all ranks: it broadcasts
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
