@@ -1,7 +1,8 @@
 """Gradient conflict of the applied gradients under DDP and FSDP2: 2 gloo processes against a single-process replay.
 
 Each rank trains the same small MMoE (float64) on its own batches, of different sizes (12 and 20 samples) and
-shifted data, wrapped in DDP or sharded with FSDP2 (``fully_shard`` on each expert and on the root), three times:
+shifted data, wrapped in DDP or sharded with FSDP2 (``fully_shard`` on each expert and on the root; once more on a
+``("dp_replicate", "dp_shard")`` mesh handed to the watch as ``mesh=``), three times:
 without a watch, with ``conflict_scope="applied"`` (the default) and with ``conflict_scope="local"``.
 
 The reference is one process that replays the same training: per step it runs both ranks' batches through the
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.slow  # 2 processes
 TASKS = ["a", "b"]
 SIZES = {0: 12, 1: 20}  # per-rank batch sizes
 WORLD, STEPS, EVERY, LR = 2, 4, 2, 0.2
-MODES = ("ddp", "fsdp2")
+MODES = ("ddp", "fsdp2", "hsdp")  # hsdp: FSDP2 on a ("dp_replicate", "dp_shard") mesh of 1 x 2, given as mesh=
 CONFIGS = ("plain", "applied", "local")
 ACCUMULATING = ("accumulate", "no_sync")  # DDP only: two micro-batches per step, the first synced or not
 
@@ -66,19 +67,25 @@ def task_losses(model: nn.Module, step: int, rank: int, half: int | None = None)
     return {t: nn.functional.mse_loss(out[i].reshape(-1), y[:, i]) for i, t in enumerate(TASKS)}
 
 
-def watch_for(model: nn.Module, log_dir: Path, scope: str, proxy: bool = True) -> gw.GateWatch:
+def watch_for(model: nn.Module, log_dir: Path, scope: str, proxy: bool = True, mesh: object = None) -> gw.GateWatch:
     return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, every=EVERY, flush_every=EVERY, tensorboard=False,
-                        conflict_every=1, conflict_scope=scope, conflict_proxy=proxy)
+                        conflict_every=1, conflict_scope=scope, conflict_proxy=proxy, mesh=mesh)
 
 
-def wrap(model: MMoE, mode: str) -> nn.Module:
+def hybrid_mesh() -> object:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def wrap(model: MMoE, mode: str, mesh: object = None) -> nn.Module:
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
     for expert in model.experts:
-        fully_shard(expert)
-    fully_shard(model)
+        fully_shard(expert, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -109,11 +116,12 @@ def worker(root: str) -> None:
         for mode in MODES:
             for config in CONFIGS + (ACCUMULATING if mode == "ddp" else ()):
                 model = new_model()
-                wrapped = wrap(model, mode)
+                mesh = hybrid_mesh() if mode == "hsdp" else None
+                wrapped = wrap(model, mode, mesh)
                 opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
                 scope = "applied" if config in ACCUMULATING else config
                 watch = None if config == "plain" else watch_for(wrapped, Path(root) / f"{mode}-{config}", scope,
-                                                                 proxy=config not in ACCUMULATING)
+                                                                 proxy=config not in ACCUMULATING, mesh=mesh)
                 calls["n"] = 0
                 for step in range(1, STEPS + 1):
                     if config in ACCUMULATING:
@@ -246,7 +254,8 @@ def test_applied_scope_under_ddp_takes_k_minus_1_backward_passes(runs: Path) -> 
     k, later = len(TASKS), STEPS - 1
     assert calls["ddp-plain"] == 0
     assert calls["ddp-applied"] == k + later * (k - 1)  # DDP's averaged .grad gives the last task
-    assert calls["ddp-local"] == calls["fsdp2-applied"] == calls["fsdp2-local"] == k + later * k
+    sharded = [calls[f"{mode}-{scope}"] for mode in ("fsdp2", "hsdp") for scope in ("applied", "local")]
+    assert calls["ddp-local"] == k + later * k and set(sharded) == {k + later * k}
     # accumulate: the first micro-batch syncs with .grad empty (k - 1), the second finds .grad filled (k)
     assert calls["ddp-accumulate"] == 2 * k + later * (2 * k - 1)
     assert calls["ddp-no_sync"] == 2 * k + later * 2 * k  # inside no_sync() .grad is this rank's own
