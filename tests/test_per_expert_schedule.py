@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from _wide_routers import WideRouters
 
 import gatewatch as gw
 from gatewatch.capture import per_expert
@@ -51,37 +51,9 @@ def test_the_schedule_keeps_the_first_every_kth_and_the_last_across_flushes() ->
     assert PerExpertSchedule(every=3).due(4, 1).tolist() == [True, False, False, True]
 
 
-class Layer(nn.Module):
-    """A router over 16 experts whose logits favour a few of them (so some experts are dead)."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, EXPERTS)
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("favour", torch.randn(EXPERTS, generator=g) * 3)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.proj(h) + self.favour
-        idx = SPEC.choose(self, logits.detach())
-        return logits, SPEC.weights_of(logits, idx), idx
-
-
-class Wide(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(Layer(i) for i in range(LAYERS))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = h.new_zeros(())
-        for layer in self.layers:
-            logits, w, _ = layer(h)
-            out = out + (w.sum() + logits.mean())
-        return out
-
-
 def train(path: Path) -> Path:
     torch.manual_seed(0)
-    model = Wide().train()
+    model = WideRouters(LAYERS, 8, EXPERTS, SPEC).train()
     gates = {f"backbone.layers.{i}.mlp.gate": gw.Gate(f"layers.{i}", router=SPEC) for i in range(LAYERS)}
     watch = gw.GateWatch(model, gates=gates, log_dir=path, every=1, flush_every=3, tensorboard=False,
                          sample_groups=GROUPS, coactivation=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from _wide_routers import WideRouters
 
 import gatewatch as gw
 from gatewatch.report import build_report, render_text
@@ -20,39 +20,11 @@ SPEC = gw.Router("softmax", TOP_K, renormalize=True)
 MAX_LINES, MAX_WIDTH = 150, 300
 
 
-class Layer(nn.Module):
-    """A router over 128 experts whose logits favour a few of them (so some experts are dead)."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(16, EXPERTS)
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("favour", torch.randn(EXPERTS, generator=g) * 3)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.proj(h) + self.favour
-        idx = SPEC.choose(self, logits.detach())
-        return logits, SPEC.weights_of(logits, idx), idx
-
-
-class Wide(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(Layer(i) for i in range(LAYERS))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = h.new_zeros(())
-        for layer in self.layers:
-            logits, w, _ = layer(h)
-            out = out + (w.sum() + logits.mean())
-        return out
-
-
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("scale") / "wide"
     torch.manual_seed(0)
-    model = Wide().train()
+    model = WideRouters(LAYERS, 16, EXPERTS, SPEC).train()
     gates = {f"backbone.layers.{i}.mlp.gate": gw.Gate(f"layers.{i}", router=SPEC) for i in range(LAYERS)}
     watch = gw.GateWatch(model, gates=gates, log_dir=path, every=10, tensorboard=False, saturation_every=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
