@@ -27,7 +27,9 @@ from _grouped_experts import TopKRouter
 from torch import nn
 
 import gatewatch as gw
+from gatewatch.quantities.conflict.layout import ConflictError
 from gatewatch.quantities.conflict.read import expert_table
+from gatewatch.quantities.conflict.shards import tensor_split
 
 pytestmark = pytest.mark.slow  # 4 processes
 
@@ -80,7 +82,7 @@ def watch_for(model: nn.Module, log_dir: Path, mesh: object = None) -> gw.GateWa
 
 def worker(root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.set_num_threads(1)
@@ -93,6 +95,10 @@ def worker(root: str) -> None:
         for expert in model.experts:
             parallelize_module(expert, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         assert isinstance(model.experts[0][0].weight, DTensor)  # the experts really are split over 'tp'
+        assert tensor_split("w", distribute_tensor(torch.zeros(4, 6), mesh["tp"], [Shard(1)]), tp=True) == 1
+        along_dp = distribute_tensor(torch.zeros(4, 6), mesh, [Shard(0), Replicate()])
+        with pytest.raises(ConflictError, match=r"parameter 'w' is a DTensor sharded along the mesh dimension 'dp'"):
+            tensor_split("w", along_dp, tp=True)  # its slices along 'dp' cannot be told apart: refused by name
         opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=False)
         with watch_for(model, Path(root) / "run", mesh) as watch:
             for step in range(1, STEPS + 1):

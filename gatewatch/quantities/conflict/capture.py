@@ -436,12 +436,15 @@ class ConflictGradients(Quantity):
         return True
 
     def _all_measure(self) -> bool:
-        """Under FSDP2 or 'ep': does every rank's watch measure this step? Its extra ``autograd.grad`` calls
-        all-gather parameters (FSDP2) or run the all-to-all's backward (``ep``) in the training's group, which a
-        rank without them would never match. One tiny collective in
-        gatewatch's group (with its timeout); False, and conflict logging off, when a rank does not come."""
+        """Under FSDP2, 'ep' or 'tp': does every rank's watch measure this step? Its extra ``autograd.grad`` calls
+        all-gather parameters (FSDP2), run the all-to-all's backward (``ep``) or tensor parallelism's collectives
+        (``tp``) in the training's group, which a rank without them would never match. One tiny collective in
+        gatewatch's group (with its timeout), and one over the 'tp' ranks, which it leaves out; False, and conflict
+        logging off, when a rank does not come."""
         try:
             torch.distributed.all_reduce(torch.ones(1), group=self.group)
+            if self.shards is not None and self.shards.tp is not None:
+                torch.distributed.all_reduce(torch.ones(1), group=self.shards.parts)
         except RuntimeError as err:
             self._lost(err)
             return False
