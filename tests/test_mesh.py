@@ -10,12 +10,12 @@ from _grouped_experts import GroupedMoE
 from torch import nn
 
 import gatewatch as gw
-from gatewatch.capture.mesh import check_mesh, counts_tokens, expert_shard, pipeline_stage, token_dims
+from gatewatch.capture.mesh import check_mesh, counts_tokens, expert_shard, pipeline_stage, tensor_shard, token_dims
 from gatewatch.gating.expert_map import map_experts
 from gatewatch.gating.specs import ResolvedGate
 from gatewatch.models import MMoE
-from gatewatch.quantities.conflict.expert_parallel import LOCAL_SCOPE
 from gatewatch.quantities.conflict.layout import ConflictError
+from gatewatch.quantities.conflict.shards import LOCAL_SCOPE
 from gatewatch.skipped import EXPERT_PARALLEL_FIX, map_fix
 
 
@@ -59,11 +59,13 @@ def test_meshes_gatewatch_cannot_place_are_refused_by_name() -> None:
         check_mesh(object())
 
 
-def test_conflict_on_tensor_parallel_shards_is_refused(tmp_path: Path) -> None:
+def test_conflict_on_a_tensor_parallel_mesh_is_measured(tmp_path: Path) -> None:
+    assert tensor_shard(StandInMesh(("dp", "tp"), (0, 1))) == (1, 2)
+    assert tensor_shard(StandInMesh(("dp", "ep"), (0, 1))) is None
     model = MMoE(in_dim=4, tasks=["a", "b"], n_experts=2, expert_hidden=(), expert_dim=3)
-    with pytest.raises(ConflictError, match=r"not measured on a mesh with 'tp'.*conflict_every=0"):
-        gw.GateWatch(model, tasks=["a", "b"], log_dir=tmp_path, conflict_every=1,
-                     mesh=StandInMesh(("dp", "tp"), (0, 0)))
+    watch = gw.GateWatch(model, tasks=["a", "b"], log_dir=tmp_path, conflict_every=1,
+                         mesh=StandInMesh(("dp", "tp"), (0, 0)))  # not refused: tests/test_tensor_parallel.py
+    watch.close()
 
 
 def test_local_conflict_scope_under_expert_parallelism_is_refused(tmp_path: Path) -> None:

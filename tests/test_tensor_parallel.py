@@ -8,7 +8,9 @@ all-reduced), and one head per task. The two ``tp`` ranks of a data-parallel gro
 
 The reference is one process that replays the same training: per step it runs both data-parallel batches through
 the model and backpropagates the mean over ``dp`` of each batch's task losses. Every gate, router and loss figure
-must equal it (1e-5): each token is counted once, not once per ``tp`` rank.
+must equal it (1e-5): each token is counted once, not once per ``tp`` rank. So must gradient conflict (every scope:
+parameters, modules, "all"; purity) and the per-expert conflict: each ``tp`` rank's statistics of its shards and,
+counted once, of the parameters it holds whole, summed over ``tp``, of the gradients averaged over ``dp`` only.
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from _grouped_experts import TopKRouter
 from torch import nn
 
 import gatewatch as gw
+from gatewatch.quantities.conflict.layout import ConflictError
+from gatewatch.quantities.conflict.read import expert_table
+from gatewatch.quantities.conflict.shards import tensor_split
 
 pytestmark = pytest.mark.slow  # 4 processes
 
 TASKS = ["a", "b"]
 SIZES = {0: 10, 1: 14}  # per data-parallel rank
 WORLD, STEPS, EVERY, LR = 4, 3, 1, 0.1
-TABLES = ("gates", "shares", "routers", "router_experts", "losses")
+N_EXPERTS = 4
+TABLES = ("gates", "shares", "routers", "router_experts", "losses", "conflict", "purity")
 
 
 class LinearExpertsMoE(nn.Module):
     """Input projection, one top-k MoE layer whose experts are ``Linear -> SiLU -> Linear``, one head per task."""
 
-    def __init__(self, dim: int = 8, hidden: int = 12, n_experts: int = 4, top_k: int = 2) -> None:
+    def __init__(self, dim: int = 8, hidden: int = 12, n_experts: int = N_EXPERTS, top_k: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(6, dim)
@@ -71,12 +77,12 @@ def task_losses(model: nn.Module, step: int, dp_rank: int) -> dict[str, torch.Te
 
 def watch_for(model: nn.Module, log_dir: Path, mesh: object = None) -> gw.GateWatch:
     return gw.GateWatch(model, tasks=TASKS, log_dir=log_dir, every=EVERY, flush_every=EVERY, tensorboard=False,
-                        mesh=mesh)
+                        mesh=mesh, conflict_every=1)
 
 
 def worker(root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.set_num_threads(1)
@@ -89,6 +95,10 @@ def worker(root: str) -> None:
         for expert in model.experts:
             parallelize_module(expert, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         assert isinstance(model.experts[0][0].weight, DTensor)  # the experts really are split over 'tp'
+        assert tensor_split("w", distribute_tensor(torch.zeros(4, 6), mesh["tp"], [Shard(1)]), tp=True) == 1
+        along_dp = distribute_tensor(torch.zeros(4, 6), mesh, [Shard(0), Replicate()])
+        with pytest.raises(ConflictError, match=r"parameter 'w' is a DTensor sharded along the mesh dimension 'dp'"):
+            tensor_split("w", along_dp, tp=True)  # its slices along 'dp' cannot be told apart: refused by name
         opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=False)
         with watch_for(model, Path(root) / "run", mesh) as watch:
             for step in range(1, STEPS + 1):
@@ -140,3 +150,16 @@ def test_every_token_is_counted_once_and_training_matches(runs: Path) -> None:
     replayed = torch.load(runs / "replay.pt")
     for name, value in torch.load(runs / "mesh.pt").items():
         torch.testing.assert_close(value, replayed[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_per_expert_conflict_covers_every_expert_once_as_one_process(runs: Path) -> None:
+    run = gw.load_run(runs / "run")
+    got, want = expert_table(run), expert_table(gw.load_run(runs / "replay"))
+    same_table("expert_conflict", got, want)
+    experts = [f"experts.{i}" for i in range(N_EXPERTS)]
+    assert got.groupby("step")["module"].apply(sorted).tolist() == [experts] * STEPS  # one pair (a, b) per step
+    conflict = run.meta["conflict"]
+    assert conflict["disabled"] is None and conflict["tp_ranks"] == 2 and "ep_ranks" not in conflict
+    whole = sum(p.numel() for n, p in new_model().named_parameters() if not n.startswith("heads."))
+    assert conflict["elements"] == whole  # every parameter whole, not this rank's shards

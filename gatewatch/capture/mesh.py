@@ -20,6 +20,7 @@ TOKEN_DIMS = ("dp", "dp_replicate", "dp_shard", "cp", "ep")  # ranks along these
 REPLICA_DIMS = ("tp",)  # ranks along these hold the same tokens
 STAGE_DIM = "pp"  # ranks along it hold different layers
 EXPERT_DIM = "ep"  # ranks along it hold different tokens and different experts
+TENSOR_DIM = "tp"  # ranks along it hold the same tokens and different slices of the tensor-parallel parameters
 KNOWN_DIMS = (*TOKEN_DIMS, *REPLICA_DIMS, STAGE_DIM)
 
 
@@ -55,7 +56,17 @@ def pipeline_stage(mesh: Any) -> int | None:
 
 def expert_shard(mesh: Any) -> tuple[int, int] | None:
     """``(this rank's index along 'ep', the size of 'ep')``, or None when ``mesh`` has no ``ep`` dimension."""
+    return place_along(mesh, EXPERT_DIM)
+
+
+def tensor_shard(mesh: Any) -> tuple[int, int] | None:
+    """``(this rank's index along 'tp', the size of 'tp')``, or None when ``mesh`` has no ``tp`` dimension."""
+    return place_along(mesh, TENSOR_DIM)
+
+
+def place_along(mesh: Any, dim: str) -> tuple[int, int] | None:
+    """``(this rank's index along dim, its size)``, or None when ``mesh`` has no such dimension."""
     names = list(getattr(mesh, "mesh_dim_names", None) or ())
-    if EXPERT_DIM not in names:
+    if dim not in names:
         return None
-    return int(mesh.get_local_rank(names.index(EXPERT_DIM))), int(mesh.size(names.index(EXPERT_DIM)))
+    return int(mesh.get_local_rank(names.index(dim))), int(mesh.size(names.index(dim)))

@@ -33,8 +33,9 @@ so the model's ``.grad`` is unchanged; under FSDP2 it is taken on the unsharded 
 * ``"local"``: no communication; the figures are rank 0's own batch (every task by ``autograd.grad``: ``.grad``
   is averaged over ranks, or sharded).
 
-Under expert parallelism (a mesh with ``ep``) each rank holds some of the experts: the applied scope's gradients and
-the statistics of one process holding them all are put together from every rank's (:mod:`.expert_parallel`).
+Under expert parallelism (a mesh with ``ep``) each rank holds some of the experts, under tensor parallelism (a mesh
+with ``tp``) a slice of each tensor-parallel parameter: the applied scope's gradients and the statistics of one
+process holding every parameter whole are put together from every rank's (:mod:`.shards`).
 
 Every collective runs in a gloo group of gatewatch's own over the data-parallel ranks, with a timeout
 (:func:`~gatewatch.capture.distributed.own_copy`), on CPU copies of the rows. Under FSDP2 each extra
@@ -56,16 +57,22 @@ import torch
 from torch import nn
 
 from ...capture.distributed import others, own_copy
-from ...capture.mesh import EXPERT_DIM, expert_shard
+from ...capture.mesh import EXPERT_DIM, TENSOR_DIM, expert_shard, tensor_shard, token_dims
 from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows
-from ...capture.sharding import data_parallel_group, expert_replica_group, graph_leaves, group_size, is_sharded
+from ...capture.sharding import (
+    data_parallel_group,
+    expert_replica_group,
+    flat_group,
+    graph_leaves,
+    group_size,
+    is_sharded,
+)
 from ...gating.discovery import expected_width
 from ...gating.expert_map import find_experts
 from ...gating.specs import ResolvedGate
 from ...schedules import Schedule, as_schedule, describe
 from ...validate import non_negative_int
 from ...wrappers import unwrap
-from .expert_parallel import LOCAL_SCOPE, ExpertShards
 from .layout import ConflictError, GroupSpec, SharedLayout, SharedSpec, module_grouper, select_shared
 from .maths import (
     PURITY_BINS,
@@ -78,6 +85,7 @@ from .maths import (
     task_statistics,
 )
 from .rows import conflict_tables
+from .shards import LOCAL_SCOPE, RankShards, local_parts, tensor_split
 
 PARAM_ROW_LIMIT = 256  # above this many shared tensors, rows per tensor are left out (modules and "all" stay)
 SHARED_NAMES_LIMIT = 2048  # run.json lists the shared tensors up to this many
@@ -108,12 +116,6 @@ def build(ctx: CaptureContext) -> ConflictGradients | None:
     return quantity
 
 
-NOT_MEASURED = {
-    "tp": "its parameters are tensor-parallel DTensor shards, and gatewatch does not yet add up the shards' partial "
-          "Gram products across the 'tp' ranks",
-}
-
-
 ACROSS_STAGES = ("conflict_every: gradient conflict is not measured across pipeline stages (a mesh with 'pp'): each "
                  "task's gradient comes from torch.autograd.grad on the task's loss, and autograd.grad cannot cross "
                  "the send/recv between stages, so the stages before the last never see a per-task gradient. Set "
@@ -122,14 +124,9 @@ ACROSS_STAGES = ("conflict_every: gradient conflict is not measured across pipel
 
 
 def refuse_layout(mesh: Any) -> None:
-    """Refuse gradient conflict on a mesh layout it cannot measure exactly, naming the dimension and the fix."""
+    """Refuse gradient conflict on a mesh layout it cannot measure exactly (across pipeline stages), saying why."""
     if "pp" in (getattr(mesh, "mesh_dim_names", None) or ()):
         raise ConflictError(ACROSS_STAGES)
-    names = [n for n in getattr(mesh, "mesh_dim_names", None) or () if n in NOT_MEASURED]
-    if names:
-        raise ConflictError(f"conflict_every: gradient conflict is not measured on a mesh with {names[0]!r}: "
-                            f"{NOT_MEASURED[names[0]]}. Set conflict_every=0 (the gate, router and loss statistics "
-                            "stay exact), or use conflict_proxy=True, which needs no parameter gradient.")
 
 
 def check_scope(scope: object) -> str:
@@ -218,7 +215,7 @@ class ConflictGradients(Quantity):
         self.group = own_copy(ranks) if distributed and (self.averaged or self.sharded) else None
         if expert_shard(mesh) is not None and self.scope != "applied":
             raise ConflictError(LOCAL_SCOPE)
-        self.shards = self._expert_shards(mesh) if distributed else None  # under 'ep': every rank's experts
+        self.shards = self._rank_shards(mesh) if distributed else None  # under 'ep' / 'tp': every rank's part
         self.layout: SharedLayout | None = None
         self.disabled: str | None = None
         self._due: tuple[int, bool] = (-1, False)
@@ -244,18 +241,20 @@ class ConflictGradients(Quantity):
         self._below: dict[tuple[str, str, str], np.ndarray] = {}  # (scope, task a, task b) -> count per name
         self.add_state("steps", Reduction.REPLICATED)
 
-    def _expert_shards(self, mesh: Any) -> ExpertShards | None:
-        """This rank's place among the 'ep' ranks of ``mesh`` and gatewatch's groups for them (None: no ``ep``)."""
-        shard = expert_shard(mesh)
-        if shard is None:
+    def _rank_shards(self, mesh: Any) -> RankShards | None:
+        """This rank's place along ``ep`` and ``tp`` of ``mesh`` and gatewatch's groups for them (None: neither)."""
+        ep, tp = expert_shard(mesh), tensor_shard(mesh)
+        if ep is None and tp is None:
             return None
-        replicas = expert_replica_group(mesh)
-        return ExpertShards(*shard, tokens=self.group, replicas=None if replicas is None else own_copy(replicas),
-                            experts=own_copy(mesh[EXPERT_DIM].get_group()))
+        replicas = expert_replica_group(mesh) if ep is not None else None
+        parts = [d for d in mesh.mesh_dim_names if d in (EXPERT_DIM, TENSOR_DIM)]
+        return RankShards(ep, tp, tokens=self.group if token_dims(mesh) else None,
+                          replicas=None if replicas is None else own_copy(replicas),
+                          parts=own_copy(flat_group(mesh, parts)))
 
     @property
     def written(self) -> SharedLayout | None:
-        """The layout the rows are written in: one process's, with every 'ep' rank's experts."""
+        """The layout the rows are written in: one process's, holding every parameter whole."""
         return self.shards.whole if self.shards is not None else self.layout
 
     # ------------------------------------------------------------------ schedule
@@ -437,12 +436,15 @@ class ConflictGradients(Quantity):
         return True
 
     def _all_measure(self) -> bool:
-        """Under FSDP2 or 'ep': does every rank's watch measure this step? Its extra ``autograd.grad`` calls
-        all-gather parameters (FSDP2) or run the all-to-all's backward (``ep``) in the training's group, which a
-        rank without them would never match. One tiny collective in
-        gatewatch's group (with its timeout); False, and conflict logging off, when a rank does not come."""
+        """Under FSDP2, 'ep' or 'tp': does every rank's watch measure this step? Its extra ``autograd.grad`` calls
+        all-gather parameters (FSDP2), run the all-to-all's backward (``ep``) or tensor parallelism's collectives
+        (``tp``) in the training's group, which a rank without them would never match. One tiny collective in
+        gatewatch's group (with its timeout), and one over the 'tp' ranks, which it leaves out; False, and conflict
+        logging off, when a rank does not come."""
         try:
             torch.distributed.all_reduce(torch.ones(1), group=self.group)
+            if self.shards is not None and self.shards.tp is not None:
+                torch.distributed.all_reduce(torch.ones(1), group=self.shards.parts)
         except RuntimeError as err:
             self._lost(err)
             return False
@@ -479,11 +481,11 @@ class ConflictGradients(Quantity):
             return [None] * len(params)
         active = [i for i, p in enumerate(params) if p.requires_grad]
         if len(active) == len(params):
-            return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            return local_parts(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
         out: list[torch.Tensor | None] = [None] * len(params)
         if active:
             got = torch.autograd.grad(loss, [params[i] for i in active], retain_graph=True, allow_unused=True)
-            for i, grad in zip(active, got, strict=True):
+            for i, grad in zip(active, local_parts(got, [params[i] for i in active]), strict=True):
                 out[i] = grad
         return out
 
@@ -492,8 +494,9 @@ class ConflictGradients(Quantity):
         layout = self.layout
         assert layout is not None
         if not layout.fused:
-            parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=out.dtype, device=out.device)
-                     for g, p in zip(grads, layout.params, strict=True)]
+            parts = [g.reshape(-1) if g is not None else torch.zeros(layout.numel(i), dtype=out.dtype,
+                                                                          device=out.device)
+                     for i, g in enumerate(grads)]
             return torch.cat(parts, out=out)
         for i, g in enumerate(grads):  # fused experts: each parameter into its evenly spaced slices
             for view, e in layout.views(out, i):
@@ -511,8 +514,8 @@ class ConflictGradients(Quantity):
             named = [(n, p) for n, p in named if n in wanted]
         names, params = [n for n, _ in named], [p for _, p in named]
         used = leaves(self.model, params)
-        grads = [torch.autograd.grad(loss, used, retain_graph=True, allow_unused=True) if loss.requires_grad
-                 else (None,) * len(params) for _, loss in items]
+        grads = [local_parts(torch.autograd.grad(loss, used, retain_graph=True, allow_unused=True), used)
+                 if loss.requires_grad else [None] * len(params) for _, loss in items]
         reach = [[g is not None for g in task] for task in grads]
         if self.shards is not None and not self._reach_anywhere(reach):
             return False
@@ -535,12 +538,20 @@ class ConflictGradients(Quantity):
                  for name, d in g.fused.params.items()}
         args = ([names[i] for i in keep], [params[i] for i in keep], [[r[i] for i in keep] for r in reach],
                 self.grouper, self.param_limit)
-        if self.shards is None:
-            self.layout = SharedLayout.build(*args, {n: (d, m) for n, (d, m, _) in fused.items()},
-                                             self.expert_groups)
-        elif self._experts_placed():
-            self.layout = self.shards.layouts(*args, fused, self.expert_groups)
-        else:
+        try:
+            if self.shards is None:
+                for i in keep:
+                    tensor_split(names[i], used[i], tp=False)  # a DTensor sharded over ranks that are not known
+                self.layout = SharedLayout.build(*args, {n: (d, m) for n, (d, m, _) in fused.items()},
+                                                 self.expert_groups)
+            elif self.shards.ep is None or self._experts_placed():
+                names_kept, params_kept, reach_kept, *rest = args
+                self.layout = self.shards.layouts(names_kept, params_kept, [used[i] for i in keep], reach_kept,
+                                                  *rest, fused, self.expert_groups)
+            else:
+                return False
+        except ConflictError as err:
+            self._disable(str(err))
             return False
         position = {n: i for i, n in enumerate(names)}
         order = [position[n] for n in self.layout.param_names]
@@ -609,7 +620,7 @@ class ConflictGradients(Quantity):
             "sign_sample": {"from_elements": SAMPLE_FROM, "elements": SAMPLE_SIZE, "seed": SAMPLE_SEED},
             "method": self.method(),
             "disabled": self.disabled, "scope": self.scope,
-            **({} if self.shards is None else {"ep_ranks": self.shards.ranks}),
+            **({} if self.shards is None else self.shards.settings()),
         }
         if layout is not None:
             out.update(

@@ -113,15 +113,18 @@ class SharedLayout:
     group_of: list[int]  # group index of each piece
     reach: list[list[bool]]  # [task][parameter]: the task's loss reaches the parameter
     per_param: bool
-    signs_scaled: bool = False  # the sign counts come scaled to their elements (gathered from 'ep' ranks)
+    signs_scaled: bool = False  # the sign counts come scaled to their elements (gathered from 'ep' / 'tp' ranks)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # each parameter's gradient as laid out (default:
+    # the parameter's shape; under 'tp' this rank's shard of it, see .shards)
     bounds: list[tuple[int, int]] = field(init=False)
     group_bounds: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.shapes = [tuple(s) for s in self.shapes] or [tuple(p.shape) for p in self.params]
         start, self.bounds = 0, []
         for i, e in self.pieces:
-            p, d = self.params[i], self.dims[i]
-            size = p.numel() if e is None else p.numel() // p.shape[d]  # type: ignore[index]
+            shape, d = self.shapes[i], self.dims[i]
+            size = self.numel(i) if e is None else self.numel(i) // shape[d]  # type: ignore[index]
             self.bounds.append((start, start + size))
             start += size
         self.group_bounds = []
@@ -144,6 +147,10 @@ class SharedLayout:
     def unit_names(self) -> list[str]:
         return self.names if self.per_param else self.groups
 
+    def numel(self, i: int) -> int:
+        """How many elements of parameter ``i`` the buffer holds."""
+        return int(np.prod(self.shapes[i], dtype=np.int64))
+
     @property
     def fused(self) -> bool:
         return any(d is not None for d in self.dims)
@@ -160,10 +167,10 @@ class SharedLayout:
     def views(self, row: torch.Tensor, i: int) -> list[tuple[torch.Tensor, int | None]]:
         """Where parameter ``i`` lies in the flat ``row`` (1-D, contiguous): ``(view, None)`` shaped like the
         parameter, or, for a fused parameter whose slices are not evenly spaced, ``(view, e)`` per expert e."""
-        p, d, starts = self.params[i], self.dims[i], self._starts[i]
+        whole, d, starts = self.shapes[i], self.dims[i], self._starts[i]
         if d is None:
-            return [(row[starts[0]:starts[0] + p.numel()].view(p.shape), None)]
-        shape = [n for k, n in enumerate(p.shape) if k != d]
+            return [(row[starts[0]:starts[0] + self.numel(i)].view(whole), None)]
+        shape = [n for k, n in enumerate(whole) if k != d]
         inner = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
         if len(starts) > 1 and any(b - a != starts[1] - starts[0] for a, b in pairwise(starts)):
             return [(row.as_strided(shape, inner, row.storage_offset() + s), e) for e, s in enumerate(starts)]
@@ -174,21 +181,24 @@ class SharedLayout:
     @classmethod
     def build(cls, names: list[str], params: list[nn.Parameter], reach: list[list[bool]],
               grouper: Callable[[str], str], param_limit: int, fused: Fused | None = None,
-              expert_groups: bool = True, first: dict[str, int] | None = None) -> SharedLayout:
+              expert_groups: bool = True, first: dict[str, int] | None = None,
+              shapes: Sequence[Sequence[int]] | None = None) -> SharedLayout:
         """Order the pieces so that every group's elements are contiguous (groups in first-seen order); a fused
         parameter (``fused``) is cut into its experts' slices, grouped by expert when ``expert_groups``, slice i
-        named as expert ``first[name] + i`` (expert parallelism: this rank's slices of every rank's experts)."""
+        named as expert ``first[name] + i`` (expert or tensor parallelism: this rank's slices of all experts).
+        ``shapes``: the parameters' gradients as laid out, when not the parameters' own shapes."""
         fused, first = fused or {}, first or {}
+        shapes = [tuple(s) for s in shapes] if shapes is not None else [tuple(p.shape) for p in params]
         pieces: list[tuple[int, int | None]] = []
         piece_names, labels = [], []
-        for i, (name, p) in enumerate(zip(names, params, strict=True)):
+        for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
             if name not in fused:
                 pieces.append((i, None))
                 piece_names.append(name)
                 labels.append(str(grouper(name)))
                 continue
             d, module = fused[name]
-            for e in range(p.shape[d]):
+            for e in range(shape[d]):
                 pieces.append((i, e))
                 index = first.get(name, 0) + e
                 piece_names.append(f"{name}[{index}]")
@@ -203,5 +213,5 @@ class SharedLayout:
             param_names=[names[i] for i in first], pieces=[(position[pieces[k][0]], pieces[k][1]) for k in order],
             dims=[fused[names[i]][0] if names[i] in fused else None for i in first], groups=groups,
             group_of=[rank[labels[k]] for k in order], reach=[[r[i] for i in first] for r in reach],
-            per_param=len(pieces) <= param_limit,
+            per_param=len(pieces) <= param_limit, shapes=[shapes[i] for i in first],
         )
