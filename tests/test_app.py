@@ -315,7 +315,7 @@ def test_dashboard_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     args = build_parser().parse_args(["dashboard", str(tmp_path), "--port", "8611", "--no-browser"])
     assert args.func is launch.cmd_dashboard
     cmd = launch.streamlit_command(tmp_path, port=8611, address="127.0.0.1", browser=False)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(MAIN)
+    assert cmd[1:4] == ["-m", "gatewatch.app.serve", "run"] and cmd[4] == str(MAIN)
     assert cmd[cmd.index("--server.port") + 1] == "8611" and cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[-2:] == ["--runs", str(tmp_path)]
     assert cmd[cmd.index("--server.showEmailPrompt") + 1] == "false"  # a first run never waits on a prompt

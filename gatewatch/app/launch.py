@@ -21,10 +21,11 @@ def can_open_browser() -> bool:
 
 
 def streamlit_command(root: Path, *, port: int, address: str, browser: bool) -> list[str]:
-    """The command line that serves the dashboard on ``root`` (never waiting on a first-run prompt)."""
+    """The command line that serves the dashboard on ``root`` (never waiting on a first-run prompt): Streamlit's,
+    through :mod:`gatewatch.app.serve`, which loads the first page's modules while the server starts."""
     headless = not (browser and can_open_browser())
     return [
-        sys.executable, "-m", "streamlit", "run", str(MAIN),
+        sys.executable, "-m", "gatewatch.app.serve", "run", str(MAIN),
         "--server.port", str(port), "--server.address", address,
         "--server.headless", "true" if headless else "false", "--server.showEmailPrompt", "false",
         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
