@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:  `make demo`  (train a small MMoE with gatewatch, open the dashboard)
 #                                   `make test`  (lint + the whole test suite, browser tests included)
 # Both create .venv with the CPU torch wheel first; re-running them installs nothing new.
-# While working: `make test-fast` (every module, without the slow and browser tests: about a minute on 2 cores).
+# While working: `make test-fast` (every module, without the slow and browser tests, on 2 workers: under a minute).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -36,7 +36,7 @@ test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(BIN)/python -m pytest -q -m "not slow and not browser" -n 2
 
 sample-runs: $(STAMP)
 	$(BIN)/python scripts/make_sample_runs.py

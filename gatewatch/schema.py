@@ -44,8 +44,12 @@ def _empty_columns(table: str, columns: tuple[tuple[str, str], ...]) -> dict[str
 
 
 def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
-    """Cast ``df`` to ``table``'s schema: add missing columns as nulls, drop unknown ones, fix types."""
+    """Cast ``df`` to ``table``'s schema: add missing columns as nulls, drop unknown ones, fix types. A frame that
+    already has the schema's columns, in order and of their types, on a 0..n-1 index is returned as a shallow copy
+    (pandas copies on write: the result is independent all the same)."""
     columns = TABLES[table]
+    if _conforms(df, columns):
+        return df.copy(deep=False)
     data = {}
     for col, dtype in columns.items():
         values = df[col] if col in df.columns else pd.Series([None] * len(df), index=df.index, dtype="object")
@@ -56,3 +60,9 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
             dtype = "Int64"
         data[col] = values.astype(dtype)
     return pd.DataFrame(data, index=df.index).reset_index(drop=True)  # built at once: column inserts are slow
+
+
+def _conforms(df: pd.DataFrame, columns: Mapping[str, str]) -> bool:
+    index = df.index
+    return (list(df.columns) == list(columns) and isinstance(index, pd.RangeIndex) and index.start == 0
+            and index.step == 1 and all(df.dtypes.iloc[i] == dtype for i, dtype in enumerate(columns.values())))

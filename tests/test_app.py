@@ -91,6 +91,7 @@ def test_every_page_renders_every_run(root: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(("page", "which"), page_matrix(["empty", "not_a_run", "missing"]))
+@pytest.mark.slow
 def test_bad_folders_show_a_message(bad: dict[str, Path], monkeypatch: pytest.MonkeyPatch, page: str,
                                     which: str) -> None:
     folder = bad[which] if which in bad else bad["empty"].parent / "does-not-exist"
@@ -139,6 +140,7 @@ def test_sample_runs_show_the_findings_they_were_made_for(monkeypatch: pytest.Mo
     assert "polarization" not in healthy and "collapse" not in healthy
 
 
+@pytest.mark.slow
 def test_finding_links_to_its_chart(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(root, monkeypatch, "overview", run="polarized")
     links = at.get("page_link")
@@ -225,6 +227,7 @@ def test_routers_are_described_by_layers(root: Path, monkeypatch: pytest.MonkeyP
     assert at.selectbox(key="gate").options == ["layer0 (layer)", "layer1 (layer)"]
 
 
+@pytest.mark.slow
 def test_live_run_offers_refresh(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(root, monkeypatch, "overview", run="live")
     assert "Live run: the page refreshes when new windows are written" in texts(at)

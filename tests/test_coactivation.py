@@ -78,6 +78,7 @@ def brute_force(passes: list[np.ndarray]) -> tuple[Counter, Counter, int]:
 
 
 @pytest.mark.parametrize(("family", "k"), [("qwen3_moe", 4), ("deepseek_v3", 3)])
+@pytest.mark.slow
 def test_counts_equal_a_brute_force_count_over_every_pair(tmp_path: Path, family: str, k: int) -> None:
     chosen = train(family, k, tmp_path / "run", coactivation_full_every=1)
     run = load_run(tmp_path / "run")

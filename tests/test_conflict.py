@@ -258,6 +258,7 @@ def train_steps(model: nn.Module, watch: gw.GateWatch, losses: LossFn, steps: in
 
 
 @pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.slow
 def test_conflict_changes_no_trained_parameter(tmp_path: Path, every: int) -> None:
     plain = train(tiny_mmoe(), None, 7)
     watched_model = tiny_mmoe()

@@ -181,6 +181,7 @@ SAMPLE = Path(__file__).parents[1] / "sample_runs" / "mmoe-polarized"
 
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="sample run missing")
+@pytest.mark.slow
 def test_sample_run_report_shape_and_figure() -> None:
     """A run recorded before run.json kept the map falls back on the module names; the figure draws every
     expert at every conflict step, with the contested corner marked."""

@@ -155,6 +155,7 @@ def test_routers_are_drawn_per_layer(runs: dict[str, gw.Run]) -> None:
     assert np.isnan(z).sum() == 8  # a layer does not mix the other layer's experts
 
 
+@pytest.mark.slow
 def test_downsampling_averages_buckets_of_steps(long_run: gw.Run) -> None:
     gates = long_run.gates
     assert gates["step"].nunique() == 5000

@@ -211,6 +211,7 @@ def test_batched_einsum_mmoe_found_with_no_configuration(tmp_path: Path) -> None
     assert entries[0]["share"]["a"] != entries[0]["share"]["b"]
 
 
+@pytest.mark.slow
 def test_declared_fused_experts_with_expert_dimension_not_first(tmp_path: Path) -> None:
     model = EinsumMMoE(dim_first=True)
     assert find_experts(model, "gates.a.1", 3)[1] is None  # [D, E, H]: not guessed
@@ -285,6 +286,7 @@ def test_unmapped_experts_are_skipped_with_the_reason_and_warned_once(tmp_path: 
     assert "skipped (4):" in text and "expert_conflict of gate 'a': experts of 'gates.a.1' not found" in text
 
 
+@pytest.mark.slow
 def test_contested_expert_on_routers_is_relative_to_an_even_share(tmp_path: Path) -> None:
     train(GroupedMoE(), grouped_losses, tmp_path, 6)
     run = gw.load_run(tmp_path / "run")

@@ -131,6 +131,7 @@ def check_routing(run: gw.Run, gate: str, step: int, probs: np.ndarray, labels: 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
 @pytest.mark.parametrize("per_sequence", [True, False], ids=["labels[B]", "labels[B,S]"])
+@pytest.mark.slow
 def test_router_groups_match_the_routers_own_outputs(family: str, per_sequence: bool, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     windows = train_hf(family, tmp_path, per_sequence)

@@ -176,6 +176,7 @@ def test_gatewatch_summarize_backfills_a_folder(tmp_path: Path) -> None:
     assert second.stderr == ""
 
 
+@pytest.mark.slow
 def test_gatewatch_summarize_cache_leaves_the_runs_untouched(tmp_path: Path) -> None:
     copy_old(tmp_path, ("mmoe-collapsed",))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

@@ -448,6 +448,7 @@ def test_nan_gradient_shows_in_the_conflict_table_and_becomes_a_finding(tmp_path
     assert [(f.task, f.step) for f in gw.find(run) if f.code == "nonfinite"] == [("like", 37)]
 
 
+@pytest.mark.slow
 def test_hard_stop_raises_at_the_flush_after_the_bad_step_and_keeps_the_record(tmp_path) -> None:
     model = tiny_mmoe()
     watch = watch_for(model, tmp_path / "run", every=10, flush_every=10, on_nonfinite="raise")
@@ -460,6 +461,7 @@ def test_hard_stop_raises_at_the_flush_after_the_bad_step_and_keeps_the_record(t
     assert run.events["step"].tolist() == [37] and run.gates["step"].max() == 40
 
 
+@pytest.mark.slow
 def test_hard_stop_with_flush_every_1_stops_at_the_bad_step(tmp_path) -> None:
     model = tiny_mmoe()
     watch = watch_for(model, tmp_path / "run", every=1, flush_every=1, on_nonfinite="raise")
@@ -634,6 +636,7 @@ def test_losses_that_do_not_match_the_tasks_fail_clearly(tmp_path) -> None:
             watch.log_losses([losses["ctr"]])
 
 
+@pytest.mark.slow
 def test_every_call_after_close_fails_clearly_and_the_model_is_left_as_it_was(tmp_path) -> None:
     model = tiny_mmoe()
     hooks_before = {name: dict(m._forward_hooks) for name, m in model.named_modules()}

@@ -64,6 +64,7 @@ def test_the_text_report_at_48_by_128_stays_within_the_limits(wide_run: Path) ->
     assert "co-activation (48 layers" in text and "routing stability (probe at step" in text
 
 
+@pytest.mark.slow
 def test_with_sample_groups_the_layer_lines_show_specialisation(wide_run: Path) -> None:
     report = build_report(load_run(wide_run))
     report["group_specialisation"] = [{"gate": g["name"], "step": g["step"], "value": i / 100, "baseline": 0.0005,

@@ -125,6 +125,7 @@ def test_cut_off_run_reports_its_status(runs, tmp_path, capsys) -> None:
     assert code == EXIT_OK and report["status"] == "cut off"
 
 
+@pytest.mark.slow
 def test_console_script_entry_point(runs) -> None:
     exe = Path(sys.executable).with_name("gatewatch")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gatewatch.cli"]

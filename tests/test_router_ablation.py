@@ -170,6 +170,7 @@ def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_cli_knockout_and_dropout_on_a_saved_sparse_moe(sparse_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["ablate", str(sparse_run), "--knockout", "--per-gate", "1", "--json"]) == 0
     out = capsys.readouterr()

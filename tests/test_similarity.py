@@ -38,6 +38,7 @@ def matrices(*xs: np.ndarray) -> np.ndarray:
     return similarity_matrices([torch.from_numpy(x).float() for x in xs]).numpy()
 
 
+@pytest.mark.slow
 def test_cka_and_cosine_match_numpy_identical_random_and_rotated() -> None:
     rng = np.random.default_rng(0)
     n, d = 1024, 128

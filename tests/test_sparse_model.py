@@ -64,6 +64,7 @@ def test_sparse_moe_needs_transformers_and_says_how(monkeypatch: pytest.MonkeyPa
         SparseMoE(in_dim=8, tasks=["a", "b"])
 
 
+@pytest.mark.slow
 def test_sparse_moe_trains_watched_and_rebuilds(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     import gatewatch as gw

@@ -74,6 +74,7 @@ def test_the_summary_follows_the_run_and_matches_a_full_read(tmp_path: Path) -> 
     assert not list((tmp_path / "run").glob("*.tmp*"))  # written atomically: no temporary file left
 
 
+@pytest.mark.slow
 def test_the_runs_page_reads_the_summary_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train(tmp_path / "run", [], steps=8)
     (ref,) = state.discover(tmp_path)

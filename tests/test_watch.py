@@ -158,6 +158,7 @@ def test_eval_forwards_are_not_captured(tmp_path) -> None:
     assert gw.load_run(tmp_path).gates["samples"].tolist() == [10.0, 10.0]
 
 
+@pytest.mark.slow
 def test_forwards_without_step_stay_bounded(tmp_path) -> None:
     model = tiny_mmoe()
     watch = watch_of(model, tmp_path, every=1)

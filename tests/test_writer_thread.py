@@ -58,6 +58,7 @@ def one_step(model: torch.nn.Module, watch: gw.GateWatch, i: int) -> None:
     watch.step()
 
 
+@pytest.mark.slow
 def test_windows_reach_a_slow_sink_and_the_run_directory_in_order(tmp_path: Path) -> None:
     model, sink = tiny_mmoe(), Recording(delay=0.02)
     with watch_for(model, tmp_path / "run", flush_every=2, sinks=[sink]) as watch:
