@@ -34,7 +34,7 @@ def frame(table: str, rows: Iterable[Mapping[str, Any]] | None = None) -> pd.Dat
     if not rows:
         # A new frame from cached empty columns: a copy of one cached frame would share its index, and pandas
         # keeps a reference to every view of a shared index until it next prunes them (heap that grows per flush).
-        return pd.DataFrame(_empty_columns(table, tuple(TABLES[table].items())), index=pd.RangeIndex(0), copy=True)
+        return pd.DataFrame(_empty_columns(table, tuple(TABLES[table].items())), index=pd.RangeIndex(0), copy=False)
     return conform(table, pd.DataFrame(rows, columns=list(TABLES[table])))
 
 
@@ -64,5 +64,9 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
 
 def _conforms(df: pd.DataFrame, columns: Mapping[str, str]) -> bool:
     index = df.index
-    return (list(df.columns) == list(columns) and isinstance(index, pd.RangeIndex) and index.start == 0
-            and index.step == 1 and all(df.dtypes.iloc[i] == dtype for i, dtype in enumerate(columns.values())))
+    if list(df.columns) != list(columns) or not (isinstance(index, pd.RangeIndex) and index.start == 0
+                                                 and index.step == 1):
+        return False
+    # an int64 column holding nulls is Int64, as the cast below makes it
+    return all(have == want or (want == "int64" and have == "Int64" and df[column].isna().any())
+               for (column, want), have in zip(columns.items(), df.dtypes.tolist(), strict=True))
