@@ -47,7 +47,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CENSUS_BATCH, CENSUS_SIZE, interleaved, interleaved_flush_secs, ratio_report, setup, time_steps
+from _common import (
+    CENSUS_BATCH,
+    CENSUS_SIZE,
+    interleaved,
+    interleaved_flush_secs,
+    paired_ratio,
+    ratio_report,
+    setup,
+    time_steps,
+)
 
 import gatewatch as gw
 from gatewatch.models import MMoE
@@ -201,7 +210,7 @@ def ddp_compare(steps: int, block: int, log_root: Path) -> None:
         show("applied conflict step vs plain DDP step", times["plain"], times["applied"])
         show("  floor: K-1 autograd.grad + all_reduce of K-1 rows + backward, vs plain", times["plain"],
              times["floor"])
-        show("applied conflict step vs its floor", times["floor"], times["applied"])
+        show("applied conflict step vs its floor", times["floor"], times["applied"], block)
         show("local conflict step (no communication) vs plain", times["plain"], times["local"])
         show("applied vs local (what averaging the task gradients adds)", times["local"], times["applied"])
     dist.destroy_process_group()
@@ -220,8 +229,14 @@ def launch_ddp(argv: list[str]) -> None:
         raise SystemExit(f"a rank failed: exit codes {codes}")
 
 
-def show(label: str, base: list[float], monitored: list[float]) -> None:
+def show(label: str, base: list[float], monitored: list[float], block: int | None = None) -> None:
+    """The ratio line; with ``block``, also the median over rounds of the per-round ratios, paired by round, with
+    its 95% interval."""
     print(ratio_report(label, base, monitored), flush=True)
+    if block is not None:
+        median, low, high = paired_ratio(base, monitored, block)
+        print(f"    paired by round ({min(len(base), len(monitored)) // block} rounds of blocks of {block}): "
+              f"{median:.3f}x [{low:.3f}, {high:.3f}]", flush=True)
 
 
 def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = True,
@@ -249,7 +264,7 @@ def compare(k: int, steps: int, block: int, log_root: Path, amortised: bool = Tr
     show(f"conflict step (target {target:.1f}x)", times["plain"], times["conflict"])
     show("  naive: autograd.grad per task", times["plain"], times["naive"])
     show("  floor: K-1 autograd.grad + backward", times["plain"], times["floor"])
-    show("conflict step vs its floor (target 1.05x)", times["floor"], times["conflict"])
+    show("conflict step vs its floor (target 1.05x)", times["floor"], times["conflict"], block)
     show("  the floor under a watch without conflict logging", times["floor"], times["floor+gates"])
     show("conflict step vs that watched floor (what conflict logging adds)", times["floor+gates"], times["conflict"])
     plain = statistics.median(times["plain"])
