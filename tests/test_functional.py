@@ -220,6 +220,12 @@ def test_entropy_functions() -> None:
     np.testing.assert_allclose(entropy(torch.from_numpy(p)).numpy(), np_entropy(p), atol=1e-12)
     np.testing.assert_allclose(normalized_entropy(torch.from_numpy(p)).numpy(), np_entropy(p) / np.log(5))
     assert normalized_entropy(torch.ones(3, 1)).tolist() == [0.0, 0.0, 0.0]
+    x = torch.from_numpy(p).requires_grad_()  # the differentiable path: dH/dp = -(log p + 1) where p > 0
+    h = entropy(x)
+    h.sum().backward()
+    np.testing.assert_allclose(h.detach().numpy(), np_entropy(p), atol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy()[1:], -(np.log(p[1:]) + 1), atol=1e-12)
+    assert x.data.numpy().tolist() == p.tolist()  # the input is left as it was
 
 
 def test_js_divergence_matches_numpy() -> None:
