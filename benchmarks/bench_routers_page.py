@@ -5,7 +5,8 @@ Serves the folder holding the run with ``gatewatch dashboard`` (a fresh server: 
 Streamlit's script run over). A full-page screenshot goes to ``--shot``. Build the run first with
 ``python benchmarks/bench_wide_run.py`` (it caches it under /tmp/gatewatch-wide/wide). Target: under 10 s.
 
-    python benchmarks/bench_routers_page.py [--run /tmp/gatewatch-wide/wide] [--charts 6] [--shot routers.png]
+    python benchmarks/bench_routers_page.py [--run /tmp/gatewatch-wide/wide] [--charts 6]
+        [--shot artifacts/screenshots/routers-48x128.png]
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("/tmp/gatewatch-wide/wide"))
     p.add_argument("--charts", type=int, default=6, help="charts the page must draw (6 for a router without bias)")
-    p.add_argument("--shot", type=Path, default=Path("routers-48x128.png"))
+    p.add_argument("--shot", type=Path, default=Path("artifacts/screenshots/routers-48x128.png"))
     args = p.parse_args()
+    args.shot.parent.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
     port = free_port()
