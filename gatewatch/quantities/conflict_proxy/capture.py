@@ -87,6 +87,7 @@ class ConflictProxy(Quantity):
         self._below: dict[tuple[str, str], np.ndarray] = {}
         self.modules: list[str] | None = None
         self._maps: torch.Tensor | None = None
+        self._own: list[bool] = []  # per task: does gate column i weigh expert module i (and nothing else)?
         self._pending: list[tuple[int, torch.Tensor]] = []
         self.scope = ctx.options.get("conflict_scope", "applied")
         self.ranks = world_size() if ctx.distributed and self.scope == "applied" else 1
@@ -127,7 +128,8 @@ class ConflictProxy(Quantity):
             self._fold()
 
     def _module_maps(self) -> torch.Tensor:
-        """``[K, E, M]``: which expert module each column of each task's gate weighs (0/1)."""
+        """``[K, E, M]``: which expert module each column of each task's gate weighs (0/1); ``_own``: the tasks
+        whose column i weighs module i alone."""
         maps = {t: g.expert_modules for t, g in self.gates.items()}
         if any(m is None for m in maps.values()):
             missing = {t: g.expert_map for t, g in self.gates.items() if g.expert_modules is None}
@@ -139,6 +141,8 @@ class ConflictProxy(Quantity):
         for k, t in enumerate(self.tasks):
             for i, m in enumerate(maps[t] or []):
                 out[k, i, self.modules.index(m)] = 1.0
+        self._own = [[self.modules.index(m) for m in maps[t] or []] == list(range(len(self.modules)))
+                     for t in self.tasks]  # column i weighs module i: the weights are the modules' already
         return out
 
     def _fold(self) -> None:
@@ -155,12 +159,13 @@ class ConflictProxy(Quantity):
         for items in groups.values():
             maps = self._maps.to(items[0][2].device)
             # per task: weights per expert module [S, N, M]; inner products [S, N, pairs], stacked over the steps
-            q = [torch.stack([qs[t] for _, qs, _ in items]).double() @ maps[t, : items[0][1][t].shape[1]]
-                 for t in range(k)]
+            q = [torch.stack([qs[t] for _, qs, _ in items]).double() for t in range(k)]
+            q = [x if self._own[t] and x.shape[-1] == len(self.modules) else x @ maps[t, : x.shape[-1]]
+                 for t, x in enumerate(q)]  # summed over the columns that weigh each module, where need be
             inner = torch.stack([x for _, _, x in items])
             gram = torch.empty(len(items), k, k, q[0].shape[-1], dtype=torch.float64, device=maps.device)
             for p, (a, b) in enumerate(_pairs(k)):
-                gram[:, a, b] = gram[:, b, a] = (q[a] * q[b] * inner[..., p : p + 1]).sum(1)
+                gram[:, a, b] = gram[:, b, a] = torch.mul(q[a], inner[..., p : p + 1]).mul_(q[b]).sum(1)
             steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
             self._pending.append((len(items), torch.cat([steps[:, None], gram.reshape(len(items), -1)], 1)))
 
