@@ -225,4 +225,8 @@ def test_tensorboard_events_read_back_with_stock_tensorboard(tmp_path) -> None:
     assert util == pytest.approx(run.experts[run.experts["expert"] == "3"]["utilization"].tolist(), rel=1e-6)
     hist = events.Histograms("gate/ctr/weights")[-1].histogram_value
     assert hist.num == 16 * 5 * 4  # samples x experts in the window
+    rows = run.table("hist")
+    rows = rows[(rows["gate"] == "ctr") & (rows["step"] == 20)]
+    assert list(hist.bucket_limit) == pytest.approx(rows["hi"].tolist())
+    assert list(hist.bucket) == rows["count"].tolist()  # the run directory's bins, as they are
     assert "gate/ctr/drift" in tags["scalars"] and len(events.Scalars("gate/ctr/drift")) == 3  # NaN first: skipped

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -99,24 +100,33 @@ class TensorBoardSink(Sink):
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values])
             self.writer._get_file_writer().add_summary(summary, step)
         hist = tables.get("hist", pd.DataFrame())
-        for (step, gate), h in hist.groupby(["step", "gate"]) if len(hist) else []:
-            self._histogram(f"gate/{gate}/weights", h, int(step))
+        if len(hist):
+            gates = hist["gate"].astype(str).to_numpy()
+            self._histograms(hist, [f"gate/{gate}/weights" for gate in gates], gates)
         purity = tables.get("purity", pd.DataFrame())
         purity = purity[purity["scope"] == "all"] if len(purity) else purity
-        for step, h in purity.groupby("step") if len(purity) else []:
-            self._histogram("conflict/purity", h, int(step))
+        if len(purity):
+            self._histograms(purity, ["conflict/purity"] * len(purity), np.zeros(len(purity), dtype=np.int64))
 
-    def _histogram(self, tag: str, h: pd.DataFrame, step: int) -> None:
-        counts = h["count"].to_numpy()
-        total = counts.sum()
-        if total <= 0:
-            return
-        centers = (h["lo"].to_numpy() + h["hi"].to_numpy()) / 2
-        self.writer.add_histogram_raw(
-            tag, min=float(h["lo"].min()), max=float(h["hi"].max()), num=float(total),
-            sum=float((centers * counts).sum()), sum_squares=float((centers**2 * counts).sum()),
-            bucket_limits=h["hi"].tolist(), bucket_counts=counts.tolist(), global_step=step,
-        )
+    def _histograms(self, bins: pd.DataFrame, tags: list[str], by: np.ndarray) -> None:
+        """One histogram per (step, ``by``) of the bin rows ``bins`` (``lo``, ``hi``, ``count``), tagged by their
+        first row's tag; read as arrays, not grouped by pandas (a tenth of the time)."""
+        steps = bins["step"].to_numpy()
+        order = np.lexsort((by, steps))
+        steps, by = steps[order], by[order]
+        lo, hi, counts = (bins[c].to_numpy(dtype=np.float64)[order] for c in ("lo", "hi", "count"))
+        starts = np.flatnonzero(np.r_[True, (steps[1:] != steps[:-1]) | (by[1:] != by[:-1])])
+        for start, end in zip(starts, [*starts[1:], len(steps)], strict=True):
+            c = counts[start:end]
+            total = c.sum()
+            if total <= 0:
+                continue
+            centers = (lo[start:end] + hi[start:end]) / 2
+            self.writer.add_histogram_raw(
+                tags[order[start]], min=float(lo[start:end].min()), max=float(hi[start:end].max()), num=float(total),
+                sum=float((centers * c).sum()), sum_squares=float((centers**2 * c).sum()),
+                bucket_limits=hi[start:end].tolist(), bucket_counts=c.tolist(), global_step=int(steps[start]),
+            )
 
     def close(self, report: dict[str, Any] | None = None) -> None:
         """Flush and close the event file (never raises)."""
