@@ -61,9 +61,13 @@ def test_sampled_sign_statistics_are_within_four_standard_errors_and_grams_stay_
     stack = torch.empty(stack_rows(k), at)
     stack[:k] = g
     sample = SignSample.plan(units, groups, k, stack)
-    assert sample is not None and sample.index.numel() == sum(sampled_size(n) for n in sizes)
+    assert sample is not None and sample.positions().numel() == sum(sampled_size(n) for n in sizes)
     assert [sampled_size(n) for n in sizes] == [SAMPLE_SIZE, 300, SAMPLE_SIZE, 16_383]
-    index = sample.index.numpy()
+    assert len(sample.pieces) == 4  # sampled, whole, sampled, whole: no two adjacent pieces of one kind
+    index = sample.positions().numpy()
+    gathered = torch.empty(k, len(index))
+    sample.gather(g, gathered)
+    assert torch.equal(gathered, g[:, index]), "the pieces gather exactly the sampled positions"
     for (s, e), (a, b) in zip(units, sample.units, strict=True):  # distinct, sorted positions inside each unit
         assert np.all(np.diff(index[a:b]) > 0) and s <= index[a] and index[b - 1] < e
     flat = task_statistics(stack, k, units, groups, PURITY_BINS, sample).double().numpy()
@@ -157,3 +161,15 @@ def test_micro_batches_after_a_single_batch_step_give_the_figures_of_their_sum(t
             ref = pair_reference(grads["a"][name], grads["b"][name])
             assert row["cosine"] == pytest.approx(ref["cosine"], abs=2e-5), (step, name)
             assert row["norm_b"] == pytest.approx(ref["norm_b"], rel=2e-5), (step, name)
+
+
+def test_adjacent_units_of_one_kind_are_gathered_as_one_piece():
+    """Units counted whole that lie side by side are one copy; sampled units side by side one index_select."""
+    units = [(0, 300), (300, 500), (500, 40_500), (40_500, 60_500), (60_500, 60_600)]
+    sample = SignSample.plan(units, units, 2, torch.empty(4, 60_600))
+    assert [(start, n, source if isinstance(source, int) else len(source)) for start, n, source in sample.pieces] == [
+        (0, 500, 0), (500, 2 * SAMPLE_SIZE, 2 * SAMPLE_SIZE), (500 + 2 * SAMPLE_SIZE, 100, 60_500)]
+    g = torch.randn(2, 60_600, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(2, 600 + 2 * SAMPLE_SIZE)
+    sample.gather(g, out)
+    assert torch.equal(out, g[:, sample.positions()])
