@@ -402,7 +402,7 @@ def tensorboard_tags(folder: Path) -> dict[str, set[str]]:
 
 def test_purity_of_a_tiled_range_is_the_sum_of_its_tiles_and_equals_direct_counting():
     bounds = [(0, 2), (2, 5), (0, 5), (5, 9), (0, 9), (3, 7)]
-    plan = dict(histogram_plan(bounds))
+    plan = dict(histogram_plan(tuple(bounds)))
     assert plan[2] == [0, 1] and plan[4] == [0, 1, 3] and plan[5] is None and plan[0] is None
     g = torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
     g[:, 4] = 0  # an element no task touches: the extra column

@@ -10,6 +10,7 @@ it), and the cost of the sign statistics grows with the number of tensors, not w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,15 +183,17 @@ def purity_counts(g: torch.Tensor, bounds: Sequence[tuple[int, int]], bins: int,
             return torch.bincount(index[s:e], minlength=bins + 1)
 
     counts: list[torch.Tensor | None] = [None] * len(bounds)
-    for i, parts in histogram_plan(bounds):
+    for i, parts in histogram_plan(tuple(map(tuple, bounds))):
         counts[i] = count(*bounds[i]) if parts is None else torch.stack([counts[j] for j in parts]).sum(0)
     return torch.stack(counts)
 
 
-def histogram_plan(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, list[int] | None]]:
+@functools.lru_cache(maxsize=16)
+def histogram_plan(bounds: tuple[tuple[int, int], ...]) -> list[tuple[int, list[int] | None]]:
     """In which order to histogram each range, and from what: ``(i, None)`` counts range i's elements,
     ``(i, [j, ...])`` adds up the counts of smaller ranges j that tile it end to end (e.g. "all" from the
-    modules), so that an element is binned once however many ranges hold it. Smaller ranges come first."""
+    modules), so that an element is binned once however many ranges hold it. Smaller ranges come first. Kept per
+    set of ranges (a run's ranges do not change between conflict steps; the plan is quadratic in their number)."""
     plan: list[tuple[int, list[int] | None]] = []
     for i, (s, e) in enumerate(bounds):
         inner = sorted((b, j) for j, b in enumerate(bounds) if s <= b[0] and b[1] <= e and b != (s, e))
