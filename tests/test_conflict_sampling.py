@@ -63,7 +63,7 @@ def test_sampled_sign_statistics_are_within_four_standard_errors_and_grams_stay_
     sample = SignSample.plan(units, groups, k, stack)
     assert sample is not None and sample.positions().numel() == sum(sampled_size(n) for n in sizes)
     assert [sampled_size(n) for n in sizes] == [SAMPLE_SIZE, 300, SAMPLE_SIZE, 16_383]
-    assert len(sample.pieces) == 4  # sampled, whole, sampled, whole: no two adjacent pieces of one kind
+    assert len(sample.pieces) == 1  # the short units counted whole join the sampled positions: one gather
     index = sample.positions().numpy()
     gathered = torch.empty(k, len(index))
     sample.gather(g, gathered)
@@ -163,13 +163,15 @@ def test_micro_batches_after_a_single_batch_step_give_the_figures_of_their_sum(t
             assert row["norm_b"] == pytest.approx(ref["norm_b"], rel=2e-5), (step, name)
 
 
-def test_adjacent_units_of_one_kind_are_gathered_as_one_piece():
-    """Units counted whole that lie side by side are one copy; sampled units side by side one index_select."""
-    units = [(0, 300), (300, 500), (500, 40_500), (40_500, 60_500), (60_500, 60_600)]
-    sample = SignSample.plan(units, units, 2, torch.empty(4, 60_600))
+def test_long_runs_counted_whole_are_copied_and_the_rest_gathered_by_position():
+    """Units counted whole that lie side by side, 16,384 elements or more in all, are one copy; sampled units and
+    shorter runs counted whole are gathered by position, adjacent ones in one piece."""
+    units = [(0, 10_000), (10_000, 20_000), (20_000, 30_000), (30_000, 70_000), (70_000, 70_100),
+             (70_100, 110_100)]
+    sample = SignSample.plan(units, units, 2, torch.empty(4, 110_100))
     assert [(start, n, source if isinstance(source, int) else len(source)) for start, n, source in sample.pieces] == [
-        (0, 500, 0), (500, 2 * SAMPLE_SIZE, 2 * SAMPLE_SIZE), (500 + 2 * SAMPLE_SIZE, 100, 60_500)]
-    g = torch.randn(2, 60_600, generator=torch.Generator().manual_seed(0))
-    out = torch.empty(2, 600 + 2 * SAMPLE_SIZE)
+        (0, 30_000, 0), (30_000, 2 * SAMPLE_SIZE + 100, 2 * SAMPLE_SIZE + 100)]
+    g = torch.randn(2, 110_100, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(2, 30_100 + 2 * SAMPLE_SIZE)
     sample.gather(g, out)
     assert torch.equal(out, g[:, sample.positions()])

@@ -95,9 +95,10 @@ class UnitRuns:
 @dataclass
 class SignSample:
     """Where the sign statistics are counted: ``pieces``, how the sample is gathered from the flat buffer in order
-    (``(start in the sample, length, source)``: a source start for a run of adjacent units counted whole, one copy;
-    the positions, on the buffer's device, for a run of sampled units, one ``index_select`` per task), the units' and
-    groups' ranges in the sample, the units' runs there, and a ``[stack_rows(K), m]`` working buffer."""
+    (``(start in the sample, length, source)``: a source start for a run of at least :data:`SAMPLE_FROM` adjacent
+    elements counted whole, one copy; else the positions, on the buffer's device, one ``index_select`` per task),
+    the units' and groups' ranges in the sample, the units' runs there, and a ``[stack_rows(K), m]`` working
+    buffer."""
 
     pieces: list[tuple[int, int, int | torch.Tensor]]
     units: list[tuple[int, int]]
@@ -126,8 +127,16 @@ class SignSample:
             else:
                 pieces.append((at, n, s if whole else [part]))
             at += n
+        merged: list[tuple[int, int, Any]] = []
+        for start, n, source in pieces:  # a short run counted whole joins the positions around it: fewer ops
+            if isinstance(source, int) and n < SAMPLE_FROM:
+                source = [np.arange(source, source + n)]
+            if merged and not isinstance(source, int) and not isinstance(merged[-1][2], int):
+                merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2] + source)
+            else:
+                merged.append((start, n, source))
         pieces = [(start, n, source if isinstance(source, int)
-                   else torch.from_numpy(np.concatenate(source)).to(like.device)) for start, n, source in pieces]
+                   else torch.from_numpy(np.concatenate(source)).to(like.device)) for start, n, source in merged]
         sampled = sample_ranges(units, units)
         return cls(pieces, sampled, sample_ranges(units, groups), UnitRuns.plan(sampled, like.device),
                    torch.empty(stack_rows(k), at, dtype=like.dtype, device=like.device))
