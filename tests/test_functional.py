@@ -12,7 +12,7 @@ from torch import nn
 from gatewatch.capture.quantity import CaptureContext
 from gatewatch.capture.reducer import Reducer
 from gatewatch.gating.specs import ResolvedGate
-from gatewatch.maths.gate_metrics import js_bits
+from gatewatch.maths.gate_metrics import drift_bits, js_bits
 from gatewatch.maths.gate_sums import (
     Layout,
     entropy,
@@ -236,6 +236,28 @@ def test_js_divergence_matches_numpy() -> None:
     one, other = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     assert float(js_bits(one, other)) == pytest.approx(1.0)  # disjoint: the maximum, 1 bit
     assert float(js_bits(one, one)) == 0.0
+
+
+@pytest.mark.parametrize("start", [None, "earlier"])
+def test_drift_of_many_windows_matches_a_window_by_window_loop(start) -> None:
+    """Each window with samples against the last one before it with samples (windows without are NaN and skipped),
+    across flushes through ``prev``."""
+    rng = np.random.default_rng(10)
+    share = rng.dirichlet(np.ones(5), size=9)
+    valid = np.array([False, True, True, False, False, True, False, True, True])
+    prev = rng.dirichlet(np.ones(5)) if start else None
+    drift, last = drift_bits(share, valid, prev)
+    expected, ref = [], prev
+    for k in range(len(share)):
+        if not valid[k]:
+            expected.append(math.nan)
+            continue
+        expected.append(math.nan if ref is None else np_js_bits(ref, share[k]))
+        ref = share[k]
+    np.testing.assert_allclose(drift, expected, rtol=1e-12, atol=1e-15)  # NaN where NaN
+    np.testing.assert_array_equal(last, ref)
+    none, kept = drift_bits(share[:2], np.zeros(2, dtype=bool), prev)
+    assert np.isnan(none).all() and kept is prev
 
 
 def test_load_cv() -> None:

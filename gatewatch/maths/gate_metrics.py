@@ -54,6 +54,18 @@ def js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (entropy_nats(m) - (entropy_nats(p) + entropy_nats(q)) / 2) / math.log(2)
 
 
+def drift_bits(share: np.ndarray, valid: np.ndarray, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Drift of the windows' mean gates ``share [W, E]``: the JS divergence in bits of each window that had samples
+    (``valid``) from the last one before it that had some (``prev``: the last of earlier flushes, or None); NaN for the
+    others. Also returns the last window with samples (``prev`` if none), for the next flush."""
+    drift = np.full(len(share), np.nan)
+    seen = share[valid]
+    before = seen[:-1] if prev is None else np.concatenate([prev[None], seen[:-1]])
+    if len(before):
+        drift[np.flatnonzero(valid)[len(seen) - len(before):]] = js_bits(before, seen[len(seen) - len(before):])
+    return drift, (seen[-1] if len(seen) else prev)
+
+
 def window_metrics(sums: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     """Metrics of the windows ``sums [W, layout.size]`` (or one window, ``[layout.size]``).
 

@@ -24,7 +24,7 @@ from ...capture.quantity import CaptureContext, Quantity, Reduction, Rows, to_de
 from ...capture.window_buffer import Slot, WindowBuffer
 from ...gating.expert_map import map_experts
 from ...gating.specs import GateOutputError, ResolvedGate
-from ...maths.gate_metrics import Layout, js_bits, window_metrics
+from ...maths.gate_metrics import Layout, drift_bits, window_metrics
 from ...maths.gate_sums import window_sums
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
@@ -176,15 +176,9 @@ class GateStatistics(Quantity):
         w, e = m["share"].shape
         valid = m["samples"] > 0
         share = m["share"]
-        drift = np.full(w, np.nan)
-        prev = self._prev_share.get(gate.name)
-        for k in range(w):  # drift against the last window that had samples
-            if valid[k]:
-                if prev is not None:
-                    drift[k] = float(js_bits(prev, share[k]))
-                prev = share[k]
-        if prev is not None:
-            self._prev_share[gate.name] = prev
+        drift, last = drift_bits(share, valid, self._prev_share.get(gate.name))
+        if last is not None:
+            self._prev_share[gate.name] = last
         names = gate.expert_names() or [str(i) for i in range(e)]
         selected = m["selected"] if gate.top_k else np.full_like(share, np.nan)
         tables["gates"].append(pd.DataFrame({
