@@ -324,6 +324,32 @@ def test_dashboard_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert cmd[cmd.index("--server.showEmailPrompt") + 1] == "false"  # a first run never waits on a prompt
 
 
+SERVE_ORDER = """
+import sys
+import streamlit.web.cli as cli
+from gatewatch.app import serve
+fresh = [name for name in serve.LIBRARIES if name in sys.modules]
+seen = {}
+def main(**_):
+    seen.update({name: name in sys.modules for name in serve.LIBRARIES})
+    seen["whole"] = hasattr(sys.modules["pandas"], "Series")
+    return 0
+cli.main = main
+assert serve.main() == 0
+print(fresh, seen)
+assert all(seen.values()), seen
+"""
+
+
+def test_serve_imports_the_libraries_before_streamlit_runs() -> None:
+    """Streamlit (plotly) looks pandas up in sys.modules while it starts: the libraries are whole by then, imported
+    on the main thread, never half imported by the preloading thread."""
+    done = subprocess.run([sys.executable, "-c", SERVE_ORDER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    fresh = done.stdout.split("]")[0]
+    assert "'pandas'" not in fresh, "the check needs a process where pandas was not imported yet: " + done.stdout
+
+
 def test_dashboard_opens_a_browser_only_where_one_can_appear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def headless(**env: str) -> str:
         for name in ("DISPLAY", "WAYLAND_DISPLAY"):

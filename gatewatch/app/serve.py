@@ -1,8 +1,9 @@
 """``python -m gatewatch.app.serve run MAIN ...``: Streamlit's own command line, which ``gatewatch dashboard`` runs.
 
-Before handing over to Streamlit it starts importing, on a background thread, the modules the dashboard's first
-page run needs (numpy, pandas, pyarrow and the dashboard's own modules: most of a fresh server's first visit), so
-that they load while the server starts and the browser fetches the page, not when the first visitor waits."""
+Before handing over to Streamlit it imports the libraries the dashboard's first page run needs (numpy, pandas,
+pyarrow), on the main thread: Streamlit's imports (plotly's) look pandas up in ``sys.modules`` and must never find
+it half imported. Once Streamlit's runtime is up, a background thread imports the dashboard's own modules, so that
+they load while the browser fetches the page, not when the first visitor waits."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ RUNTIME_WAIT_S = 30.0
 
 
 def preload() -> threading.Thread:
-    """Import the libraries, then (once Streamlit's runtime is up) the dashboard's modules, on a daemon thread. A
-    module that fails to import is left to fail where a page uses it, with the page's own message."""
+    """Import the libraries here, then (once Streamlit's runtime is up) the dashboard's modules on a daemon thread.
+    A module that fails to import is left to fail where a page uses it, with the page's own message."""
+    for name in LIBRARIES:
+        _try_import(name)
 
     def load() -> None:
-        for name in LIBRARIES:
-            _try_import(name)
         from streamlit import runtime
 
         deadline = time.monotonic() + RUNTIME_WAIT_S
