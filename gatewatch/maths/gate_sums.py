@@ -56,8 +56,8 @@ def window_sums(
     ``margin``. ``threshold`` must be above 0 (a zeroed bad row must not count as polarized).
     """
     g, n, e = p.shape
-    column_sums = p.sum(1)
-    if p.device.type == "cpu" and bool(torch.isfinite(column_sums).all()):  # no NaN/Inf: no row to leave out
+    column_sums = p.sum(1) if p.device.type == "cpu" else None
+    if column_sums is not None and bool(torch.isfinite(column_sums).all()):  # no NaN/Inf: no row to leave out
         good = torch.ones(g, n, dtype=p.dtype)
     else:  # (on an accelerator, without asking the host)
         usable = torch.isfinite(p.sum(-1))  # [G, N]: a row without NaN/Inf

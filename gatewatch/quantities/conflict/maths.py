@@ -113,22 +113,19 @@ class SignSample:
         if all(sampled_size(e - s) == e - s for s, e in units):
             return None
         rng = np.random.default_rng(SAMPLE_SEED)
-        pieces: list[tuple[int, int, Any]] = []
+        runs: list[tuple[int, int, Any]] = []  # (start in the sample, length, source start | [positions])
         at = 0
         for s, e in units:
-            whole = e - s < SAMPLE_FROM
-            part = s if whole else s + np.sort(rng.choice(e - s, SAMPLE_SIZE, replace=False))
-            n = e - s if whole else SAMPLE_SIZE
-            last = pieces[-1] if pieces else None
-            if last is not None and whole and isinstance(last[2], int) and last[2] + last[1] == s:
-                pieces[-1] = (last[0], last[1] + n, last[2])
-            elif last is not None and not whole and not isinstance(last[2], int):
-                pieces[-1] = (last[0], last[1] + n, [*last[2], part])
+            last = runs[-1] if runs else None
+            if e - s >= SAMPLE_FROM:
+                runs.append((at, SAMPLE_SIZE, [s + np.sort(rng.choice(e - s, SAMPLE_SIZE, replace=False))]))
+            elif last is not None and isinstance(last[2], int) and last[2] + last[1] == s:
+                runs[-1] = (last[0], last[1] + e - s, last[2])  # adjacent units counted whole: one run
             else:
-                pieces.append((at, n, s if whole else [part]))
-            at += n
+                runs.append((at, e - s, s))
+            at += sampled_size(e - s)
         merged: list[tuple[int, int, Any]] = []
-        for start, n, source in pieces:  # a short run counted whole joins the positions around it: fewer ops
+        for start, n, source in runs:  # a short run counted whole joins the positions around it: fewer ops
             if isinstance(source, int) and n < SAMPLE_FROM:
                 source = [np.arange(source, source + n)]
             if merged and not isinstance(source, int) and not isinstance(merged[-1][2], int):

@@ -87,7 +87,6 @@ class ConflictProxy(Quantity):
         self._below: dict[tuple[str, str], np.ndarray] = {}
         self.modules: list[str] | None = None
         self._maps: torch.Tensor | None = None
-        self._own: list[bool] = []  # per task: does gate column i weigh expert module i (and nothing else)?
         self._pending: list[tuple[int, torch.Tensor]] = []
         self.scope = ctx.options.get("conflict_scope", "applied")
         self.ranks = world_size() if ctx.distributed and self.scope == "applied" else 1
@@ -128,8 +127,7 @@ class ConflictProxy(Quantity):
             self._fold()
 
     def _module_maps(self) -> torch.Tensor:
-        """``[K, E, M]``: which expert module each column of each task's gate weighs (0/1); ``_own``: the tasks
-        whose column i weighs module i alone."""
+        """``[K, E, M]``: which expert module each column of each task's gate weighs (0/1)."""
         maps = {t: g.expert_modules for t, g in self.gates.items()}
         if any(m is None for m in maps.values()):
             missing = {t: g.expert_map for t, g in self.gates.items() if g.expert_modules is None}
@@ -141,8 +139,6 @@ class ConflictProxy(Quantity):
         for k, t in enumerate(self.tasks):
             for i, m in enumerate(maps[t] or []):
                 out[k, i, self.modules.index(m)] = 1.0
-        self._own = [[self.modules.index(m) for m in maps[t] or []] == list(range(len(self.modules)))
-                     for t in self.tasks]  # column i weighs module i: the weights are the modules' already
         return out
 
     def _fold(self) -> None:
@@ -157,13 +153,11 @@ class ConflictProxy(Quantity):
             groups.setdefault(tuple(tuple(x.shape) for x in [*item[1], item[2]]), []).append(item)
         k = len(self.tasks)
         for items in groups.values():
-            maps = self._maps.to(items[0][2].device)
             # per task: weights per expert module [S, N, M]; inner products [S, N, pairs], stacked over the steps
-            q = [torch.stack([qs[t] for _, qs, _ in items]).double() for t in range(k)]
-            q = [x if self._own[t] and x.shape[-1] == len(self.modules) else x @ maps[t, : x.shape[-1]]
-                 for t, x in enumerate(q)]  # summed over the columns that weigh each module, where need be
+            stacked = [torch.stack([qs[t] for _, qs, _ in items]).double() for t in range(k)]
+            q = [_by_module(x, self._maps[t, : x.shape[-1]]) for t, x in enumerate(stacked)]
             inner = torch.stack([x for _, _, x in items])
-            gram = torch.empty(len(items), k, k, q[0].shape[-1], dtype=torch.float64, device=maps.device)
+            gram = torch.empty(len(items), k, k, q[0].shape[-1], dtype=torch.float64, device=inner.device)
             for p, (a, b) in enumerate(_pairs(k)):
                 gram[:, a, b] = gram[:, b, a] = torch.mul(q[a], inner[..., p : p + 1]).mul_(q[b]).sum(1)
             steps = torch.tensor([float(s) for s, _, _ in items], dtype=torch.float64, device=gram.device)
@@ -199,6 +193,14 @@ def sample_inner(d: list[torch.Tensor]) -> torch.Tensor:
     ``d``. Products in float32 (float64 gradients: float64; half precision is widened first), sums in float64."""
     d = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in d]
     return torch.stack([(d[a] * d[b]).sum(-1, dtype=torch.float64) for a, b in _pairs(len(d))], 1)
+
+
+def _by_module(q: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Gate weights ``q [S, N, E]`` summed over the columns that weigh each expert module (``columns [E, M]``, 0/1,
+    on the host): ``q`` itself where column i weighs module i alone."""
+    if columns.shape[0] == columns.shape[1] and torch.equal(columns, torch.eye(len(columns), dtype=columns.dtype)):
+        return q
+    return q @ columns.to(q.device)
 
 
 def _pairs(k: int) -> list[tuple[int, int]]:
