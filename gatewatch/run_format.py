@@ -73,7 +73,9 @@ def atomic_write_json(path: Path, obj: Any, durable: bool = False) -> None:
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame, durable: bool = False) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    """Write ``df`` as one zstd Parquet file, complete or absent. Converted on this thread: pyarrow would start a
+    thread pool for each tall frame, which costs more than the conversion."""
+    table = pa.Table.from_pandas(df, preserve_index=False, nthreads=1)
     _write_atomically(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), durable)
 
 
