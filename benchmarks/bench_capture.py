@@ -102,8 +102,9 @@ def flush_cost(tasks: int, flushes: int, log_root: Path, profile: bool) -> None:
                     f"   waits {watch.writes.waits}")
             if background and today:
                 line += f"   {mean / today:6.1%} of today's mean (target <= 10%)"
-                per_flush = watch.writes.busy_s / watch.writes.flushes
-                line += f"; the writer thread's time per flush {per_flush * 1e3:.1f} ms"
+                per_flush, cpu = (busy / watch.writes.flushes * 1e3 for busy in (watch.writes.busy_s,
+                                                                                 watch.writes.busy_cpu_s))
+                line += f"; the writer thread's time per flush {per_flush:.1f} ms ({cpu:.1f} ms of CPU)"
             today = today or mean
             print(line, flush=True)
 

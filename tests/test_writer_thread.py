@@ -83,6 +83,7 @@ def test_at_most_one_flush_is_in_flight_and_the_waits_are_recorded(tmp_path: Pat
     writes = gw.load_run(tmp_path / "run").meta["writes"]
     assert writes["waits"] >= 5 and writes["waits"] == watch.writes.waits  # the sink is slower than a step
     assert writes["waited_s"] >= 0.05 * writes["waits"] and writes["longest_wait_s"] <= 1.0
+    assert 0 < writes["writing_cpu_s"] < writes["writing_s"] / 2  # the sink sleeps: wall clock, not CPU
 
 
 def poison_at(model: torch.nn.Module, watch: gw.GateWatch, step: int) -> None:

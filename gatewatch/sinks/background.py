@@ -54,7 +54,8 @@ class BackgroundWriter:
         self._inert = False  # a forked child's copy: writes nothing
         self._news: list[str] = []
         self.flushes = self.waits = 0
-        self.waited_s = self.longest_wait_s = self.busy_s = 0.0  # busy_s: time spent running jobs
+        self.waited_s = self.longest_wait_s = 0.0
+        self.busy_s = self.busy_cpu_s = 0.0  # time spent running jobs: wall clock, and this thread's CPU time
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ the training thread
@@ -108,10 +109,11 @@ class BackgroundWriter:
 
     def stats(self) -> dict[str, Any]:
         """What run.json records: whether writes run in the background, the flushes handed over, how often and
-        how long the training thread waited for the writer, and the time spent writing."""
+        how long the training thread waited for the writer, and the time spent writing (wall clock, and the CPU
+        time of the thread that wrote: what it took from training's cores)."""
         return {"background": self.threaded, "flushes": self.flushes, "waits": self.waits,
                 "waited_s": round(self.waited_s, 4), "longest_wait_s": round(self.longest_wait_s, 4),
-                "writing_s": round(self.busy_s, 4)}
+                "writing_s": round(self.busy_s, 4), "writing_cpu_s": round(self.busy_cpu_s, 4)}
 
     def close(self, timeout: float) -> list[str]:
         """Run what is queued (at most ``timeout`` seconds), then stop the thread. Returns what was not written:
@@ -164,11 +166,12 @@ class BackgroundWriter:
                 self._cond.notify_all()
 
     def _run(self, job: Job) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             job.run()
         finally:
             self.busy_s += time.perf_counter() - start
+            self.busy_cpu_s += time.thread_time() - cpu
 
     # ------------------------------------------------------------------ fork and exit
     def _before_fork(self) -> bool:
