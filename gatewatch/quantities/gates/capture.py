@@ -28,10 +28,10 @@ from ...maths.gate_metrics import Layout, drift_bits, window_metrics
 from ...maths.gate_sums import window_sums
 
 KEYWORDS: dict[str, Any] = {}  # gate statistics use the watch's own every, threshold, bins and margin
-# Gate weights held before they are folded into their windows' sums (4 MB of float32). Folds of about 1 M weights
+# Gate weights held before they are folded into their windows' sums (2 MB of float32). Folds of about 0.5 M weights
 # keep their temporaries small enough for the allocator to reuse: a 4-task census MMoE folded its 3.3 M weights at
-# each flush in 34 ms on the training thread; now a third of them every 33 steps, and 5 ms are left at the flush.
-HOLD_ELEMENTS = 1 << 20
+# each flush in 34 ms on the training thread; now a sixth of them every 16 steps, and the flush folds the rest.
+HOLD_ELEMENTS = 1 << 19
 STEP_CALLS = 64  # outputs per gate held in one step (forward passes without step()); above: fold early
 
 
