@@ -170,6 +170,29 @@ def test_forwards_without_step_stay_bounded(tmp_path) -> None:
     assert gw.load_run(tmp_path).gates["samples"].tolist() == [2000.0, 2000.0]
 
 
+@pytest.mark.slow
+def test_gate_outputs_folded_before_the_flush_give_the_tables_of_one_fold(tmp_path, monkeypatch) -> None:
+    """Held gate outputs are folded once ``HOLD_ELEMENTS`` weights are held: the flush then folds only the last
+    steps, and the tables are those of folding everything at the flush."""
+    from gatewatch.quantities.gates import capture
+
+    runs = {}
+    for cap in (10**9, 64 * 4 * 5):  # at the flush only; every 3 steps (two gates of [64, 4] a step)
+        monkeypatch.setattr(capture, "HOLD_ELEMENTS", cap)
+        model = tiny_mmoe()
+        watch = watch_of(model, tmp_path / str(cap), every=2, flush_every=10)
+        held = []
+        for _ in range(12):
+            train(model, watch, 1, n=64)
+            held.append(sum(p.numel() for *_, (_, p) in gate_statistics(watch).buffer.held))
+        watch.close()
+        runs[cap] = gw.load_run(tmp_path / str(cap))
+        assert max(held) <= min(cap, 64 * 4 * 2 * 12)
+    assert runs[64 * 4 * 5].steps == 12 and len(runs[64 * 4 * 5].gates) == 2 * 6
+    for table in ("gates", "hist", "shares"):
+        pd.testing.assert_frame_equal(runs[10**9].table(table), runs[64 * 4 * 5].table(table), rtol=1e-6)
+
+
 def gate_statistics(watch: gw.GateWatch):  # type: ignore[no-untyped-def]
     return next(q for q in watch.quantities if q.name == "gates")
 
